@@ -1,0 +1,5 @@
+"""CogVLM networks on SwissArmyTransformer."""
+from models.cogvlm_model import CogVLMModel, FineTuneTestCogVLMModel, FineTuneTrainCogVLMModel
+from models.eva_clip_model import EVA2CLIPModel
+
+__all__ = ["CogVLMModel", "FineTuneTrainCogVLMModel", "FineTuneTestCogVLMModel", "EVA2CLIPModel"]

@@ -1,0 +1,156 @@
+"""Visual-expert mixins for the LLaMA layers of CogVLM, and a plain-torch rotary embedding.
+
+Every LLM layer holds two sets of weights: the language expert (SAT's own
+`attention.query_key_value`, `attention.dense`, `mlp.*` plus `mixins.mlp.gate_proj`) and the
+visual expert (`mixins.rotary.vision_*`, `mixins.mlp.vision_*`). Positions where
+`vision_expert_mask == 1` (boi + image patches) go through the visual expert, all others through
+the language expert. Attention itself runs over all positions together.
+"""
+import torch
+import torch.nn as nn
+
+from sat.model.base_model import BaseMixin
+from sat.mpu import ColumnParallelLinear, RowParallelLinear
+from sat.mpu.utils import split_tensor_along_last_dim
+from sat.transformer_defaults import attention_fn_default
+
+
+class RotaryEmbedding(nn.Module):
+    """GPT-NeoX (rotate-half) rotary embedding over all head dims, in plain torch.
+
+    Same math as SAT's `FastRotaryEmbedding` (cos/sin computed in fp32 from position * inv_freq),
+    but written without triton so that it runs on CPU, and out of place so that autograd works
+    (SAT's kernel rotates in place, which torch refuses under autograd for permuted views).
+    The `inv_freq` buffer keeps SAT's name so the checkpoint key `mixins.rotary.rotary_emb.inv_freq`
+    loads unchanged.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = base
+        self.register_buffer("inv_freq", self._compute_inv_freq(), persistent=True)
+
+    def _compute_inv_freq(self, device=None):
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim))
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor):
+        """Rotate query and key.
+
+        query, key: (batch, heads, seq, head_dim); position_ids: (batch or 1, seq).
+        Returns the rotated (query, key) in their input dtype.
+        """
+        inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._compute_inv_freq(query.device)
+        # (batch, 1, seq, head_dim/2): one angle per position and frequency, broadcast over heads
+        angles = position_ids.to(torch.float32)[:, None, :, None] * inv_freq.to(query.device)
+        cos, sin = angles.cos(), angles.sin()
+        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.to(cos.dtype).chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1).to(x.dtype)
+
+
+def _route(hidden_states, vision_expert_mask, language_fn, vision_fn, out_features):
+    """Apply `language_fn` to rows where the mask is 0 and `vision_fn` where it is 1.
+
+    hidden_states: (batch, seq, in); vision_expert_mask: (batch, seq) -> (batch, seq, out_features).
+    """
+    is_vision = vision_expert_mask.bool()
+    output = hidden_states.new_empty(*hidden_states.shape[:-1], out_features)
+    output[~is_vision] = language_fn(hidden_states[~is_vision])
+    output[is_vision] = vision_fn(hidden_states[is_vision])
+    return output
+
+
+def _use_vision_expert(kw_args, seq_len):
+    mask = kw_args.get("vision_expert_mask")
+    return mask is not None and mask.shape[-1] == seq_len and bool(mask.any())
+
+
+class LlamaVisionExpertFCMixin(BaseMixin):
+    """SwiGLU MLP with a language expert and a visual expert in every layer."""
+
+    def __init__(self, in_features, hidden_features, num_layers, params_dtype=torch.float, device="cpu",
+                 skip_init=True, init_method=None):
+        super().__init__()
+        extra = dict(bias=False, module=self, params_dtype=params_dtype, device=device, skip_init=skip_init)
+        if init_method is not None:
+            extra["init_method"] = init_method
+        # language gate (SAT's LLaMA keeps it in a mixin too), then the visual expert's up/gate/down
+        self.gate_proj = nn.ModuleList([
+            ColumnParallelLinear(in_features, hidden_features, gather_output=False, name="dense_h_to_4h_gate", **extra)
+            for _ in range(num_layers)])
+        self.vision_dense_h_to_4h_list = nn.ModuleList([
+            ColumnParallelLinear(in_features, hidden_features, gather_output=False, name="vision_dense_h_to_4h", **extra)
+            for _ in range(num_layers)])
+        self.vision_gate_proj = nn.ModuleList([
+            ColumnParallelLinear(in_features, hidden_features, gather_output=False, name="vision_gate_proj", **extra)
+            for _ in range(num_layers)])
+        self.vision_dense_4h_to_h_list = nn.ModuleList([
+            RowParallelLinear(hidden_features, in_features, input_is_parallel=True, name="vision_dense_4h_to_h", **extra)
+            for _ in range(num_layers)])
+
+    def mlp_forward(self, hidden_states, **kw_args):
+        layer_id = int(kw_args["layer_id"])
+        mlp = self.transformer.layers[layer_id].mlp
+        act = mlp.activation_func
+
+        def language(x):
+            return mlp.dense_4h_to_h(act(self.gate_proj[layer_id](x)) * mlp.dense_h_to_4h(x))
+
+        if not _use_vision_expert(kw_args, hidden_states.shape[1]):
+            return language(hidden_states)
+
+        def vision(x):
+            up = self.vision_dense_h_to_4h_list[layer_id](x)
+            return self.vision_dense_4h_to_h_list[layer_id](act(self.vision_gate_proj[layer_id](x)) * up)
+
+        return _route(hidden_states, kw_args["vision_expert_mask"], language, vision, hidden_states.shape[-1])
+
+
+class LlamaVisionExpertAttnMixin(BaseMixin):
+    """Causal self-attention with rotary positions and visual-expert QKV / output projections."""
+
+    def __init__(self, hidden_size, num_heads, num_layers, params_dtype=torch.float, device="cpu",
+                 skip_init=True, init_method=None):
+        super().__init__()
+        self.rotary_emb = RotaryEmbedding(hidden_size // num_heads)
+        extra = dict(bias=False, module=self, params_dtype=params_dtype, device=device, skip_init=skip_init)
+        if init_method is not None:
+            extra["init_method"] = init_method
+        self.vision_query_key_value_list = nn.ModuleList([
+            ColumnParallelLinear(hidden_size, 3 * hidden_size, stride=3, gather_output=False,
+                                 name="vision_query_key_value", **extra)
+            for _ in range(num_layers)])
+        self.vision_dense_list = nn.ModuleList([
+            RowParallelLinear(hidden_size, hidden_size, input_is_parallel=True, name="vision_dense", **extra)
+            for _ in range(num_layers)])
+
+    def attention_forward(self, hidden_states, mask, **kw_args):
+        layer_id = int(kw_args["layer_id"])
+        attn = self.transformer.layers[layer_id].attention
+        attention_fn = attn.hooks.get("attention_fn", attention_fn_default)
+        use_vision = _use_vision_expert(kw_args, hidden_states.shape[1])
+
+        if use_vision:
+            mixed = _route(hidden_states, kw_args["vision_expert_mask"], attn.query_key_value,
+                           self.vision_query_key_value_list[layer_id], 3 * attn.hidden_size_per_partition)
+        else:
+            mixed = attn.query_key_value(hidden_states)
+        query, key, value = (attn._transpose_for_scores(t) for t in split_tensor_along_last_dim(mixed, attn.stride))
+        query, key = self.rotary_emb(query, key, kw_args["position_ids"])
+
+        dropout_fn = attn.attention_dropout if attn.training else None
+        context = attention_fn(query, key, value, mask, dropout_fn, **kw_args)
+        context = context.permute(0, 2, 1, 3).reshape(*hidden_states.shape[:2], attn.hidden_size_per_partition)
+
+        if use_vision:
+            output = _route(context, kw_args["vision_expert_mask"], attn.dense, self.vision_dense_list[layer_id],
+                            hidden_states.shape[-1])
+        else:
+            output = attn.dense(context)
+        if attn.training:
+            output = attn.output_dropout(output)
+        return output

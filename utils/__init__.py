@@ -1,0 +1,1 @@
+"""Processing, chat, grounding and conversion utilities for CogVLM."""
