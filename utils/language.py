@@ -1,0 +1,167 @@
+"""Tokenizer, prompt templates and the text processor that lays out CogVLM's inputs.
+
+Token layout of an image prompt (image_length = L patches):
+
+    [bos] [boi] [patch x L] [eoi] [text ...]
+      0     1     2 .. 2      3    4, 5, ...     <- position_ids: all patches share one position
+
+`image_embed_mask` marks boi + patches + eoi (their embeddings come from the image),
+`vision_expert_mask` marks boi + patches (they use the visual-expert weights), and
+`image_rope_mask` marks the patches. Text-only prompts are [bos] [text ...] with zero masks.
+"""
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from utils.errors import PromptError, TokenizerError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_MARKER = "<EOI>"  # where the image block goes in a prompt string; never tokenised
+DEFAULT_TOKENIZER = "lmsys/vicuna-7b-v1.5"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """How a query and earlier turns become a prompt; `answer_separator` ends the prompt."""
+    query: str                      # format with {query}
+    turn: Optional[str] = None      # format with {query} {response}; None = history is not shown
+    answer_separator: Optional[str] = None
+
+
+# The prompt templates of `--version`, in one place.
+PROMPT_TEMPLATES: Dict[str, PromptTemplate] = {
+    "base": PromptTemplate(query="{query}"),
+    "chat": PromptTemplate(query="Question: {query} Answer:", turn="Question: {query} Answer: {response}\n",
+                           answer_separator="Answer:"),
+    "vqa": PromptTemplate(query="Question: {query} Short answer:",
+                          turn="Question: {query} Short answer: {response}\n", answer_separator="Short answer:"),
+}
+
+
+def get_template(signal_type: str) -> PromptTemplate:
+    if signal_type not in PROMPT_TEMPLATES:
+        raise PromptError(f"unknown --version '{signal_type}'; choose one of {', '.join(PROMPT_TEMPLATES)}")
+    return PROMPT_TEMPLATES[signal_type]
+
+
+def history_to_prompt(signal_type: str, query: str, history: Sequence[Tuple[str, str]] = (),
+                      with_image: bool = True) -> str:
+    """Render `history` [(query, response), ...] and `query` with the template of `signal_type`."""
+    template = get_template(signal_type)
+    prompt = IMAGE_MARKER if with_image else ""
+    if template.turn is not None:
+        for old_query, response in history or ():
+            prompt += template.turn.format(query=old_query, response=response)
+    return prompt + template.query.format(query=query)
+
+
+# Tokenizer ---------------------------------------------------------------------------------
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def llama2_tokenizer(tokenizer_path: str = DEFAULT_TOKENIZER, signal_type: str = "base"):
+    """Load the Vicuna/LLaMA tokenizer from a local directory or a hub name.
+
+    A hub name is looked up in the local HF cache first; when it is not cached and the hub cannot
+    be reached, a TokenizerError says to pass --local_tokenizer (instead of minutes of retries).
+    """
+    from transformers import LlamaTokenizer
+
+    get_template(signal_type)
+    if os.path.isdir(tokenizer_path):
+        try:
+            tokenizer = LlamaTokenizer.from_pretrained(tokenizer_path)
+        except Exception as e:
+            raise TokenizerError(f"cannot load a LLaMA tokenizer from {tokenizer_path} ({type(e).__name__}: "
+                                 f"{str(e)[:150]}); pass --local_tokenizer a directory with tokenizer.model") from None
+    else:
+        try:
+            tokenizer = LlamaTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+        except Exception:
+            if not _hub_reachable():
+                raise TokenizerError(f"tokenizer '{tokenizer_path}' is not a local directory, not in the HF cache, and "
+                                     "the hub is unreachable; pass --local_tokenizer /path/to/vicuna-7b-v1.5") from None
+            try:
+                tokenizer = LlamaTokenizer.from_pretrained(tokenizer_path)
+            except Exception as e:
+                raise TokenizerError(f"cannot load tokenizer '{tokenizer_path}' ({type(e).__name__}); "
+                                     "pass --local_tokenizer /path/to/vicuna-7b-v1.5") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.unk_token_id
+    tokenizer.signal_type = signal_type
+    return tokenizer
+
+
+# Inputs ------------------------------------------------------------------------------------
+
+def position_ids_from_rope_mask(image_rope_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 mask of image patches -> (B, L) positions: +1 per token, one shared by a patch run."""
+    rope = image_rope_mask.bool()
+    continues_run = torch.zeros_like(rope)
+    continues_run[:, 1:] = rope[:, 1:] & rope[:, :-1]
+    return torch.cumsum((~continues_run).long(), dim=1) - 1
+
+
+class llama2_text_processor_inference:  # noqa: N801 (upstream name, kept for ported scripts)
+    """Turns a prompt string into model inputs (each (1, L), attention_mask (1, 1, L, L)).
+
+    max_target_length is the total sequence budget (prompt + generated tokens), as `--max_length`.
+    """
+
+    def __init__(self, tokenizer, max_target_length: int = 2048, image_length: int = 256, model=None,
+                 no_prompt: bool = False, english: bool = True):
+        self.tokenizer = tokenizer
+        self.max_target_length = max_target_length
+        self.image_length = image_length
+        self.signal_type = getattr(tokenizer, "signal_type", "chat")
+        self.invalid_slices: List[slice] = []
+        self.no_prompt = no_prompt
+
+    def history_to_prompt(self, query: str, history: Sequence[Tuple[str, str]] = ()) -> str:
+        return history_to_prompt(self.signal_type, query, history, with_image=True)
+
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def __call__(self, prompt: str = "") -> Dict[str, torch.Tensor]:
+        with_image = IMAGE_MARKER in prompt
+        before, _, after = prompt.partition(IMAGE_MARKER) if with_image else ("", "", prompt)
+        bos = [self.tokenizer.bos_token_id]
+        prefix = bos + self.encode(before)
+        image_block = [0] * (self.image_length + 2) if with_image else []
+        input_ids = prefix + image_block + self.encode(after)
+        if len(input_ids) >= self.max_target_length:
+            raise PromptError(f"prompt is {len(input_ids)} tokens (image included) but --max_length is "
+                              f"{self.max_target_length}, which leaves no room to answer; raise --max_length "
+                              "or shorten the prompt (type 'clear' to drop the history)")
+        length = len(input_ids)
+        image_embed_mask = torch.zeros(1, length, dtype=torch.long)
+        vision_expert_mask = torch.zeros(1, length, dtype=torch.long)
+        image_rope_mask = torch.zeros(1, length, dtype=torch.long)
+        if with_image:
+            start = len(prefix)  # boi
+            image_embed_mask[0, start:start + self.image_length + 2] = 1
+            vision_expert_mask[0, start:start + self.image_length + 1] = 1
+            image_rope_mask[0, start + 1:start + self.image_length + 1] = 1
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "position_ids": position_ids_from_rope_mask(image_rope_mask),
+            "attention_mask": torch.ones(1, 1, length, length).tril(),
+            "image_embed_mask": image_embed_mask,
+            "vision_expert_mask": vision_expert_mask,
+            "image_rope_mask": image_rope_mask,
+        }
+
+    def process_response(self, response: str) -> str:
+        return response.replace("</s>", "").strip()
