@@ -1,0 +1,121 @@
+"""Chat with CogVLM in the terminal.
+
+    python cli_demo.py --from_pretrained cogvlm-chat-v1.1 --version chat --english --bf16
+
+Enter an image path or URL (or just Enter for a text-only chat), then questions. `clear` starts
+over, `stop` ends. Scriptable: answers can be piped on stdin; it exits cleanly at end of input.
+Under torchrun the model is split across processes; rank 0 reads input and prints answers.
+"""
+import argparse
+import logging
+import sys
+
+import torch
+
+from utils.chat import ChatStream
+from utils.errors import CogVLMError
+from utils.loading import add_inference_args, generation_config, load_for_inference
+
+TEXTS = {
+    "english": {
+        "welcome": 'Welcome to CogVLM-CLI. Enter an image URL or local file path to load an image. Continue inputting '
+                   'text to engage in a conversation. Type "clear" to start over, or "stop" to end the program.',
+        "image": "Please enter the image path or URL (press Enter for plain text conversation): ",
+        "user": "User: ",
+        "model": "Model: ",
+    },
+    "chinese": {
+        "welcome": "欢迎使用 CogVLM-CLI ，输入图像URL或本地路径读图，继续输入内容对话，clear 重新开始，stop 终止程序",
+        "image": "请输入图像路径或URL（回车进入纯文本对话）： ",
+        "user": "用户：",
+        "model": "模型：",
+    },
+}
+
+
+class Console:
+    """Reads lines on rank 0 and shares them with the other ranks (they must run the same steps)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def read(self, prompt: str):
+        """The next input line, or None at end of input."""
+        line = None
+        if self.rank == 0:
+            try:
+                line = input(prompt)
+            except EOFError:
+                print()
+                line = None
+        if self.world_size > 1:
+            shared = [line]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            line = shared[0]
+        return None if line is None else line.strip()
+
+    def say(self, text: str = "", end: str = "\n"):
+        if self.rank == 0:
+            print(text, end=end, flush=True)
+
+
+def run(args) -> int:
+    bundle = load_for_inference(args)
+    texts = TEXTS["chinese" if args.chinese else "english"]
+    console = Console(bundle.rank, bundle.world_size)
+    config = generation_config(args)
+    console.say(texts["welcome"])
+    while True:
+        image_path = console.read(texts["image"])
+        if image_path is None or image_path == "stop":
+            return 0
+        if image_path == "clear":
+            continue
+        history, cached_image = [], None
+        query = console.read(texts["user"])
+        while True:
+            if query is None or query == "stop":
+                return 0
+            if query == "clear":
+                break
+            try:
+                stream = ChatStream(image_path or None, bundle.model, bundle.text_processor, bundle.image_processor,
+                                    query, history=history, image=cached_image, config=config,
+                                    no_prompt=args.no_prompt)
+            except CogVLMError as e:
+                console.say(f"error: {e}")
+                if not sys.stdin.isatty():
+                    return 1  # scripted: a bad input is a failure, not something to retry
+                break
+            if args.stream_chat:
+                console.say(texts["model"], end="")
+                for delta in stream:
+                    console.say(delta, end="")
+                console.say()
+            else:
+                for _ in stream:
+                    pass
+                console.say(texts["model"] + stream.response)
+            history, cached_image, image_path = stream.history, stream.image, None
+            query = console.read(texts["user"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="CogVLM command-line chat")
+    add_inference_args(parser)
+    parser.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        with torch.no_grad():
+            return run(args)
+    except CogVLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Proof that our model is CogVLM: the reference implementation's numbers on the golden bundle."""
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ALL_CASES, IMAGE_CASES, assert_close_rel, inference_args
+from utils.chat import ChatStream, GenerationConfig
+from utils.language import llama2_text_processor_inference
+from utils.vision import get_image_processor
+
+INPUT_KEYS = ["input_ids", "position_ids", "image_embed_mask", "vision_expert_mask", "image_rope_mask"]
+NEW_TOKENS = 16
+
+
+def case_inputs(golden, name, with_image=True):
+    kwargs = {}
+    if with_image and name != "text_only":
+        kwargs = dict(vision_expert_mask=golden[f"{name}.vision_expert_mask"][None],
+                      image_embed_mask=golden[f"{name}.image_embed_mask"][None], vision_image=golden["image"])
+    length = golden[f"{name}.input_ids"].shape[0]
+    return dict(input_ids=golden[f"{name}.input_ids"][None], position_ids=golden[f"{name}.position_ids"][None],
+                attention_mask=torch.ones(1, 1, length, length).tril(), **kwargs)
+
+
+def processor_for(golden, tokenizers, name, model_args):
+    signal = golden.case(name).get("signal_type", "chat")
+    length = golden.case(name)["seq_len"]
+    return llama2_text_processor_inference(tokenizers[signal], length + NEW_TOKENS, model_args.image_length)
+
+
+def test_checkpoint_loads_with_every_key(golden, golden_model):
+    model, _ = golden_model
+    checkpoint = torch.load(f"{golden.checkpoint}/1/mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert set(model.state_dict()) == set(checkpoint)
+    for key, value in checkpoint.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_image_tensor_identical(golden):
+    image = get_image_processor(56)(Image.open(golden.image_path))["image"]
+    assert image.dtype == torch.float32
+    assert torch.equal(image, golden["image"])
+
+
+@torch.no_grad()
+def test_vit_and_adapter_outputs(golden, golden_model):
+    model, _ = golden_model
+    eva = model.get_mixin("eva")
+    vit_out = eva.vit_model(image=golden["image"])[0]
+    assert_close_rel(vit_out, golden["eva_out"], what="eva_out")
+    assert_close_rel(eva.linear_proj(vit_out), golden["image_emb"], what="image_emb")
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_processor_builds_reference_inputs(golden, golden_model, tokenizers, name):
+    _, model_args = golden_model
+    case = golden.case(name)
+    processor = processor_for(golden, tokenizers, name, model_args)
+    if name == "text_only":
+        prompt = case["prompt"]
+    else:
+        prompt = processor.history_to_prompt(case["query"], [tuple(turn) for turn in case["history"]])
+        assert prompt == case["prompt"]
+    inputs = processor(prompt)
+    for key in INPUT_KEYS:
+        if f"{name}.{key}" in golden.tensors:
+            assert torch.equal(inputs[key][0], golden[f"{name}.{key}"]), key
+    length = case["seq_len"]
+    assert torch.equal(inputs["attention_mask"], torch.ones(1, 1, length, length).tril())
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+@torch.no_grad()
+def test_full_forward_logits(golden, golden_model, name):
+    model, _ = golden_model
+    logits = model(**case_inputs(golden, name))[0]
+    assert_close_rel(logits[0], golden[f"{name}.logits"], what=f"{name}.logits")
+
+
+@pytest.mark.parametrize("name", IMAGE_CASES)
+@torch.no_grad()
+def test_teacher_forced_logits(golden, golden_model, name):
+    model, _ = golden_model
+    ids = torch.cat([golden[f"{name}.input_ids"], golden[f"{name}.gen_ids"]])[None]
+    pad = torch.zeros(1, NEW_TOKENS, dtype=torch.long)
+    length = ids.shape[1]
+    logits = model(input_ids=ids, position_ids=golden[f"{name}.position_ids_full_seq"][None],
+                   attention_mask=torch.ones(1, 1, length, length).tril(),
+                   vision_expert_mask=torch.cat([golden[f"{name}.vision_expert_mask"][None], pad], 1),
+                   image_embed_mask=torch.cat([golden[f"{name}.image_embed_mask"][None], pad], 1),
+                   vision_image=golden["image"])[0]
+    assert_close_rel(logits[0], golden[f"{name}.logits_teacher_forced"], what=f"{name}.logits_teacher_forced")
+
+
+@pytest.mark.parametrize("name", ALL_CASES)
+def test_greedy_tokens_through_chat_core(golden, golden_model, tokenizers, name, monkeypatch):
+    """Greedy decoding with the KV cache gives the reference tokens, and each step's logits match."""
+    import utils.chat
+
+    model, model_args = golden_model
+    case = golden.case(name)
+    processor = processor_for(golden, tokenizers, name, model_args)
+    step_logits = []
+    original = utils.chat.BaseStrategy.forward
+
+    def recording_forward(self, logits, tokens, mems, **kw):
+        step_logits.append(logits[0].clone())
+        return original(self, logits, tokens, mems, **kw)
+
+    monkeypatch.setattr(utils.chat.BaseStrategy, "forward", recording_forward)
+    image_path = None if name == "text_only" else golden.image_path
+    query = "Hello, who are you?" if name == "text_only" else case["query"]
+    history = [tuple(turn) for turn in case.get("history", [])]
+    config = GenerationConfig(max_length=case["seq_len"] + NEW_TOKENS, top_k=1, end_token_ids=[])
+    stream = ChatStream(image_path, model, processor, get_image_processor(56), query, history=history, config=config)
+    assert stream.prompt_length == case["seq_len"]
+    list(stream)
+    assert stream.token_ids == golden[f"{name}.gen_ids"].tolist()
+    assert_close_rel(torch.stack(step_logits), golden[f"{name}.step_logits"], what=f"{name}.step_logits")
+    assert stream.history[-1][0] == query
+
+
+LORA_PREFIX = "lora.state_dict."
+
+
+@pytest.fixture(scope="module")
+def lora_model(golden):
+    """The bundle's checkpoint with the bundle's LoRA matrices (rank 4, alpha 1) on LLM and ViT attention."""
+    from models import FineTuneTestCogVLMModel
+
+    model, model_args = FineTuneTestCogVLMModel.from_pretrained(
+        golden.checkpoint, args=inference_args(), overwrite_args={"use_lora": True, "lora_rank": 4})
+    lora = {k[len(LORA_PREFIX):]: v for k, v in golden.tensors.items() if k.startswith(LORA_PREFIX)}
+    assert len(lora) == len(golden.case("lora")["lora_matrix_keys"])
+    result = model.load_state_dict(lora, strict=False)
+    assert not result.unexpected_keys
+    assert set(model.state_dict()) == set(golden.case("lora")["state_dict_keys_with_lora"])
+    return model.eval()
+
+
+@torch.no_grad()
+def test_lora_unmerged_then_merged(golden, lora_model):
+    inputs = case_inputs(golden, "chat_hist")
+    assert_close_rel(lora_model(**inputs)[0][0], golden["lora.logits_unmerged"], what="lora unmerged")
+    lora_model.merge_lora()
+    assert set(lora_model.state_dict()) == set(golden.case("lora")["state_dict_keys_after_merge"])
+    assert_close_rel(lora_model(**inputs)[0][0], golden["lora.logits_merged"], what="lora merged")
