@@ -145,3 +145,22 @@ def test_lora_unmerged_then_merged(golden, lora_model):
     lora_model.merge_lora()
     assert set(lora_model.state_dict()) == set(golden.case("lora")["state_dict_keys_after_merge"])
     assert_close_rel(lora_model(**inputs)[0][0], golden["lora.logits_merged"], what="lora merged")
+
+
+def test_chat_api_multi_turn_history(golden, golden_model, tokenizers):
+    """Upstream `chat()`: the second turn's prompt carries the first turn; the image is reused."""
+    from utils.chat import chat
+
+    model, model_args = golden_model
+    processor = llama2_text_processor_inference(tokenizers["chat"], 200, model_args.image_length)
+    stop_at = golden["chat.gen_ids"][2].item()  # end the first answer after three greedy tokens
+    image_processor = get_image_processor(56)
+    response, history, image = chat(golden.image_path, model, processor, image_processor, "What is in the image?",
+                                    max_length=200, top_k=1, end_token_ids=[stop_at])
+    expected = tokenizers["chat"].decode(golden["chat.gen_ids"][:2].tolist()).strip()
+    assert response == expected and history == [("What is in the image?", response)]
+    pieces = []
+    response2, history2, _ = chat(None, model, processor, image_processor, "What color is the sky?", history=history,
+                                  image=image, max_length=200, top_k=1, end_token_ids=[stop_at], on_text=pieces.append)
+    assert history2 == history + [("What color is the sky?", response2)]
+    assert "".join(pieces).strip() == response2

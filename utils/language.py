@@ -88,6 +88,8 @@ def llama2_tokenizer(tokenizer_path: str = DEFAULT_TOKENIZER, signal_type: str =
     else:
         try:
             tokenizer = LlamaTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+            if len(tokenizer) <= 3:
+                raise FileNotFoundError(tokenizer_path)
         except Exception:
             if not _hub_reachable():
                 raise TokenizerError(f"tokenizer '{tokenizer_path}' is not a local directory, not in the HF cache, and "
@@ -97,6 +99,10 @@ def llama2_tokenizer(tokenizer_path: str = DEFAULT_TOKENIZER, signal_type: str =
             except Exception as e:
                 raise TokenizerError(f"cannot load tokenizer '{tokenizer_path}' ({type(e).__name__}); "
                                      "pass --local_tokenizer /path/to/vicuna-7b-v1.5") from None
+    # transformers 5 returns an empty tokenizer (3 special tokens) when it finds no vocabulary files
+    if len(tokenizer) <= 3 or not tokenizer.encode("hello", add_special_tokens=False):
+        raise TokenizerError(f"no tokenizer vocabulary found at '{tokenizer_path}' (expected tokenizer.model or "
+                             "tokenizer.json); pass --local_tokenizer /path/to/vicuna-7b-v1.5")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.unk_token_id
     tokenizer.signal_type = signal_type

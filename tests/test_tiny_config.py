@@ -1,0 +1,124 @@
+"""A second tiny config (3 layers, 6 heads, 42px image, 1-layer ViT): shapes and cache consistency."""
+import pytest
+import torch
+from PIL import Image
+
+from conftest import inference_args
+from models import CogVLMModel
+from utils.chat import GenerationConfig, generate_stream, vision_inputs_from
+from utils.language import llama2_text_processor_inference, position_ids_from_rope_mask
+from utils.vision import get_image_processor
+
+
+class ByteTokenizer:
+    """Minimal tokenizer (ids = bytes + 3) so these tests do not depend on the golden vocabulary."""
+    bos_token_id, eos_token_id, unk_token_id, pad_token_id = 1, 2, 0, 0
+    signal_type = "chat"
+
+    def encode(self, text, add_special_tokens=False):
+        return [b + 3 for b in text.encode()]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    model, args = CogVLMModel.from_pretrained(tiny_checkpoint, args=inference_args())
+    return model.eval(), args
+
+
+def test_loads_second_config_with_its_shapes(tiny):
+    model, args = tiny
+    assert args.num_layers == 3 and args.num_attention_heads == 6 and args.image_length == 9
+    assert len(model.transformer.layers) == 3
+    assert model.get_mixin("eva").linear_proj.linear_proj.weight.shape == (48, 32)  # ViT width -> LLM width
+    assert model.get_mixin("rotary").rotary_emb.inv_freq.shape == (4,)  # head_dim 8
+
+
+def image_inputs(args, prompt="Question: what is this? Answer:"):
+    processor = llama2_text_processor_inference(ByteTokenizer(), 200, args.image_length)
+    inputs = processor("<EOI>" + prompt)
+    image = Image.new("RGB", (30, 20), (200, 40, 10))
+    return inputs, get_image_processor(args.eva_args["image_size"][0])(image)
+
+
+@torch.no_grad()
+def test_forward_shapes_with_and_without_image(tiny):
+    model, args = tiny
+    inputs, image = image_inputs(args)
+    length = inputs["input_ids"].shape[1]
+    assert length == 1 + args.image_length + 2 + len("Question: what is this? Answer:")
+    assert inputs["position_ids"][0, :5].tolist() == [0, 1, 2, 2, 2]
+    logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                   attention_mask=inputs["attention_mask"], vision_expert_mask=inputs["vision_expert_mask"],
+                   image_embed_mask=inputs["image_embed_mask"], vision_image=image["image"])[0]
+    assert logits.shape == (1, length, 1000)
+    text = llama2_text_processor_inference(ByteTokenizer(), 200, args.image_length)("hello")
+    text_logits = model(input_ids=text["input_ids"], position_ids=text["position_ids"],
+                        attention_mask=text["attention_mask"])[0]
+    assert text_logits.shape == (1, 6, 1000)
+    # the image matters: a different image changes the answer logits
+    other = get_image_processor(42)(Image.new("RGB", (30, 20), (10, 40, 200)))
+    logits_other = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                         attention_mask=inputs["attention_mask"], vision_expert_mask=inputs["vision_expert_mask"],
+                         image_embed_mask=inputs["image_embed_mask"], vision_image=other["image"])[0]
+    assert (logits_other[0, -1] - logits[0, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampling", [dict(top_k=1), dict(top_k=5, top_p=0.9, temperature=0.7)])
+@torch.no_grad()
+def test_cached_decoding_equals_teacher_forced_forward(tiny, sampling):
+    model, args = tiny
+    inputs, image = image_inputs(args)
+    length = inputs["input_ids"].shape[1]
+    torch.manual_seed(0)
+    config = GenerationConfig(max_length=length + 12, **sampling)
+    generated = list(generate_stream(model, inputs, config, vision_inputs_from(image, model)))
+    assert len(generated) == 12
+
+    full_ids = torch.cat([inputs["input_ids"], torch.tensor([generated])], dim=1)
+    pad = torch.zeros(1, 12, dtype=torch.long)
+    positions = torch.cat([inputs["position_ids"], inputs["position_ids"][:, -1:] + torch.arange(1, 13)], dim=1)
+    total = full_ids.shape[1]
+    logits = model(input_ids=full_ids, position_ids=positions, attention_mask=torch.ones(1, 1, total, total).tril(),
+                   vision_expert_mask=torch.cat([inputs["vision_expert_mask"], pad], 1),
+                   image_embed_mask=torch.cat([inputs["image_embed_mask"], pad], 1), vision_image=image["image"])[0]
+    if sampling["top_k"] == 1:
+        assert logits[0, length - 1:-1].argmax(-1).tolist() == generated
+    # cached step logits == teacher-forced logits at the same positions
+    import utils.chat
+    recorded = []
+    original = utils.chat.BaseStrategy.forward
+
+    def record(self, step_logits, tokens, mems, **kw):
+        recorded.append(step_logits[0].clone())
+        return original(self, step_logits, tokens, mems, **kw)
+
+    utils.chat.BaseStrategy.forward = record
+    try:
+        torch.manual_seed(0)
+        again = list(generate_stream(model, inputs, config, vision_inputs_from(image, model)))
+    finally:
+        utils.chat.BaseStrategy.forward = original
+    assert again == generated
+    diff = (torch.stack(recorded) - logits[0, length - 1:-1]).abs().max().item()
+    assert diff < 1e-4 * logits.abs().max().item()
+
+
+def test_generation_stops_at_end_token_and_max_length(tiny):
+    model, args = tiny
+    inputs, image = image_inputs(args)
+    length = inputs["input_ids"].shape[1]
+    first = next(generate_stream(model, inputs, GenerationConfig(max_length=length + 5), vision_inputs_from(image, model)))
+    stopped = list(generate_stream(model, inputs, GenerationConfig(max_length=length + 5),
+                                   vision_inputs_from(image, model), end_token_ids=[first]))
+    assert stopped == [first]
+    assert len(list(generate_stream(model, inputs, GenerationConfig(max_length=length + 3),
+                                    vision_inputs_from(image, model)))) == 3
+
+
+def test_position_ids_share_one_position_per_image_run():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0]])
+    assert position_ids_from_rope_mask(mask).tolist() == [[0, 1, 2, 2, 2, 3, 4]]
+    assert position_ids_from_rope_mask(torch.zeros(1, 4, dtype=torch.long)).tolist() == [[0, 1, 2, 3]]
