@@ -106,6 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sat").propagate = False  # SAT logs through its own handler already
     try:
         with torch.no_grad():
             return run(args)

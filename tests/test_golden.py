@@ -164,3 +164,20 @@ def test_chat_api_multi_turn_history(golden, golden_model, tokenizers):
                                   image=image, max_length=200, top_k=1, end_token_ids=[stop_at], on_text=pieces.append)
     assert history2 == history + [("What color is the sky?", response2)]
     assert "".join(pieces).strip() == response2
+
+
+@torch.no_grad()
+def test_bf16_on_cpu_tracks_fp32(golden):
+    """--bf16 builds a bf16 model that runs on CPU; its logits stay near the fp32 reference."""
+    from models import CogVLMModel
+
+    args = inference_args()
+    args.bf16 = True
+    model, _ = CogVLMModel.from_pretrained(golden.checkpoint, args=args)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    inputs = case_inputs(golden, "chat")
+    inputs["vision_image"] = inputs["vision_image"].bfloat16()
+    logits = model(**inputs)[0][0].float()
+    expected = golden["chat.logits"]
+    assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
