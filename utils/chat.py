@@ -1,12 +1,12 @@
 """The one chat/generation core behind the CLI, the web demo and the API server.
 
-`generate_stream` does KV-cached decoding: one full forward over the prompt (image included),
-then one token per step through SAT's `CachedAutoregressiveMixin` cache, with SAT's
-`BaseStrategy` choosing tokens (temperature, top-k, top-p, repetition penalty, end tokens).
-Masks and positions are built once for the prompt; each step only appends one position.
-
-We drive the steps ourselves rather than through SAT's `filling_sequence`, because that one
-materialises a (max_length x max_length) mask up front and cannot hand tokens out as they come.
+`generate_batch_stream` does KV-cached decoding of a batch: one forward over the (left-padded)
+prompts, images included, then one token per row per step, with SAT's `BaseStrategy` choosing
+tokens (temperature, top-k, top-p, repetition penalty). Keys/values go into a preallocated cache
+(models/kv_cache.py); masks and positions are built once for the prompt and each step only appends
+one column/position. We drive the steps ourselves rather than through SAT's `filling_sequence`:
+that one materialises a (max_length x max_length) mask, copies the whole cache at every step,
+handles one sequence at a time and cannot hand tokens out as they come.
 """
 import logging
 from dataclasses import dataclass, field
@@ -15,16 +15,16 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from sat.generation.autoregressive_sampling import update_mems
 from sat.generation.sampling_strategies import BaseStrategy
-from sat.model.cached_autoregressive_model import CachedAutoregressiveMixin
 
+from models.kv_cache import KVCache, ensure_kv_cache_mixin
 from utils.language import history_to_prompt
 from utils.vision import load_image
 
 logger = logging.getLogger(__name__)
 
 History = List[Tuple[str, str]]
+PROMPT_KEYS = ("input_ids", "position_ids", "image_embed_mask", "vision_expert_mask")
 
 
 @dataclass
@@ -45,9 +45,8 @@ class GenerationConfig:
 
 
 def ensure_kv_cache(model) -> None:
-    """Add SAT's KV-cache mixin once (upstream scripts added it by hand after loading)."""
-    if "auto-regressive" not in model.mixins:
-        model.add_mixin("auto-regressive", CachedAutoregressiveMixin())
+    """Prepare `model` for cached decoding (idempotent)."""
+    ensure_kv_cache_mixin(model)
 
 
 def _param(model):
@@ -70,45 +69,121 @@ def vision_inputs_from(image_tensors: Optional[Dict[str, torch.Tensor]], model) 
     return out
 
 
-@torch.no_grad()
-def generate_stream(model, inputs: Dict[str, torch.Tensor], config: GenerationConfig,
-                    vision_inputs: Optional[Dict[str, torch.Tensor]] = None,
-                    end_token_ids: Sequence[int] = ()) -> Iterator[int]:
-    """Yield generated token ids one by one (batch of one).
+def collate(prompts: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
+    """Left-pad text-processor outputs (each (1, L_i)) into one batch.
 
-    inputs: the text processor's output: input_ids, position_ids, image_embed_mask,
-    vision_expert_mask (1, L) and attention_mask (1, 1, L, L). Stops after an end token (which
-    is yielded) or when the sequence reaches config.max_length.
+    Returns input_ids, position_ids, image_embed_mask, vision_expert_mask (B, L), `valid` (B, L)
+    bool (False on padding) and attention_mask (B, 1, L, L): causal and blind to padding. Left
+    padding puts every row's last token in the last column, so decoding appends in lockstep.
+    """
+    length = max(p["input_ids"].shape[1] for p in prompts)
+    batch = {key: torch.zeros(len(prompts), length, dtype=torch.long) for key in PROMPT_KEYS}
+    batch["input_ids"].fill_(pad_token_id)
+    valid = torch.zeros(len(prompts), length, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        n = prompt["input_ids"].shape[1]
+        for key in PROMPT_KEYS:
+            batch[key][row, length - n:] = prompt[key][0]
+        valid[row, length - n:] = True
+    causal = torch.ones(length, length).tril().bool()
+    batch["attention_mask"] = (causal[None] & valid[:, None, :])[:, None].float()
+    batch["valid"] = valid
+    return batch
+
+
+@torch.no_grad()
+def generate_batch_stream(model, batch: Dict[str, torch.Tensor], config: GenerationConfig,
+                          vision_inputs: Optional[Dict[str, torch.Tensor]] = None,
+                          end_token_ids: Sequence[int] = (), pad_token_id: int = 0
+                          ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """KV-cached decoding of a batch. Yields (tokens (B,), active (B,) bool) per step.
+
+    batch: `collate` output (or one text-processor output, which is a batch of one). vision_inputs:
+    `vision_image` (N, 3, S, S) for the N rows that have an image, in row order. A row stops after an
+    end token (yielded, active) or when its own length reaches config.max_length; later steps give
+    it `pad_token_id` with active False. The loop ends when every row has stopped.
     """
     ensure_kv_cache(model)
     param = _param(model)
-    device = param.device
-    tokens = inputs["input_ids"].to(device)
-    position_ids = inputs["position_ids"].to(device)
-    prompt_kwargs = {"vision_expert_mask": inputs["vision_expert_mask"].to(device),
-                     "image_embed_mask": inputs["image_embed_mask"].to(device)}
-    if vision_inputs and bool(inputs["image_embed_mask"].any()):
-        prompt_kwargs.update(vision_inputs)
-    strategy = config.strategy(end_token_ids)
+    device, dtype = param.device, param.dtype
+    input_ids = batch["input_ids"].to(device)
+    batch_size, prompt_length = input_ids.shape
+    valid = batch.get("valid", torch.ones(batch_size, prompt_length, dtype=torch.bool)).to(device)
+    row_lengths = valid.sum(1)
+    if int(row_lengths.min()) >= config.max_length:
+        raise ValueError(f"prompt of {int(row_lengths.min())} tokens leaves no room under max_length {config.max_length}")
+    max_new_tokens = config.max_length - int(row_lengths.min())
+    attention = batch["attention_mask"]
+    padded = not bool(valid.all())
 
-    logits, *layer_outputs = model(input_ids=tokens, position_ids=position_ids,
-                                   attention_mask=inputs["attention_mask"].to(device=device, dtype=param.dtype),
-                                   mems=None, **prompt_kwargs)
-    mems = None
-    next_position = position_ids[:, -1:] + 1
+    first_layer = model.transformer.layers[0].attention
+    cache = KVCache(len(model.transformer.layers), batch_size, first_layer.num_attention_heads_per_partition,
+                    prompt_length + max_new_tokens, first_layer.hidden_size_per_attention_head, dtype, device)
+    prompt_kwargs = {"vision_expert_mask": batch["vision_expert_mask"].to(device),
+                     "image_embed_mask": batch["image_embed_mask"].to(device)}
+    if vision_inputs and bool(batch["image_embed_mask"].any()):
+        prompt_kwargs.update(vision_inputs)
+    logits = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device),
+                   attention_mask=attention.to(device=device, dtype=dtype), kv_cache=cache,
+                   last_logits_only=True, **prompt_kwargs)[0]
+    cache.length = prompt_length
+
+    strategy = config.strategy(end_token_ids)
+    end_tokens = torch.tensor(list(end_token_ids) or [-1], device=device)
+    next_position = batch["position_ids"][:, -1:].to(device) + 1
+    tokens = input_ids
+    active = torch.ones(batch_size, dtype=torch.bool, device=device)
+    generated = torch.zeros(batch_size, dtype=torch.long, device=device)
     while True:
-        mems = update_mems([out["mem_kv"] for out in layer_outputs], mems, max_memory_length=10**9)
-        tokens, mems = strategy.forward(logits[:, -1], tokens, mems)
-        yield int(tokens[0, -1])
-        if strategy.is_done or tokens.shape[1] >= config.max_length:
+        tokens, _ = strategy.forward(logits[:, -1].float(), tokens, None)
+        new = torch.where(active, tokens[:, -1], torch.full_like(tokens[:, -1], pad_token_id))
+        tokens[:, -1] = new
+        generated += active.long()
+        yield new.cpu(), active.cpu()
+        active = active & ~torch.isin(new, end_tokens) & (row_lengths + generated < config.max_length)
+        if not bool(active.any()):
             break
-        # one new token attends to everything cached: a (1, 1, 1, n) all-ones mask
-        logits, *layer_outputs = model(input_ids=tokens[:, -1:], position_ids=next_position,
-                                       attention_mask=torch.ones(1, 1, 1, tokens.shape[1], device=device,
-                                                                 dtype=param.dtype),
-                                       mems=mems)
+        if padded:
+            valid = torch.cat([valid, torch.ones(batch_size, 1, dtype=torch.bool, device=device)], dim=1)
+            step_mask = valid[:, None, None, :].to(dtype)
+        else:  # all ones: SAT's attention takes the fused SDPA path
+            step_mask = torch.ones(1, 1, 1, cache.length + 1, device=device, dtype=dtype)
+        logits = model(input_ids=new[:, None].to(device), position_ids=next_position, attention_mask=step_mask,
+                       kv_cache=cache)[0]
+        cache.length += 1
         next_position = next_position + 1
-    strategy.finalize(tokens, mems)
+    strategy.finalize(tokens, None)
+
+
+def generate_stream(model, inputs: Dict[str, torch.Tensor], config: GenerationConfig,
+                    vision_inputs: Optional[Dict[str, torch.Tensor]] = None,
+                    end_token_ids: Sequence[int] = ()) -> Iterator[int]:
+    """Yield the generated token ids of one prompt (a text-processor output) one by one."""
+    for tokens, _ in generate_batch_stream(model, inputs, config, vision_inputs, end_token_ids):
+        yield int(tokens[0])
+
+
+def generate_batch(model, prompts: Sequence[Dict[str, torch.Tensor]], config: GenerationConfig,
+                   images: Optional[Sequence[Optional[Dict[str, torch.Tensor]]]] = None,
+                   end_token_ids: Sequence[int] = (), pad_token_id: int = 0) -> List[List[int]]:
+    """Generate for several prompts at once; returns each row's token ids (end token included).
+
+    prompts: text-processor outputs; images: per prompt the image processor's output or None (a
+    prompt with an image block needs its image). Greedy results equal one-by-one runs.
+    """
+    images = list(images) if images is not None else [None] * len(prompts)
+    with_image = [img for img, p in zip(images, prompts) if bool(p["image_embed_mask"].any())]
+    if len(with_image) != sum(bool(p["image_embed_mask"].any()) for p in prompts) or any(i is None for i in with_image):
+        raise ValueError("every prompt with an image block needs its image")
+    vision = {}
+    if with_image:
+        vision = vision_inputs_from({"image": torch.cat([img["image"] for img in with_image])}, model)
+    outputs: List[List[int]] = [[] for _ in prompts]
+    for tokens, active in generate_batch_stream(model, collate(prompts, pad_token_id), config, vision,
+                                                end_token_ids, pad_token_id):
+        for row in torch.nonzero(active).flatten().tolist():
+            outputs[row].append(int(tokens[row]))
+    return outputs
 
 
 def prepare_image(image_path: Optional[str], img_processor, image=None):

@@ -1,0 +1,58 @@
+"""A preallocated key/value cache for decoding, as a SAT mixin.
+
+SAT's `CachedAutoregressiveMixin` returns each step's keys/values and the caller concatenates them
+onto the cache (`update_mems`), and the mixin concatenates the cache onto the new keys again: two
+copies of the whole cache per decoded token, which dominates decode time once the cache is long.
+Here every layer writes its new keys/values in place into a buffer sized for the whole sequence
+and attends over a view of the filled part: no copies.
+"""
+import torch
+
+from sat.model.base_model import BaseMixin, non_conflict
+from sat.transformer_defaults import attention_fn_default
+
+
+class KVCache:
+    """Keys and values of every layer: each (batch, heads, max_length, head_dim).
+
+    `length` is the number of filled positions; the generation loop advances it after each forward.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (batch_size, num_heads, max_length, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+        self.max_length = max_length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def append(self, layer_id: int, key: torch.Tensor, value: torch.Tensor):
+        """Write (batch, heads, n, head_dim) at [length, length + n) -> views of positions [0, length + n)."""
+        end = self.length + key.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; {end} needed")
+        self.keys[layer_id][:, :, self.length:end] = key
+        self.values[layer_id][:, :, self.length:end] = value
+        return self.keys[layer_id][:, :, :end], self.values[layer_id][:, :, :end]
+
+
+class KVCacheMixin(BaseMixin):
+    """Routes attention through a `KVCache` passed to the model as `kv_cache=`; a no-op without one."""
+
+    @non_conflict
+    def attention_fn(self, q, k, v, mask, dropout_fn, kv_cache=None, old_impl=attention_fn_default, **kw_args):
+        if kv_cache is not None and not kw_args.get("cross_attention", False):
+            k, v = kv_cache.append(int(kw_args["layer_id"]), k, v)
+        return old_impl(q, k, v, mask, dropout_fn, **kw_args)
+
+
+def ensure_kv_cache_mixin(model) -> None:
+    """Give `model` the in-place cache (once). SAT's concatenating cache, which upstream scripts add
+    by hand as 'auto-regressive', is removed: it would copy the whole cache at every step."""
+    if "auto-regressive" in model.mixins:
+        model.del_mixin("auto-regressive")
+    if "kv-cache" not in model.mixins:
+        model.add_mixin("kv-cache", KVCacheMixin())
