@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from utils import hf_format
 from utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ RELEASED_CHECKPOINTS = {
     "cogvlm-grounding-generalist": "grounding generalist, 490px",
 }
 DOWNLOAD_HINT = ("download it from https://huggingface.co/THUDM/CogVLM (SAT format) and unpack it there, "
-                 "or pass the checkpoint directory itself to --from_pretrained")
+                 "or pass the checkpoint directory itself (SAT or HF format) to --from_pretrained")
 
 
 def sat_home() -> str:
@@ -60,6 +61,10 @@ def read_latest_iteration(ckpt_dir: str) -> str:
 
 
 def read_model_config(ckpt_dir: str) -> dict:
+    """The SAT model config of a checkpoint directory; for an HF-format one, derived from its config.json."""
+    if hf_format.is_hf_checkpoint(ckpt_dir):
+        return hf_format.sat_config_from_hf(hf_format.read_hf_config(ckpt_dir),
+                                            source=os.path.join(ckpt_dir, hf_format.HF_CONFIG))
     path = os.path.join(ckpt_dir, "model_config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{ckpt_dir}' has no model_config.json; is this a SAT checkpoint directory?")

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from sat import mpu
-from sat.model.base_model import BaseMixin
+from sat.arguments import overwrite_args_by_dict
+from sat.model.base_model import BaseMixin, get_model
 from sat.model.finetune import PTuningV2Mixin
 from sat.model.finetune.lora2 import LoraMixin
 from sat.model.official.llama_model import LLaMAModel, LMMixin
@@ -25,6 +26,7 @@ from sat.mpu.layers import unscaled_init_method
 from models import checkpoint_io
 from models.eva_clip_model import EVA2CLIPModel
 from models.mixin import LlamaVisionExpertAttnMixin, LlamaVisionExpertFCMixin
+from utils import hf_format
 from utils.errors import CheckpointError, CogVLMError
 
 logger = logging.getLogger(__name__)
@@ -163,31 +165,41 @@ class CogVLMModel(LLaMAModel):
         """
         model_path = checkpoint_io.resolve_checkpoint(name) if home_path is None else os.path.join(home_path, name)
         config = checkpoint_io.read_model_config(model_path)
-        if not build_only:
+        is_hf = hf_format.is_hf_checkpoint(model_path)
+        if not build_only and not is_hf:
             checkpoint_io.read_latest_iteration(model_path)
         model_class = config.get("model_class", "CogVLMModel")
         if "CogVLM" not in model_class:
             raise CheckpointError(f"{model_path} holds a {model_class}, not a CogVLM checkpoint")
         if args is None:
             args = cls.get_args()
-        model, model_args = super().from_pretrained_base(model_path, args=args, url="local", prefix=prefix,
-                                                         build_only=True, overwrite_args=overwrite_args, **kwargs)
+        if is_hf:  # SAT's builder reads model_config.json, which an HF directory lacks: same steps, our config
+            kwargs.pop("specific_iteration", None)
+            model_args = overwrite_args_by_dict(argparse.Namespace(**{**vars(args), **config}), overwrite_args)
+            model = get_model(model_args, cls, **kwargs)
+        else:
+            model, model_args = super().from_pretrained_base(model_path, args=args, url="local", prefix=prefix,
+                                                             build_only=True, overwrite_args=overwrite_args, **kwargs)
         if not build_only:
             load_checkpoint(model, model_args, model_path)
         return model, model_args
 
 
 def load_checkpoint(model, args, ckpt_dir):
-    """Load this model-parallel rank's shard of the SAT checkpoint in `ckpt_dir` into `model`."""
-    path = checkpoint_io.checkpoint_file(ckpt_dir, mpu.get_model_parallel_rank())
-    state_dict = checkpoint_io.load_state_dict_file(path)
+    """Load this model-parallel rank's shard of the SAT checkpoint in `ckpt_dir` (or an HF-format directory,
+    model-parallel size 1) into `model`."""
     mode = getattr(args, "mode", "inference")
     # finetuning from a base checkpoint: new finetune parameters start from their initialisation
     new_params = (".matrix_A.", ".matrix_B.", "mixins.ptuning.") if mode != "inference" else ()
-    checkpoint_io.load_weights(model, state_dict, source=path, allow_missing_prefixes=new_params)
+    if hf_format.is_hf_checkpoint(ckpt_dir):
+        hf_format.load_hf_weights(model, ckpt_dir, allow_missing_prefixes=new_params)
+    else:
+        path = checkpoint_io.checkpoint_file(ckpt_dir, mpu.get_model_parallel_rank())
+        state_dict = checkpoint_io.load_state_dict_file(path)
+        checkpoint_io.load_weights(model, state_dict, source=path, allow_missing_prefixes=new_params)
+        logger.info("loaded %d tensors from %s", len(state_dict), path)
     if mode == "inference":
         model.eval()
-    logger.info("loaded %d tensors from %s", len(state_dict), path)
 
 
 def _check_config(args):
