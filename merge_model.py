@@ -1,0 +1,82 @@
+"""Merge a model-parallel and/or LoRA CogVLM checkpoint into one unsplit checkpoint, or split one.
+
+    # after finetuning with MP_SIZE=4 (LoRA is folded into the base weights)
+    torchrun --standalone --nnodes=1 --nproc-per-node=4 merge_model.py --version base --bf16 \
+        --from_pretrained ./checkpoints/finetune-cogvlm-... --save ./checkpoints/merged_model
+    # prepare shards for `torchrun --nproc-per-node=2 cli_demo.py ...` once
+    python merge_model.py --from_pretrained cogvlm-chat-v1.1 --model_parallel_size 2 --save ./cogvlm-chat-mp2
+
+This is a file conversion: one process streams the memory-mapped input shards tensor by tensor and
+holds at most one output shard (the whole model when merging) plus one tensor. Started under
+torchrun, rank 0 converts and the other ranks exit at once.
+"""
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from models.checkpoint_io import resolve_checkpoint
+from models.model_parallel import reshard_checkpoint, unsplit_layout
+from utils.errors import CogVLMError
+
+logger = logging.getLogger("merge_model")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Merge (or split) a model-parallel / LoRA CogVLM SAT checkpoint")
+    parser.add_argument("--from_pretrained", type=str, default="checkpoints/merged_lora",
+                        help="checkpoint directory or name under $SAT_HOME")
+    parser.add_argument("--save", type=str, default="checkpoints/merged_model", help="output checkpoint directory")
+    parser.add_argument("--model_parallel_size", type=int, default=1,
+                        help="shards to write: 1 merges (default), N splits for N processes")
+    parser.add_argument("--fp16", action="store_true", help="write float tensors as float16")
+    parser.add_argument("--bf16", action="store_true", help="write float tensors as bfloat16")
+    parser.add_argument("--version", type=str, default="base",
+                        help="accepted for upstream command lines; the conversion does not depend on it")
+    return parser.parse_args(argv)
+
+
+def _init_single_process_group():
+    # Building the model (for its layer types) makes SAT set up torch.distributed from torchrun's
+    # environment, which would wait for ranks that have already exited: give it a group of one.
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
+def convert(args) -> list:
+    if args.fp16 and args.bf16:
+        raise CogVLMError("--fp16 and --bf16 are exclusive; pick one")
+    if args.model_parallel_size < 1:
+        raise CogVLMError(f"--model_parallel_size must be >= 1, got {args.model_parallel_size}")
+    ckpt_dir = resolve_checkpoint(args.from_pretrained)
+    if os.path.abspath(args.save) == os.path.abspath(ckpt_dir):
+        raise CogVLMError("--save must differ from --from_pretrained (the input is read while the output is written)")
+    if os.path.isdir(args.save) and os.listdir(args.save):
+        raise CogVLMError(f"--save {args.save} exists and is not empty; choose a new directory or remove it")
+    _init_single_process_group()
+    layout = unsplit_layout(ckpt_dir)
+    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
+    return reshard_checkpoint(ckpt_dir, args.save, layout, args.model_parallel_size, dtype)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sat").propagate = False  # SAT logs through its own handler already
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        logger.info("rank %d: nothing to do, rank 0 converts the checkpoint", rank)
+        return 0
+    try:
+        files = convert(args)
+    except CogVLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"saved {args.save} ({len(files)} model-parallel shard(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
