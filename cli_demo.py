@@ -14,6 +14,7 @@ import torch
 
 from utils.chat import ChatStream
 from utils.errors import CogVLMError
+from utils.grounding import add_grounding_args, is_grounding_checkpoint, next_output_path, render_grounding
 from utils.loading import add_inference_args, generation_config, load_for_inference
 
 TEXTS = {
@@ -23,12 +24,14 @@ TEXTS = {
         "image": "Please enter the image path or URL (press Enter for plain text conversation): ",
         "user": "User: ",
         "model": "Model: ",
+        "grounding": "Grounding result saved to {}",
     },
     "chinese": {
         "welcome": "欢迎使用 CogVLM-CLI ，输入图像URL或本地路径读图，继续输入内容对话，clear 重新开始，stop 终止程序",
         "image": "请输入图像路径或URL（回车进入纯文本对话）： ",
         "user": "用户：",
         "model": "模型：",
+        "grounding": "定位结果已保存到 {}",
     },
 }
 
@@ -64,6 +67,7 @@ def run(args) -> int:
     texts = TEXTS["chinese" if args.chinese else "english"]
     console = Console(bundle.rank, bundle.world_size)
     config = generation_config(args)
+    grounding = args.grounding or is_grounding_checkpoint(args.from_pretrained)
     console.say(texts["welcome"])
     while True:
         image_path = console.read(texts["image"])
@@ -96,6 +100,12 @@ def run(args) -> int:
                 for _ in stream:
                     pass
                 console.say(texts["model"] + stream.response)
+            if grounding and bundle.rank == 0 and stream.image[1] is not None:
+                picture = render_grounding(stream.image[1], stream.response, default_phrase=query)
+                if picture is not None:
+                    path = next_output_path(args.grounding_dir)
+                    picture.save(path)
+                    console.say(texts["grounding"].format(path))
             history, cached_image, image_path = stream.history, stream.image, None
             query = console.read(texts["user"])
 
@@ -104,6 +114,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="CogVLM command-line chat")
     add_inference_args(parser)
     parser.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")
+    add_grounding_args(parser)
+    parser.add_argument("--grounding_dir", type=str, default="grounding_output",
+                        help="where --grounding saves the pictures with the boxes drawn")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("sat").propagate = False  # SAT logs through its own handler already
