@@ -8,7 +8,9 @@ Under torchrun the model is split across processes; rank 0 reads input and print
 """
 import argparse
 import logging
+import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -37,10 +39,23 @@ TEXTS = {
 
 
 class Console:
-    """Reads lines on rank 0 and shares them with the other ranks (they must run the same steps)."""
+    """Reads lines on rank 0 and shares them with the other ranks (they must run the same steps).
+
+    Under torchrun every rank holds a share of the model and runs every forward, so every decision
+    (the input line, `clear`, `stop`, end of input, a failed turn) is rank 0's or agreed by all.
+    """
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
+        # a person typing may retry after bad input; a script fails fast (decided by rank 0's stdin)
+        self.interactive = self._from_rank0(sys.stdin.isatty() if rank == 0 else None)
+
+    def _from_rank0(self, value):
+        if self.world_size > 1:
+            shared = [value]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            value = shared[0]
+        return value
 
     def read(self, prompt: str):
         """The next input line, or None at end of input."""
@@ -51,11 +66,18 @@ class Console:
             except EOFError:
                 print()
                 line = None
-        if self.world_size > 1:
-            shared = [line]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            line = shared[0]
+        line = self._from_rank0(line)
         return None if line is None else line.strip()
+
+    def first_error(self, error: Optional[Exception]) -> Optional[str]:
+        """The message of the first rank whose step failed, or None: the same answer on every rank,
+        so that all ranks take the same branch (e.g. an image URL that failed on one rank only)."""
+        message = None if error is None else str(error)
+        if self.world_size > 1:
+            messages = [None] * self.world_size
+            torch.distributed.all_gather_object(messages, message)
+            message = next((m for m in messages if m is not None), None)
+        return message
 
     def say(self, text: str = "", end: str = "\n"):
         if self.rank == 0:
@@ -82,13 +104,17 @@ def run(args) -> int:
                 return 0
             if query == "clear":
                 break
+            error = None
             try:
                 stream = ChatStream(image_path or None, bundle.model, bundle.text_processor, bundle.image_processor,
                                     query, history=history, image=cached_image, config=config,
                                     no_prompt=args.no_prompt)
             except CogVLMError as e:
-                console.say(f"error: {e}")
-                if not sys.stdin.isatty():
+                error = e
+            message = console.first_error(error)
+            if message is not None:
+                console.say(f"error: {message}")
+                if not console.interactive:
                     return 1  # scripted: a bad input is a failure, not something to retry
                 break
             if args.stream_chat:
@@ -124,7 +150,9 @@ def main(argv=None) -> int:
         with torch.no_grad():
             return run(args)
     except CogVLMError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun a rank that fails exits, and torchrun then stops the others: name the rank
+        rank = int(os.environ.get("RANK", 0))
+        print(f"error (rank {rank}): {e}" if rank else f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

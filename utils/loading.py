@@ -12,6 +12,7 @@ import torch
 
 from models.checkpoint_io import read_model_config, resolve_checkpoint
 from models.cogvlm_model import CogVLMModel, FineTuneTestCogVLMModel
+from models import model_parallel
 from utils.chat import GenerationConfig, ensure_kv_cache
 from utils.errors import CogVLMError
 from utils.language import DEFAULT_TOKENIZER, PROMPT_TEMPLATES, llama2_text_processor_inference, llama2_tokenizer
@@ -90,8 +91,8 @@ def load_for_inference(args) -> InferenceBundle:
         deepspeed=None, local_rank=local_rank, rank=rank, world_size=world_size, model_parallel_size=world_size,
         mode="inference", skip_init=True, use_gpu_initialization=device.startswith("cuda"), device=device,
         fp16=args.fp16, bf16=args.bf16)
-    overwrite = {"model_parallel_size": world_size} if world_size != 1 else {}
-    model, model_args = model_cls.from_pretrained(ckpt_dir, args=model_args, overwrite_args=overwrite)
+    # under torchrun each process loads its model-parallel share, from a checkpoint saved for any split
+    model, model_args = model_parallel.from_pretrained(model_cls, ckpt_dir, model_args)
     model = model.eval()
     ensure_kv_cache(model)
 
