@@ -496,9 +496,13 @@ def parse_size(text) -> int:
     return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
 
 
-def _prepare_output_dir(out_dir: str) -> None:
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
+def _check_output_dir(out_dir: str) -> None:
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise CheckpointError(f"output directory '{out_dir}' is not empty; pass a new or empty directory")
+
+
+def _prepare_output_dir(out_dir: str) -> None:
+    _check_output_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
 
 
@@ -573,6 +577,7 @@ def convert_sat_to_hf(sat_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT
     if template_version not in TEMPLATE_VERSIONS:
         raise CheckpointError(f"unknown template version '{template_version}'; choose one of "
                               f"{', '.join(TEMPLATE_VERSIONS)}")
+    _check_output_dir(out_dir)
     sat_config, tensors = read_sat_checkpoint(sat_dir)
     specs = {spec.sat_key: spec for spec in tensor_specs(sat_config)}
     dtypes = set()
@@ -594,6 +599,7 @@ def convert_sat_to_hf(sat_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT
 
 def convert_hf_to_sat(hf_dir: str, out_dir: str) -> str:
     """HF-format directory -> SAT checkpoint (model-parallel size 1). Returns the written .pt file."""
+    _check_output_dir(out_dir)
     ckpt = HFCheckpoint(hf_dir)
     sat_config = ckpt.sat_config()
     state_dict = {}

@@ -1,0 +1,53 @@
+"""Convert a CogVLM checkpoint between SAT and Hugging Face (`cogvlm-chat-hf`) format, losslessly.
+
+    python scripts/convert_checkpoint.py cogvlm-chat-v1.1 ./cogvlm-chat-hf-from-sat           # SAT -> HF
+    python scripts/convert_checkpoint.py ./cogvlm-chat-hf ./cogvlm-chat-sat                   # HF -> SAT
+
+The direction follows from the source: a SAT directory (model_config.json; a name under $SAT_HOME
+works too) becomes an HF directory (config.json + safetensors, sharded above --max_shard_size with
+model.safetensors.index.json); an HF directory becomes a SAT one (model_config.json, latest,
+1/mp_rank_00_model_states.pt). Model-parallel SAT shards are merged; LoRA must be merged first.
+Tensors keep their dtype and values bit for bit. The tokenizer is not part of either format: use
+lmsys/vicuna-7b-v1.5 (or --local_tokenizer) with both.
+"""
+import argparse
+import logging
+import os
+import sys
+
+# run as `python scripts/convert_checkpoint.py` from anywhere: the library lives one level up
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models.checkpoint_io import resolve_checkpoint  # noqa: E402
+from utils import hf_format  # noqa: E402
+from utils.errors import CogVLMError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Convert a CogVLM checkpoint between SAT and HF format")
+    parser.add_argument("source", help="SAT checkpoint directory or name under $SAT_HOME, or an HF-format directory")
+    parser.add_argument("output", help="new (or empty) directory to write the converted checkpoint to")
+    parser.add_argument("--max_shard_size", default="5GB",
+                        help="SAT -> HF: largest safetensors file (e.g. 5GB, 500MB); larger models are sharded")
+    parser.add_argument("--template_version", default="chat", choices=hf_format.TEMPLATE_VERSIONS,
+                        help="SAT -> HF: config.json's template_version (chat for chat/vqa models, base for "
+                             "base and grounding models)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        source = resolve_checkpoint(args.source)
+        if hf_format.is_hf_checkpoint(source):
+            path = hf_format.convert_hf_to_sat(source, args.output)
+            print(f"wrote SAT checkpoint {args.output} ({os.path.relpath(path, args.output)})")
+        else:
+            files = hf_format.convert_sat_to_hf(source, args.output, hf_format.parse_size(args.max_shard_size),
+                                                args.template_version)
+            print(f"wrote HF checkpoint {args.output} ({len(files)} safetensors file(s))")
+    except CogVLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
