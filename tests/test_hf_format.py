@@ -112,9 +112,7 @@ def split_like_sat(model, ranks):
     shards = [dict(full) for _ in range(ranks)]
     for name, module in model.named_modules():
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
-            continue
-        if isinstance(module, VocabParallelEmbedding) and module.num_embeddings % ranks:
-            continue  # the ViT's one-word CLS "vocabulary" cannot be split: every rank keeps it whole
+            continue  # replicated (SAT keeps the ViT's one-word CLS "vocabulary" in a plain nn.Embedding)
         weights, biases = module.partition(new_model_parallel_size=ranks)
         for rank in range(ranks):
             shards[rank][f"{name}.weight"] = weights[rank]

@@ -196,9 +196,9 @@ _VISION_GLOBAL = [
     (_VIT + "mixins.patch_embedding.proj.weight", "model.vision.patch_embedding.proj.weight",
      lambda d: (d["E"], d["C"], d["K"], d["K"]), None, 1),
     (_VIT + "mixins.patch_embedding.proj.bias", "model.vision.patch_embedding.proj.bias", lambda d: (d["E"],), None, 1),
-    # SAT holds the CLS vector as a vocabulary of one word (a VocabParallelEmbedding)
+    # SAT holds the CLS vector as a vocabulary of one word (a plain nn.Embedding: replicated)
     (_VIT + "transformer.word_embeddings.weight", "model.vision.patch_embedding.cls_embedding",
-     lambda d: (1, d["E"]), 0, 1),
+     lambda d: (1, d["E"]), None, 1),
     (_VIT + "transformer.position_embeddings.weight", "model.vision.patch_embedding.position_embedding.weight",
      lambda d: (d["P"], d["E"]), None, 1),
     ("mixins.eva.linear_proj.linear_proj.weight", "model.vision.linear_proj.linear_proj.weight",
@@ -415,19 +415,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str, allow_missing_prefixes=
 
 # Reading SAT checkpoints (model-parallel shards merged) ----------------------------------------
 
-def merge_model_parallel(parts: List[torch.Tensor], spec: TensorSpec) -> torch.Tensor:
-    """Undo SAT's model-parallel split of one tensor: `parts[r]` is rank r's piece.
-
-    Column-parallel pieces are concatenated on dim 0 (for fused QKV, rank r holds [q_r | k_r | v_r],
-    so the q, k and v blocks are gathered separately); row-parallel pieces on dim 1. A tensor that
-    every rank holds whole (norms, row-parallel biases, embeddings too small to split) is taken from rank 0.
-    """
-    if len(parts) == 1 or tuple(parts[0].shape) == spec.shape or spec.split is None:
-        return parts[0]
-    blocks = [part.chunk(spec.stride, dim=spec.split) for part in parts]
-    return torch.cat([rank_blocks[s] for s in range(spec.stride) for rank_blocks in blocks], dim=spec.split)
-
-
 def check_sat_state_keys(keys, source: str) -> None:
     """Refuse finetuning state HF cannot express (unmerged LoRA, P-tuning prefixes)."""
     lora = [k for k in keys if any(m in k for m in _LORA_MARKERS)]
@@ -444,43 +431,48 @@ def check_sat_state_keys(keys, source: str) -> None:
 def read_sat_checkpoint(sat_dir: str) -> Tuple[dict, Iterator[Tuple[str, torch.Tensor]]]:
     """Open a SAT checkpoint directory: (model config, iterator of (SAT key, full tensor)).
 
-    Model-parallel ranks are memory-mapped and merged tensor by tensor. All keys and shapes are
+    The model-parallel shard files are memory-mapped and merged tensor by tensor (models.model_parallel
+    owns SAT's split rules; the table here says which tensors are split). All keys and shapes are
     checked before the first tensor is yielded.
     """
-    from models import checkpoint_io
+    from models.model_parallel import ShardedCheckpoint, Split, merge_tensors
 
-    config = checkpoint_io.read_model_config(sat_dir)
+    reader = ShardedCheckpoint(sat_dir)
+    config = reader.config
     if "CogVLM" not in config.get("model_class", "CogVLMModel"):
         raise CheckpointError(f"{sat_dir} holds a {config['model_class']}, not a CogVLM checkpoint")
-    ranks = int(config.get("model_parallel_size", 1))
-    paths = [checkpoint_io.checkpoint_file(sat_dir, rank) for rank in range(ranks)]
-    shards = [checkpoint_io.load_state_dict_file(path) for path in paths]
-    for path, shard in zip(paths[1:], shards[1:]):
-        if set(shard) != set(shards[0]):
-            raise CheckpointError(f"{path} holds other tensors than {paths[0]} "
-                                  f"({_summarise(set(shard) ^ set(shards[0]))}); the shards do not belong together")
-    check_sat_state_keys(shards[0], source=f"checkpoint {sat_dir}")
+    keys = set(reader.keys)
+    check_sat_state_keys(keys, source=f"checkpoint {sat_dir}")
     specs = tensor_specs(config)
     expected = {spec.sat_key for spec in specs}
-    unknown, missing = set(shards[0]) - expected, expected - set(shards[0])
+    unknown, missing = keys - expected, expected - keys
     if unknown or missing:
         parts = ([f"unknown tensors: {_summarise(unknown)}"] if unknown else []) + \
                 ([f"missing tensors: {_summarise(missing)}"] if missing else [])
         raise CheckpointError(f"checkpoint {sat_dir} does not match its model_config.json ({'; '.join(parts)})")
+    ranks = range(reader.mp_size)
+    reader.open_for(0, 1)  # every shard file, each checked to hold the same keys
+
+    def is_split(spec, first_piece):
+        # a whole tensor on every rank is replicated; SAT also keeps vocabularies under 1000 words
+        # (e.g. the ViT's one-word CLS) in a plain nn.Embedding, which it does not split
+        return reader.mp_size > 1 and spec.split is not None and tuple(first_piece.shape) != spec.shape
+
+    for spec in specs:  # merged shapes follow from the pieces' shapes: nothing is read yet
+        piece = reader.stored(spec.sat_key, 0)
+        shape = list(piece.shape)
+        if is_split(spec, piece):
+            shape[spec.split] *= reader.mp_size
+        _check_shape(spec.sat_key, shape, spec.shape, source=f"checkpoint {sat_dir}")
 
     def tensors():
         for spec in specs:
-            yield spec.sat_key, merge_model_parallel([shard[spec.sat_key] for shard in shards], spec)
+            pieces = [reader.stored(spec.sat_key, rank) for rank in ranks]
+            if is_split(spec, pieces[0]):
+                yield spec.sat_key, merge_tensors(pieces, Split(spec.split, (1,) * spec.stride), spec.sat_key)
+            else:
+                yield spec.sat_key, pieces[0]
 
-    # every shape is checked before anything is written: the merged shape follows from the pieces'
-    for spec in specs:
-        parts = [shard[spec.sat_key] for shard in shards]
-        if spec.split is not None and len(parts) > 1 and tuple(parts[0].shape) != spec.shape:
-            shape = list(parts[0].shape)
-            shape[spec.split] *= len(parts)
-        else:
-            shape = parts[0].shape
-        _check_shape(spec.sat_key, shape, spec.shape, source=f"checkpoint {sat_dir}")
     return config, tensors()
 
 
