@@ -118,8 +118,9 @@ def check_divisible(config: dict, world_size: int) -> None:
 class ShardedCheckpoint:
     """The state dict of a SAT checkpoint saved as M model-parallel shard files, read lazily.
 
-    The shard files are memory-mapped: a tensor is read from disk when asked for, so reading a
-    checkpoint never holds more than the tensors the caller keeps. `tensor(key, split, rank, world)`
+    The shard files are opened when first needed and memory-mapped: a tensor is read from disk when
+    asked for, so reading never holds more than the tensors the caller keeps, and a rank of an N-way
+    checkpoint loaded on N ranks only opens its own file. `tensor(key, split, rank, world)`
     returns any rank's part of any tensor for any world size (M -> world: merged, then re-split),
     with LoRA folded into `X.weight` / `X.bias` when the checkpoint holds `X.original.*` instead.
     """
@@ -136,14 +137,29 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{ckpt_dir}: model_config.json says model_parallel_size={self.mp_size} but "
                                   f"{folder} holds {', '.join(found)}; fix model_parallel_size or restore the shards")
         self.files = [checkpoint_io.checkpoint_file(ckpt_dir, r) for r in range(self.mp_size)]
-        self.shards = [checkpoint_io.load_state_dict_file(f) for f in self.files]
-        keys = list(self.shards[0])
-        for path, shard in zip(self.files[1:], self.shards[1:]):
-            if set(shard) != set(keys):
-                raise CheckpointError(f"{path} holds other tensors than {self.files[0]}; the shards do not belong "
-                                      "to one checkpoint")
-        self.keys = keys
+        self._shards: Dict[int, dict] = {}
         self.consumed = set()
+
+    def shard(self, index: int) -> dict:
+        """The state dict of shard file `index` (memory-mapped), checked against the shards opened before."""
+        if index not in self._shards:
+            state = checkpoint_io.load_state_dict_file(self.files[index])
+            if self._shards:
+                first = min(self._shards)
+                if set(state) != set(self._shards[first]):
+                    raise CheckpointError(f"{self.files[index]} holds other tensors than {self.files[first]}; "
+                                          "the shards do not belong to one checkpoint")
+            self._shards[index] = state
+        return self._shards[index]
+
+    def open_for(self, rank: int, world_size: int) -> None:
+        """Open the shard files that rank `rank` of `world_size` reads (all of them unless the split matches)."""
+        for index in ([rank] if world_size == self.mp_size else range(self.mp_size)):
+            self.shard(index)
+
+    @property
+    def keys(self) -> List[str]:
+        return list(self.shard(min(self._shards, default=0)))
 
     @property
     def has_lora(self) -> bool:
@@ -155,12 +171,13 @@ class ShardedCheckpoint:
 
     def has(self, key: str) -> bool:
         module, _, name = key.rpartition(".")
-        return key in self.shards[0] or f"{module}.original.{name}" in self.shards[0]
+        state = self.shard(min(self._shards, default=0))
+        return key in state or f"{module}.original.{name}" in state
 
     def stored(self, key: str, shard: int) -> torch.Tensor:
         """`key` as shard `shard` holds it; a LoRA-wrapped weight comes back with its LoRA folded in
         (W + scaling * concat_j(B_j @ A_j) along the output dim, computed as SAT's `merge_lora` does)."""
-        state = self.shards[shard]
+        state = self.shard(shard)
         if key in state:
             self.consumed.add(key)
             return state[key]
@@ -188,7 +205,8 @@ class ShardedCheckpoint:
         return split_tensor(full, split, rank, world_size, key)
 
     def unconsumed(self) -> List[str]:
-        return [k for k in self.keys if k not in self.consumed]
+        keys = self.keys
+        return [k for k in keys if k not in self.consumed]
 
 
 def _mismatch_error(source: str, missing: List[str], unexpected: List[str]) -> CheckpointError:
@@ -206,6 +224,7 @@ def load_sharded(model: torch.nn.Module, reader: ShardedCheckpoint, rank: int, w
     """Copy this rank's part of every tensor of `reader` into `model` (built for `world_size` ranks),
     one tensor at a time. Raises CheckpointError on missing, unexpected or misshapen tensors."""
     layout = parallel_layout(model)
+    reader.open_for(rank, world_size)
     missing = []
     for key, target in model.state_dict(keep_vars=True).items():
         if not reader.has(key):
