@@ -355,23 +355,69 @@ def check_hf_tensors(ckpt: HFCheckpoint, specs: List[TensorSpec]) -> None:
         _check_shape(key, ckpt.shape(key), expected[key].shape, source=f"HF checkpoint '{ckpt.dir}'")
 
 
-def iter_sat_tensors_from_hf(ckpt: HFCheckpoint, sat_config: dict) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield (SAT key, tensor) for every tensor of `ckpt`, after checking all keys and shapes.
+def rotary_inv_freq(sat_config: dict) -> torch.Tensor:
+    """The rotary frequency table, for checkpoints that leave it out (it is fixed by the head size)."""
+    from models.mixin import RotaryEmbedding
 
-    The rotary buffer is yielded once (from the first layer that stores it; all layers must agree).
+    return RotaryEmbedding(sat_config["hidden_size"] // sat_config["num_attention_heads"], base=ROTARY_BASE).inv_freq
+
+
+class HFStateReader:
+    """An HF-format directory read as a SAT state dict, one tensor at a time.
+
+    All keys and shapes are checked on opening. The rotary buffer comes from the first layer that
+    stores it (all must agree) or is recomputed. It offers the reading interface of
+    models.model_parallel.ShardedCheckpoint (`has`, `tensor(key, split, rank, world_size)`,
+    `unconsumed`), so a torchrun process can load its model-parallel share from an HF directory.
     """
-    specs = tensor_specs(sat_config)
-    check_hf_tensors(ckpt, specs)
-    for spec in specs:
-        stored = [k for k in spec.hf_keys if k in ckpt.weight_map]
-        if not stored:
-            continue  # only the rotary buffer may be absent: it is a fixed function of the head size
-        tensor = ckpt.tensor(stored[0])
-        for other in stored[1:]:
-            if not torch.equal(ckpt.tensor(other), tensor):
-                raise CheckpointError(f"HF checkpoint '{ckpt.dir}': {other} differs from {stored[0]}; CogVLM uses "
-                                      "one rotary frequency table for all layers")
-        yield spec.sat_key, tensor
+    mp_size = 1
+    has_lora = False
+
+    def __init__(self, hf_dir: str):
+        self.dir = hf_dir
+        self.hf = HFCheckpoint(hf_dir)
+        self.config = self.hf.sat_config()
+        self.specs = tensor_specs(self.config)
+        check_hf_tensors(self.hf, self.specs)
+        self._hf_key = {}  # SAT key -> HF key (None: recomputed rotary buffer)
+        for spec in self.specs:
+            stored = [k for k in spec.hf_keys if k in self.hf.weight_map]
+            self._hf_key[spec.sat_key] = stored[0] if stored else None  # only the rotary buffer may be absent
+            for other in stored[1:]:
+                if not torch.equal(self.hf.tensor(other), self.hf.tensor(stored[0])):
+                    raise CheckpointError(f"HF checkpoint '{hf_dir}': {other} differs from {stored[0]}; CogVLM "
+                                          "uses one rotary frequency table for all layers")
+        self.consumed = set()
+
+    @property
+    def keys(self) -> List[str]:
+        return list(self._hf_key)
+
+    def has(self, key: str) -> bool:
+        return key in self._hf_key
+
+    def sat_tensor(self, key: str) -> torch.Tensor:
+        """The full tensor of SAT key `key`."""
+        self.consumed.add(key)
+        hf_key = self._hf_key[key]
+        return rotary_inv_freq(self.config) if hf_key is None else self.hf.tensor(hf_key)
+
+    def tensor(self, key: str, split, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Rank `rank`'s part of `key` split `world_size` ways (`split`: a models.model_parallel.Split)."""
+        from models.model_parallel import split_tensor
+
+        return split_tensor(self.sat_tensor(key), split, rank, world_size, key)
+
+    def open_for(self, rank: int, world_size: int) -> None:
+        pass  # the safetensors files are already open (memory-mapped)
+
+    def unconsumed(self) -> List[str]:
+        return [k for k in self._hf_key if k not in self.consumed]
+
+    def items(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(SAT key, full tensor) for every tensor, in `tensor_specs` order."""
+        for key in self._hf_key:
+            yield key, self.sat_tensor(key)
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir: str, allow_missing_prefixes=()) -> None:
@@ -381,11 +427,9 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str, allow_missing_prefixes=
     own key handling (e.g. LoRA-wrapped linears) applies and memory holds the model plus one group.
     A model key that no group loads is missing (allow_missing_prefixes as in checkpoint_io.load_weights).
     """
-    ckpt = HFCheckpoint(hf_dir)
-    sat_config = ckpt.sat_config()
+    reader = HFStateReader(hf_dir)
     missing: Optional[set] = None
     unexpected: List[str] = []
-    count = 0
 
     def load_group(group):
         nonlocal missing
@@ -394,23 +438,21 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str, allow_missing_prefixes=
         unexpected.extend(result.unexpected_keys)
 
     group, group_bytes = {}, 0
-    for key, tensor in iter_sat_tensors_from_hf(ckpt, sat_config):
+    for key, tensor in reader.items():
         group[key] = tensor
         group_bytes += tensor.numel() * tensor.element_size()
-        count += 1
         if group_bytes >= LOAD_GROUP_BYTES:
             load_group(group)
             group, group_bytes = {}, 0
     if group:
         load_group(group)
-    # the rotary buffer is recomputed by the model when a checkpoint leaves it out
-    missing = [k for k in (missing or ()) if k != _ROTARY_SAT_KEY and not any(p in k for p in allow_missing_prefixes)]
+    missing = [k for k in (missing or ()) if not any(p in k for p in allow_missing_prefixes)]
     if missing or unexpected:
         parts = ([f"missing keys: {_summarise(missing)}"] if missing else []) + \
                 ([f"unexpected keys: {_summarise(unexpected)}"] if unexpected else [])
         raise CheckpointError(f"HF checkpoint '{hf_dir}' does not match the model ({'; '.join(parts)}); "
                               "check the model flags against its config.json")
-    logger.info("loaded %d tensors from HF checkpoint %s", count, hf_dir)
+    logger.info("loaded %d tensors from HF checkpoint %s", len(reader.keys), hf_dir)
 
 
 # Reading SAT checkpoints (model-parallel shards merged) ----------------------------------------
@@ -592,17 +634,8 @@ def convert_sat_to_hf(sat_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT
 def convert_hf_to_sat(hf_dir: str, out_dir: str) -> str:
     """HF-format directory -> SAT checkpoint (model-parallel size 1). Returns the written .pt file."""
     _check_output_dir(out_dir)
-    ckpt = HFCheckpoint(hf_dir)
-    sat_config = ckpt.sat_config()
-    state_dict = {}
-    for key, tensor in tqdm(iter_sat_tensors_from_hf(ckpt, sat_config), total=len(tensor_specs(sat_config)),
-                            desc="HF -> SAT", unit="tensor"):
-        state_dict[key] = tensor
-    if _ROTARY_SAT_KEY not in state_dict:
-        from models.mixin import RotaryEmbedding
-
-        head_dim = sat_config["hidden_size"] // sat_config["num_attention_heads"]
-        state_dict[_ROTARY_SAT_KEY] = RotaryEmbedding(head_dim, base=ROTARY_BASE).inv_freq
-    path = write_sat_checkpoint(out_dir, sat_config, state_dict)
+    reader = HFStateReader(hf_dir)
+    state_dict = dict(tqdm(reader.items(), total=len(reader.keys), desc="HF -> SAT", unit="tensor"))
+    path = write_sat_checkpoint(out_dir, reader.config, state_dict)
     logger.info("wrote %s from %s", path, hf_dir)
     return path
