@@ -1,0 +1,223 @@
+"""Generation benchmark: prefill latency, decode tokens/s, peak RSS, and the decode roofline.
+
+    python bench/generate.py                      # config M, fp32 and bf16, batch 1 and 8, ours vs upstream
+    python bench/generate.py --config tiny --dtype fp32 --batch 1
+
+Random weights (speed does not depend on their values). Each (dtype, path) runs in its own
+subprocess so that peak RSS is that run's own. The roofline: decoding one token must read every
+language-expert weight once (plus the KV cache), so tokens/s <= copy bandwidth / bytes per token.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CONFIGS = {
+    # the issue's config M: a scaled-down CogVLM with real vocabulary and image size
+    "M": dict(num_layers=16, hidden_size=1024, num_attention_heads=16, inner_hidden_size=2816, vocab_size=32000,
+              eva=dict(num_layers=4, hidden_size=1024, num_attention_heads=16, inner_hidden_size=4096, image_size=224)),
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=172, vocab_size=1000,
+                 eva=dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=128, image_size=56)),
+}
+
+
+def build_model(name: str, dtype: str):
+    import torch
+    from models import CogVLMModel
+
+    cfg = CONFIGS[name]
+    eva = cfg["eva"]
+    patches = (eva["image_size"] // 14) ** 2
+    args = CogVLMModel.get_args(
+        num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"], num_attention_heads=cfg["num_attention_heads"],
+        vocab_size=cfg["vocab_size"], inner_hidden_size=cfg["inner_hidden_size"], layernorm_order="pre",
+        use_bias=False, max_sequence_length=4096, image_length=patches, skip_init=True, mode="inference",
+        model_parallel_size=1, device="cpu", fp16=False, bf16=dtype == "bf16", use_gpu_initialization=False,
+        deepspeed=None,
+        eva_args=dict(model_class="EVA2CLIPModel", num_layers=eva["num_layers"], hidden_size=eva["hidden_size"],
+                      num_attention_heads=eva["num_attention_heads"], vocab_size=1, layernorm_order="post",
+                      model_parallel_size=1, max_sequence_length=patches + 1,
+                      inner_hidden_size=eva["inner_hidden_size"], use_final_layernorm=False, layernorm_epsilon=1e-6,
+                      image_size=[eva["image_size"]] * 2, pre_len=1, post_len=0, in_channels=3, patch_size=14))
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model = CogVLMModel(args, params_dtype=torch_dtype).to(torch_dtype).eval()  # as SAT's get_model does
+    with torch.no_grad():  # skip_init leaves memory uninitialised: give it sane values
+        generator = torch.Generator().manual_seed(0)
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    return model, args
+
+
+def language_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: everything but the ViT, the adapter and the visual expert."""
+    total = 0
+    for name, param in model.named_parameters():
+        if name.startswith("mixins.eva.") or ".vision_" in name or name.startswith("transformer.word_embeddings"):
+            continue
+        total += param.numel() * param.element_size()
+    return total
+
+
+def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes read + written per second by a large tensor copy (the machine's practical bandwidth)."""
+    import torch
+
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def prompt_batch(model, args, batch_size: int, text_tokens: int = 24):
+    import torch
+    from utils.chat import collate
+    from utils.language import position_ids_from_rope_mask
+
+    length = 1 + args.image_length + 2 + text_tokens
+    prompt = {"input_ids": torch.randint(3, args.vocab_size, (1, length)), "image_embed_mask": torch.zeros(1, length, dtype=torch.long),
+              "vision_expert_mask": torch.zeros(1, length, dtype=torch.long)}
+    prompt["input_ids"][0, 0] = 1
+    prompt["image_embed_mask"][0, 1:args.image_length + 3] = 1
+    prompt["vision_expert_mask"][0, 1:args.image_length + 2] = 1
+    rope = torch.zeros(1, length, dtype=torch.long)
+    rope[0, 2:args.image_length + 2] = 1
+    prompt["position_ids"] = position_ids_from_rope_mask(rope)
+    size = args.eva_args["image_size"][0]
+    images = torch.randn(batch_size, 3, size, size)
+    return collate([prompt] * batch_size), images
+
+
+def run_ours(model, args, batch_size: int, new_tokens: int):
+    import torch
+    from utils.chat import GenerationConfig, generate_batch_stream, vision_inputs_from
+
+    batch, images = prompt_batch(model, args, batch_size)
+    config = GenerationConfig(max_length=batch["input_ids"].shape[1] + new_tokens, top_k=1)
+    vision = vision_inputs_from({"image": images}, model)
+    stream = generate_batch_stream(model, batch, config, vision, end_token_ids=[])
+    start = time.perf_counter()
+    next(stream)  # prefill + first token
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    steps = sum(1 for _ in stream)
+    decode = time.perf_counter() - start
+    return prefill, steps * batch_size / decode, batch["input_ids"].shape[1]
+
+
+def run_upstream(model, args, batch_size: int, new_tokens: int):
+    """The original chat() path: SAT's filling_sequence + CachedAutoregressiveMixin, batch of one."""
+    import torch
+    from sat.generation.autoregressive_sampling import filling_sequence
+    from sat.generation.sampling_strategies import BaseStrategy
+    from sat.model.cached_autoregressive_model import CachedAutoregressiveMixin
+
+    if batch_size != 1:
+        raise SystemExit("the upstream path generates one sequence at a time")
+    if "kv-cache" in model.mixins:
+        model.del_mixin("kv-cache")
+    if "auto-regressive" not in model.mixins:
+        model.add_mixin("auto-regressive", CachedAutoregressiveMixin())
+    batch, images = prompt_batch(model, args, 1)
+    length = batch["input_ids"].shape[1]
+    seq = torch.cat([batch["input_ids"][0], torch.full((new_tokens,), -1)])
+    positions = torch.cat([batch["position_ids"][0], batch["position_ids"][0, -1] + torch.arange(1, new_tokens + 1)])
+
+    def masks_and_positions(sequence):
+        total = len(sequence)
+        return sequence.unsqueeze(0), torch.ones(1, 1, total, total).tril(), positions.unsqueeze(0)
+
+    timings = []
+
+    def timed_forward(*a, **kw):
+        timings.append(time.perf_counter())
+        return original_forward(*a, **kw)
+
+    original_forward = model.forward
+    model.forward = timed_forward
+    dtype = next(model.parameters()).dtype
+    start = time.perf_counter()
+    with torch.no_grad():
+        filling_sequence(model, seq, batch_size=1, strategy=BaseStrategy(temperature=0.8, top_k=1, top_p=0.4),
+                         get_masks_and_position_ids=masks_and_positions,
+                         vision_image=images.to(dtype), vision_expert_mask=batch["vision_expert_mask"],
+                         image_embed_mask=batch["image_embed_mask"])
+    end = time.perf_counter()
+    prefill = timings[1] - start
+    return prefill, (len(timings) - 1) / (end - timings[1]), length
+
+
+def child(options):
+    import torch
+
+    torch.set_num_threads(options.threads)
+    options.dtype, options.path, options.batch = options.dtype[0], options.path[0], options.batch[0]
+    model, args = build_model(options.config, options.dtype)
+    if options.quant:
+        from utils.quantization import quantize_model
+        quantize_model(model, options.quant)
+    weights = language_bytes_per_token(model)
+    run = run_upstream if options.path == "upstream" else run_ours
+    run(model, args, options.batch, 4)  # warm-up (allocations, oneDNN primitive caches)
+    prefill, tokens_per_s, prompt_length = run(model, args, options.batch, options.new_tokens)
+    first = model.transformer.layers[0].attention
+    kv_bytes = (2 * len(model.transformer.layers) * first.hidden_size_per_attention_head
+                * first.num_attention_heads_per_partition * next(model.parameters()).element_size()
+                * (prompt_length + options.new_tokens // 2))  # mean cache length over the decode
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps(dict(prefill_s=prefill, tokens_per_s=tokens_per_s, prompt_length=prompt_length,
+                          weight_bytes_per_token=weights, kv_bytes_per_row=kv_bytes, model_bytes=model_bytes,
+                          peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="M", choices=sorted(CONFIGS))
+    parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--path", nargs="+", default=["ours", "upstream"], choices=["ours", "upstream"])
+    parser.add_argument("--quant", type=int, choices=[8], default=None, help="int8 weight-only (ours only)")
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.child:
+        return child(options)
+
+    bandwidth = copy_bandwidth_gbs()
+    print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s; config {options.config}; {options.threads} threads")
+    print(f"{'path':9} {'dtype':5} {'quant':5} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'roofline':>8} "
+          f"{'of roof':>7} {'RSS GB':>7} {'model GB':>8}")
+    for dtype in options.dtype:
+        for path in options.path:
+            for batch in options.batch:
+                if path == "upstream" and batch != 1:
+                    continue
+                cmd = [sys.executable, __file__, "--child", "--config", options.config, "--dtype", dtype,
+                       "--batch", str(batch), "--path", path, "--new_tokens", str(options.new_tokens),
+                       "--threads", str(options.threads)] + (["--quant", str(options.quant)] if options.quant else [])
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if out.returncode != 0:
+                    print(f"{path} {dtype} batch {batch} failed:\n{out.stderr[-2000:]}")
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                # one step reads the weights once for the whole batch, plus every row's cache
+                step_bytes = r["weight_bytes_per_token"] + batch * r["kv_bytes_per_row"]
+                roofline = bandwidth * 1e9 / step_bytes * batch
+                print(f"{path:9} {dtype:5} {str(options.quant or '-'):5} {batch:5d} {r['prefill_s']:9.2f} "
+                      f"{r['tokens_per_s']:8.1f} {roofline:8.1f} {r['tokens_per_s'] / roofline:7.0%} "
+                      f"{r['peak_rss_bytes'] / 1e9:7.2f} {r['model_bytes'] / 1e9:8.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
