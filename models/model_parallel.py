@@ -33,6 +33,7 @@ from sat import mpu
 from sat.mpu import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 from models import checkpoint_io
+from utils import hf_format
 from utils.errors import CheckpointError, CogVLMError
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,8 @@ def from_pretrained(model_cls, ckpt_dir: str, args):
     if world_size == 1 and saved_mp == 1:
         return model_cls.from_pretrained(ckpt_dir, args=args)
     check_divisible(config, world_size)
-    reader = ShardedCheckpoint(ckpt_dir)
+    # an HF-format directory (unsplit tensors) offers the same reading interface
+    reader = hf_format.HFStateReader(ckpt_dir) if hf_format.is_hf_checkpoint(ckpt_dir) else ShardedCheckpoint(ckpt_dir)
     overwrite = {"model_parallel_size": world_size, **(LORA_FLAGS_OFF if reader.has_lora else {})}
     model, model_args = model_cls.from_pretrained_base(ckpt_dir, args=args, build_only=True, overwrite_args=overwrite)
     rank = mpu.get_model_parallel_rank()
@@ -328,14 +330,15 @@ def unsplit_layout(ckpt_dir: str) -> Dict[str, Split]:
     """The `parallel_layout` of the unsplit, LoRA-free model that `ckpt_dir` describes.
 
     The model is built without initialising (or touching) its weights and dropped again: only the
-    module types matter. Needs torch.distributed initialised with model-parallel size 1.
+    module types matter (bf16 halves the address space it reserves meanwhile). Needs torch.distributed
+    initialised with model-parallel size 1.
     """
     import argparse
 
     config = checkpoint_io.read_model_config(ckpt_dir)
     args = argparse.Namespace(deepspeed=None, local_rank=0, rank=0, world_size=1, model_parallel_size=1,
                               mode="inference", skip_init=True, use_gpu_initialization=False, device="cpu",
-                              fp16=False, bf16=False)
+                              fp16=False, bf16=True)
     model, _ = model_class_for(config).from_pretrained_base(
         ckpt_dir, args=args, build_only=True, overwrite_args={"model_parallel_size": 1, **LORA_FLAGS_OFF})
     layout = parallel_layout(model)

@@ -139,6 +139,18 @@ def test_model_parallel_shards_are_merged(golden, golden_model, tmp_path):
     assert_same_tensors(hf_tensors(out), hf_tensors(HF_DIR))
 
 
+def test_hf_reader_gives_each_rank_its_sat_share(golden_model):
+    """Under torchrun each process reads its model-parallel share straight from an HF directory."""
+    from models.model_parallel import parallel_layout
+
+    model, _ = golden_model
+    reader = hf_format.HFStateReader(HF_SHARDED_DIR)
+    layout = parallel_layout(model)
+    for rank, expected in enumerate(split_like_sat(model, 2)):
+        assert_same_tensors({key: reader.tensor(key, layout[key], rank, 2) for key in layout}, expected)
+    assert reader.unconsumed() == []
+
+
 def test_missing_rotary_buffer_is_recomputed(golden, tmp_path):
     """Some HF exports leave out the per-layer inv_freq buffers; it is a fixed function of the head size."""
     hf_dir = tmp_path / "no-rotary"
