@@ -31,13 +31,15 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--chinese", action="store_true", help="Chinese prompts in the interface")
     parser.add_argument("--version", type=str, default="chat", help="prompt template: " + ", ".join(PROMPT_TEMPLATES))
     parser.add_argument("--from_pretrained", type=str, default="cogvlm-chat-v1.1",
-                        help="checkpoint directory or name under $SAT_HOME")
+                        help="checkpoint directory (SAT or HF format) or name under $SAT_HOME")
     parser.add_argument("--local_tokenizer", type=str, default=DEFAULT_TOKENIZER,
                         help="tokenizer directory (vicuna-7b-v1.5) or hub name")
     parser.add_argument("--no_prompt", action="store_true", help="send the image with an empty query")
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    parser.add_argument("--quant", type=int, choices=[4, 8], default=None,
+                        help="quantize weights: 8 = int8 weight-only on CPU, 4/8 with SAT's kernels on CUDA")
     return parser
 
 
@@ -94,6 +96,9 @@ def load_for_inference(args) -> InferenceBundle:
     # under torchrun each process loads its model-parallel share, from a checkpoint saved for any split
     model, model_args = model_parallel.from_pretrained(model_cls, ckpt_dir, model_args)
     model = model.eval()
+    if getattr(args, "quant", None):
+        from utils.quantization import quantize_model
+        model = quantize_model(model, args.quant)
     ensure_kv_cache(model)
 
     tokenizer = llama2_tokenizer(args.local_tokenizer, signal_type=args.version)
