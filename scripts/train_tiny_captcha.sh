@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Reproduce the tiny CogVLM shipped in checkpoints/cogvlm-tiny-captcha (and its LoRA demo) on CPU:
+#   1. render clean captchas, split them 80/5/15
+#   2. train the tiny CogVLM of scripts/tiny_captcha/model_config.json from scratch (all weights)
+#   3. LoRA on top of it on the "shifted" style (serif fonts, colours, mild rotation)
+# Usage: bash scripts/train_tiny_captcha.sh [pretrain|lora|all]   (WORK=/tmp/... for the data)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:-all}
+WORK=${WORK:-/tmp/cogvlm-tiny-captcha}
+TOKENIZER=checkpoints/cogvlm-tiny-captcha/tokenizer
+COMMON="--local_tokenizer $TOKENIZER --version base --max_length 96 --deepspeed_config scripts/ds_config_cpu.json \
+        --split 1. --num-workers 1 --log-interval 50 --lr-decay-style cosine --eval-batch-size 32 --eval-iters 1 --seed 2023"
+
+if [[ $STAGE == pretrain || $STAGE == all ]]; then
+    [[ -d $WORK/clean_split ]] || {
+        python scripts/make_captcha_dataset.py --out "$WORK/clean" --count 12000 --style clean --seed 0
+        python scripts/split_dataset.py --src "$WORK/clean" --dst "$WORK/clean_split" --link
+    }
+    python finetune_demo.py --from_pretrained scripts/tiny_captcha --from_scratch --full_finetune --mode pretrain \
+        $COMMON --train-iters 2400 --lr 1e-3 --warmup 0.04 \
+        --train-data "$WORK/clean_split/train" --valid-data "$WORK/clean_split/valid" \
+        --save "$WORK/runs" --experiment-name tiny-clean --save-interval 200 --eval-interval 400 \
+        --final_save checkpoints/cogvlm-tiny-captcha --final_fp16
+fi
+
+if [[ $STAGE == lora || $STAGE == all ]]; then
+    [[ -d $WORK/shifted_split ]] || {
+        python scripts/make_captcha_dataset.py --out "$WORK/shifted" --count 4000 --style shifted --seed 0
+        python scripts/split_dataset.py --src "$WORK/shifted" --dst "$WORK/shifted_split" --link
+    }
+    python finetune_demo.py --from_pretrained checkpoints/cogvlm-tiny-captcha --use_lora --lora_rank 8 --mode finetune \
+        $COMMON --train-iters 600 --lr 3e-3 --warmup 0.05 \
+        --train-data "$WORK/shifted_split/train" --valid-data "$WORK/shifted_split/valid" \
+        --save "$WORK/runs" --experiment-name tiny-shifted-lora --save-interval 200 --eval-interval 200 \
+        --final_save checkpoints/cogvlm-tiny-captcha-shifted-lora --final_fp16
+fi
