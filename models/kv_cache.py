@@ -7,6 +7,7 @@ Here every layer writes its new keys/values in place into a buffer sized for the
 and attends over a view of the filled part: no copies.
 """
 import torch
+import torch.nn.functional as F
 
 from sat.model.base_model import BaseMixin, non_conflict
 from sat.transformer_defaults import attention_fn_default
@@ -44,9 +45,27 @@ class KVCacheMixin(BaseMixin):
 
     @non_conflict
     def attention_fn(self, q, k, v, mask, dropout_fn, kv_cache=None, old_impl=attention_fn_default, **kw_args):
-        if kv_cache is not None and not kw_args.get("cross_attention", False):
-            k, v = kv_cache.append(int(kw_args["layer_id"]), k, v)
-        return old_impl(q, k, v, mask, dropout_fn, **kw_args)
+        if kv_cache is None or kw_args.get("cross_attention", False):
+            return old_impl(q, k, v, mask, dropout_fn, **kw_args)
+        k, v = kv_cache.append(int(kw_args["layer_id"]), k, v)
+        if old_impl is attention_fn_default and dropout_fn is None:
+            return cached_attention(q, k, v, mask)
+        return old_impl(q, k, v, mask, dropout_fn, **kw_args)  # other attention hooks (e.g. P-tuning) first
+
+
+def cached_attention(query, key, value, mask):
+    """Scaled dot-product attention over cache views, for masks as SAT gives them (1 = attend).
+
+    SAT's default attention makes the keys/values contiguous first (for multi-query heads), which
+    would copy the whole cache view in every layer at every step; SDPA reads the views in place.
+    query (B, H, q, D), key/value (B, H, k, D), mask (B or 1, 1, q, k) -> (B, H, q, D).
+    """
+    q_len, k_len = query.shape[2], key.shape[2]
+    if bool(mask.all()):
+        return F.scaled_dot_product_attention(query, key, value)
+    if q_len == k_len and mask.shape[0] == 1 and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all()):
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask.bool())
 
 
 def ensure_kv_cache_mixin(model) -> None:

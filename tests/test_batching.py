@@ -65,3 +65,4 @@ def test_collate_left_pads_with_blind_masks():
     mask = batch["attention_mask"]
     assert mask.shape == (2, 1, 4, 4)
     assert mask[0, 0, 3].tolist() == [0, 0, 1, 1] and mask[1, 0, 2].tolist() == [1, 1, 1, 0]
+    assert mask[0, 0, 0].tolist() == [1, 0, 0, 0]  # a padding row sees only itself

@@ -86,7 +86,9 @@ def collate(prompts: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0) -
             batch[key][row, length - n:] = prompt[key][0]
         valid[row, length - n:] = True
     causal = torch.ones(length, length).tril().bool()
-    batch["attention_mask"] = (causal[None] & valid[:, None, :])[:, None].float()
+    # padding positions attend to themselves only, so that no attention row is empty (NaN-free)
+    attend = (causal[None] & valid[:, None, :]) | torch.eye(length, dtype=torch.bool)[None]
+    batch["attention_mask"] = attend[:, None].float()
     batch["valid"] = valid
     return batch
 
