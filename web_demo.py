@@ -1,0 +1,238 @@
+"""Chat with CogVLM in the browser (gradio).
+
+    python web_demo.py --from_pretrained cogvlm-chat-v1.1 --version chat --english --bf16
+    python web_demo.py --from_pretrained cogvlm-grounding-generalist --version base --english --bf16
+
+Upload an image (or none, for a text-only chat), ask, and the answer streams into the chat; later
+questions continue the conversation about the same image. A new image starts a new conversation.
+With a grounding checkpoint (or --grounding) the boxes of the answer are drawn into the chat.
+
+Each browser session has its own conversation (gr.State); one model serves them all, one
+generation at a time. The same chat is an API for `gradio_client` (api_name="chat"):
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    answer, history = client.predict(handle_file("assets/shapes.png"), "What is in the image?", [],
+                                     api_name="/chat")
+    answer, history = client.predict(handle_file("assets/shapes.png"), "Which colour is the circle?",
+                                     history, api_name="/chat")
+"""
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import gradio as gr
+
+from utils.chat import ChatStream, GenerationConfig, History
+from utils.errors import CogVLMError
+from utils.grounding import add_grounding_args, is_grounding_checkpoint, render_grounding
+from utils.loading import InferenceBundle, add_inference_args, generation_config, load_for_inference
+from utils.vision import MAX_IMAGE_BYTES
+
+logger = logging.getLogger(__name__)
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+MODEL_QUEUE = "model"  # every event that runs the model shares this concurrency group: one at a time
+
+TEXTS = {
+    "english": {
+        "title": "CogVLM",
+        "intro": "Upload an image (or none for a text-only chat), ask a question and press Generate. "
+                 "Follow-up questions continue the conversation; a new image or Clear starts over.",
+        "image": "Image", "question": "Question", "chat": "Chat", "generate": "Generate", "clear": "Clear",
+        "grounding": "Grounding: draw the boxes of the answer",
+        "empty": "type a question (or upload an image to describe)",
+    },
+    "chinese": {
+        "title": "CogVLM",
+        "intro": "上传图片（或不上传，进行纯文本对话），输入问题并点击生成。后续问题延续对话；换图或清除会重新开始。",
+        "image": "图片", "question": "问题", "chat": "对话", "generate": "生成", "clear": "清除",
+        "grounding": "定位：在图上画出回答中的框",
+        "empty": "请输入问题（或上传图片）",
+    },
+}
+EXAMPLES = {
+    "chat": [["shapes.png", "What shapes and colours are in this image?"],
+             ["house.png", "Describe this picture in detail."],
+             [None, "Write a haiku about a red circle."]],
+    "grounding": [["shapes.png", "Can you point out the red circle in the image and provide its coordinates "
+                                 "[[x0,y0,x1,y1]]?"],
+                  ["house.png", "Describe the image and give the coordinates [[x0,y0,x1,y1]] of each object "
+                                "you mention."]],
+}
+
+
+@dataclass
+class Conversation:
+    """One browser session's chat (held in gr.State, so sessions never share it)."""
+    history: History = field(default_factory=list)
+    image: Optional[tuple] = None        # (tensors, PIL) of the conversation's image, reused every turn
+    image_path: Optional[str] = None     # the upload it came from: another upload starts over
+    pictures: Dict[int, object] = field(default_factory=dict)  # turn index -> grounding picture (PIL)
+
+    def messages(self, pending_question: Optional[str] = None, pending_answer: str = "") -> List[dict]:
+        """The chat as gradio messages, with the turn being generated at the end."""
+        messages = []
+        for turn, (question, answer) in enumerate(self.history):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            if turn in self.pictures:
+                messages.append({"role": "assistant", "content": gr.Image(self.pictures[turn])})
+        if pending_question is not None:
+            messages += [{"role": "user", "content": pending_question},
+                         {"role": "assistant", "content": pending_answer}]
+        return messages
+
+
+class WebChat:
+    """The chat handlers of the page and the API, on one loaded model."""
+
+    def __init__(self, bundle: InferenceBundle, args):
+        self.bundle, self.args = bundle, args
+        self.grounding = args.grounding or is_grounding_checkpoint(args.from_pretrained)
+        self.texts = TEXTS["chinese" if args.chinese else "english"]
+
+    def _config(self, temperature: float, top_p: float, top_k: int) -> GenerationConfig:
+        config = generation_config(self.args)
+        config.temperature, config.top_p, config.top_k = float(temperature), float(top_p), int(top_k)
+        return config
+
+    def _start(self, image_path, question: str, history: History, cached_image, config) -> ChatStream:
+        """A chat turn, or a gr.Error (shown in the page / returned to the client) for bad input."""
+        question = (question or "").strip()
+        if not question and not image_path and not self.args.no_prompt:
+            raise gr.Error(self.texts["empty"])
+        try:
+            return ChatStream(image_path, self.bundle.model, self.bundle.text_processor, self.bundle.image_processor,
+                              question, history=history, image=cached_image, config=config,
+                              no_prompt=self.args.no_prompt)
+        except CogVLMError as e:
+            raise gr.Error(str(e)) from None
+
+    def respond(self, image_path, question, conversation: Conversation, temperature, top_p, top_k, grounding):
+        """The page's Generate: stream the answer into the chat.
+
+        Yields (chat messages, conversation, question box value).
+        """
+        if image_path != conversation.image_path:
+            conversation = Conversation(image_path=image_path)
+        stream = self._start(image_path, question, conversation.history, conversation.image,
+                             self._config(temperature, top_p, top_k))
+        question, answer = (question or "").strip(), ""
+        try:
+            for delta in stream:
+                answer += delta
+                yield conversation.messages(question, answer), conversation, ""
+        except Exception as e:  # noqa: BLE001 - the page shows a message instead of a bare "Error"
+            logger.exception("generation failed")
+            raise gr.Error(f"generation failed ({type(e).__name__}: {e}); see the server log") from None
+        conversation.history, conversation.image = stream.history, stream.image
+        picture = stream.image[1]
+        if grounding and picture is not None:
+            drawn = render_grounding(picture, stream.response, default_phrase=stream.query)
+            if drawn is not None:
+                conversation.pictures[len(conversation.history) - 1] = drawn
+        yield conversation.messages(), conversation, ""
+
+    def api_chat(self, image, question, history, temperature, top_p, top_k):
+        """The API (api_name="chat"): an image file (or None), a question and the history so far
+        ([[question, answer], ...], or empty) -> (answer, history with this turn)."""
+        history = _checked_history(history)
+        stream = self._start(image, question, history, None, self._config(temperature, top_p, top_k))
+        for _ in stream:
+            pass
+        return stream.response, [list(turn) for turn in stream.history]
+
+
+def _checked_history(history) -> History:
+    if not history:
+        return []
+    if not isinstance(history, list) or not all(isinstance(turn, (list, tuple)) and len(turn) == 2 and
+                                                all(isinstance(text, str) for text in turn) for turn in history):
+        raise gr.Error("history must be a list of [question, answer] pairs of strings (the history the "
+                       "previous call returned, or [] to start)")
+    return [(question, answer) for question, answer in history]
+
+
+def new_conversation():
+    """Clear / a new image: an empty chat, a fresh conversation."""
+    return [], Conversation()
+
+
+def build_demo(chat: WebChat) -> gr.Blocks:
+    texts, args = chat.texts, chat.args
+    examples = EXAMPLES["grounding" if chat.grounding else "chat"]
+    with gr.Blocks(title=texts["title"]) as demo:
+        gr.Markdown(f"# {texts['title']}\n{texts['intro']}")
+        conversation = gr.State(Conversation())
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(type="filepath", label=texts["image"], height=320)
+                temperature = gr.Slider(0.01, 2.0, value=args.temperature, step=0.01, label="Temperature")
+                top_p = gr.Slider(0.0, 1.0, value=args.top_p, step=0.01, label="Top P")
+                top_k = gr.Slider(1, 100, value=args.top_k, step=1, label="Top K (1: greedy)")
+                grounding = gr.Checkbox(value=chat.grounding, label=texts["grounding"])
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label=texts["chat"], height=480)
+                question = gr.Textbox(label=texts["question"], lines=2)
+                with gr.Row():
+                    generate = gr.Button(texts["generate"], variant="primary")
+                    clear = gr.Button(texts["clear"])
+        gr.Examples([[os.path.join(ASSETS, name) if name else None, text] for name, text in examples],
+                    inputs=[image, question])
+
+        generate_inputs = [image, question, conversation, temperature, top_p, top_k, grounding]
+        generate_outputs = [chatbot, conversation, question]
+        # the page's own events stay callable by clients (per client session), but undocumented
+        generate.click(chat.respond, generate_inputs, generate_outputs, api_name="generate",
+                       api_visibility="undocumented", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+        question.submit(chat.respond, generate_inputs, generate_outputs, api_visibility="private",
+                        concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+        clear.click(new_conversation, None, [chatbot, conversation], api_name="clear", api_visibility="undocumented",
+                    queue=False)
+        image.change(new_conversation, None, [chatbot, conversation], api_visibility="private", queue=False)
+
+        # the API's own (hidden) inputs and outputs: stateless, the client carries the history
+        with gr.Group(visible=False):
+            api_inputs = [gr.Image(type="filepath", label="image"), gr.Textbox(label="question"),
+                          gr.JSON(value=[], label="history"),
+                          gr.Number(value=args.temperature, label="temperature"),
+                          gr.Number(value=args.top_p, label="top_p"),
+                          gr.Number(value=args.top_k, precision=0, label="top_k")]
+            api_outputs = [gr.Textbox(label="answer"), gr.JSON(label="history")]
+        gr.Button(visible=False).click(chat.api_chat, api_inputs, api_outputs, api_name="chat",
+                                       concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="CogVLM web demo (gradio)")
+    add_inference_args(parser)
+    add_grounding_args(parser)
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sat").propagate = False  # SAT logs through its own handler already
+    try:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise CogVLMError("web_demo.py serves from one process; run it without torchrun "
+                              "(the CLI, cli_demo.py, splits the model across GPUs)")
+        demo = build_demo(WebChat(load_for_inference(args), args))
+    except CogVLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+                        max_file_size=MAX_IMAGE_BYTES, allowed_paths=[ASSETS])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
