@@ -181,6 +181,20 @@ def test_hf_directory_reproduces_golden_logits(golden, hf_model):
     assert_close_rel(eva.linear_proj(eva.vit_model(image=golden["image"])[0]), golden["image_emb"], what="image_emb")
 
 
+def test_lora_finetuning_starts_from_hf_directory(golden):
+    """finetune_demo.py's loader: LoRA-wrapped linears take the HF base weights, LoRA matrices start fresh."""
+    from models import FineTuneTrainCogVLMModel
+
+    args = inference_args()
+    args.mode, args.skip_init = "finetune", False
+    model, _ = FineTuneTrainCogVLMModel.from_pretrained(HF_SHARDED_DIR, args=args,
+                                                        overwrite_args={"use_lora": True, "lora_rank": 4})
+    state, reference = model.state_dict(), sat_state(golden.checkpoint)
+    for key in ("transformer.layers.1.attention.query_key_value", "mixins.eva.vit_model.transformer.layers.0.attention.dense"):
+        assert torch.equal(state[f"{key}.original.weight"], reference[f"{key}.weight"])
+    assert sum(".matrix_A." in key for key in state) == 16
+
+
 def test_front_end_loading_gives_golden_greedy_tokens(golden, tokenizers):
     """load_for_inference (what the CLI, web demo and API use) takes an HF directory as --from_pretrained."""
     from utils.chat import ChatStream, GenerationConfig
@@ -244,6 +258,15 @@ def test_missing_shard_is_named(tmp_path):
         with pytest.raises(CheckpointError, match="missing shard.*model-00002-of-00002.safetensors"):
             attempt()
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_truncated_file(tmp_path):
+    broken = str(tmp_path / "broken")
+    shutil.copytree(HF_DIR, broken)
+    with open(os.path.join(broken, "model.safetensors"), "r+b") as f:
+        f.truncate(1_000_000)
+    with pytest.raises(CheckpointError, match="cannot read .*model.safetensors .*corrupt or incomplete"):
+        load_hf(broken)
 
 
 def test_index_that_misplaces_a_tensor(tmp_path):
