@@ -313,10 +313,17 @@ class CogVLMServer:
             if seed is not None:
                 torch.manual_seed(seed)
             deltas = iter(turn)
+            device = next(self.bundle.model.parameters()).device
+
+            def step() -> Optional[str]:
+                if device.type == "cuda":  # the current CUDA device is per thread; steps run in pool threads
+                    torch.cuda.set_device(device)
+                return next(deltas, None)
+
             try:
                 while True:
                     # not cancellable mid-step: a cancelled request gives the slot back after this step
-                    delta = await anyio.to_thread.run_sync(next, deltas, None)
+                    delta = await anyio.to_thread.run_sync(step)
                     if delta is None:
                         return
                     yield delta
