@@ -14,11 +14,11 @@ COMMON="--local_tokenizer $TOKENIZER --version base --max_length 96 --deepspeed_
 
 if [[ $STAGE == pretrain || $STAGE == all ]]; then
     [[ -d $WORK/clean_split ]] || {
-        python scripts/make_captcha_dataset.py --out "$WORK/clean" --count 12000 --style clean --seed 0
+        python scripts/make_captcha_dataset.py --out "$WORK/clean" --count 4000 --style clean --seed 0
         python scripts/split_dataset.py --src "$WORK/clean" --dst "$WORK/clean_split" --link
     }
     python finetune_demo.py --from_pretrained scripts/tiny_captcha --from_scratch --full_finetune --mode pretrain \
-        $COMMON --train-iters 2400 --lr 1e-3 --warmup 0.04 \
+        $COMMON --train-iters 1400 --lr 1e-3 --warmup 0.04 \
         --train-data "$WORK/clean_split/train" --valid-data "$WORK/clean_split/valid" \
         --save "$WORK/runs" --experiment-name tiny-clean --save-interval 200 --eval-interval 400 \
         --final_save checkpoints/cogvlm-tiny-captcha --final_fp16
@@ -26,11 +26,11 @@ fi
 
 if [[ $STAGE == lora || $STAGE == all ]]; then
     [[ -d $WORK/shifted_split ]] || {
-        python scripts/make_captcha_dataset.py --out "$WORK/shifted" --count 4000 --style shifted --seed 0
+        python scripts/make_captcha_dataset.py --out "$WORK/shifted" --count 2000 --style shifted --seed 0
         python scripts/split_dataset.py --src "$WORK/shifted" --dst "$WORK/shifted_split" --link
     }
     python finetune_demo.py --from_pretrained checkpoints/cogvlm-tiny-captcha --use_lora --lora_rank 8 --mode finetune \
-        $COMMON --train-iters 600 --lr 3e-3 --warmup 0.05 \
+        $COMMON --train-iters 300 --lr 3e-3 --warmup 0.05 \
         --train-data "$WORK/shifted_split/train" --valid-data "$WORK/shifted_split/valid" \
         --save "$WORK/runs" --experiment-name tiny-shifted-lora --save-interval 200 --eval-interval 200 \
         --final_save checkpoints/cogvlm-tiny-captcha-shifted-lora --final_fp16

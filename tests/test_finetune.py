@@ -1,0 +1,151 @@
+"""Finetuning: LoRA / P-tuning steps lower the loss, merged LoRA == unmerged, a killed run resumes
+with its step count and optimizer state, QLoRA on CPU is a clear error, and the shipped tiny
+CogVLM reads unseen captchas."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import GOLDEN_DIR, ROOT, assert_close_rel, randomize_, tiny_args
+from models.cogvlm_model import FineTuneTrainCogVLMModel
+from scripts.make_captcha_dataset import make_dataset
+from utils.dataset import CaptchaDataset, collate_captchas, llama2_text_processor
+from utils.vision import get_image_processor
+
+TOKENIZER = os.path.join(GOLDEN_DIR, "tokenizer")
+SHIPPED = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-captcha")
+
+
+def finetune_args(**flags):
+    args = tiny_args(mode="finetune", hidden_dropout=0.0, attention_dropout=0.0)
+    defaults = dict(use_lora=False, use_ptuning=False, use_qlora=False, lora_rank=4, layer_range=None, pre_seq_len=4,
+                    full_finetune=False, vit_mlp_layers=[46, 54])
+    for name, value in {**defaults, **flags}.items():
+        setattr(args, name, value)
+    return args
+
+
+@pytest.fixture(scope="module")
+def captcha_batch(tmp_path_factory, tokenizers):
+    folder = tmp_path_factory.mktemp("captchas")
+    make_dataset(str(folder), 8, "clean", seed=11)
+    processor = llama2_text_processor(tokenizers["base"], 64, image_length=9)
+    dataset = CaptchaDataset(str(folder), get_image_processor(42), processor)
+    return collate_captchas([dataset[i] for i in range(len(dataset))])
+
+
+def loss_of(model, batch):
+    import finetune_demo
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "context_length")}
+    return finetune_demo.next_token_loss(model(**inputs)[0], batch["labels"])
+
+
+@pytest.mark.parametrize("method", ["use_lora", "use_ptuning"])
+def test_a_few_steps_lower_the_loss_and_train_only_the_adapters(method, captcha_batch):
+    import finetune_demo
+
+    torch.manual_seed(0)
+    args = finetune_args(**{method: True})
+    model = randomize_(FineTuneTrainCogVLMModel(args), seed=3)
+    if method == "use_lora":  # B starts at zero; make the adapters start from a non-trivial point too
+        assert any("matrix_B" in n for n, _ in model.named_parameters())
+    trainable = finetune_demo.select_trainable_parameters(model, args)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    marker = "matrix_" if method == "use_lora" else "ptuning"
+    assert names and all(marker in n for n in names)
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if method == "use_lora":
+        assert any(".vit_model." in n for n in names) and any(n.startswith("transformer.layers.") for n in names)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = loss_of(model, captcha_batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    for name, param in model.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(param, frozen_before[name]), f"{name} is frozen but changed"
+
+
+@torch.no_grad()
+def test_merged_lora_model_equals_unmerged(captcha_batch):
+    args = finetune_args(use_lora=True)
+    model = randomize_(FineTuneTrainCogVLMModel(args), seed=5).eval()  # non-zero A and B everywhere
+    inputs = {k: v for k, v in captcha_batch.items() if k not in ("labels", "context_length")}
+    unmerged = model(**inputs)[0]
+    model.merge_lora()
+    assert not any("matrix_" in n for n, _ in model.named_parameters())
+    merged = model(**inputs)[0]
+    assert_close_rel(merged, unmerged, rel=1e-4, what="merged vs unmerged LoRA logits")
+    plain = randomize_(FineTuneTrainCogVLMModel(finetune_args()), seed=5).eval()
+    assert (plain(**inputs)[0] - unmerged).abs().max() > 1e-3  # the LoRA weights did matter
+
+
+def run_finetune(*extra, cwd=ROOT):
+    return subprocess.run([sys.executable, "finetune_demo.py", *extra], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_killed_training_resumes_with_its_step_and_optimizer_state(tmp_path, tiny_checkpoint):
+    data = tmp_path / "train"
+    make_dataset(str(data), 4, "clean", seed=3)
+    config = json.load(open(os.path.join(ROOT, "scripts", "ds_config_cpu.json")))
+    config["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    command = ["--from_pretrained", tiny_checkpoint, "--full_finetune", "--local_tokenizer", TOKENIZER,
+               "--version", "base", "--max_length", "64", "--mode", "finetune", "--train-iters", "4", "--lr", "1e-3",
+               "--train-data", str(data), "--split", "1.", "--deepspeed_config", str(tmp_path / "ds.json"),
+               "--num-workers", "0", "--log-interval", "1", "--save", str(tmp_path / "runs"), "--save-interval", "2",
+               "--experiment-name", "resume", "--final_save", str(tmp_path / "final"), "--seed", "1"]
+    first = run_finetune(*command, "--exit-interval", "2")  # stops right after the step-2 checkpoint, as a kill would
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "latest").read_text().strip() == "2"
+    assert not (tmp_path / "final").exists()
+
+    second = run_finetune(*command)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert f"resumed {run_dir} at iteration 2" in log
+    assert "iteration        3/       4" in log and "iteration        1/       4" not in log
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run_dir.name]  # same run folder
+    assert (run_dir / "latest").read_text().strip() == "4"
+    state = torch.load(run_dir / "4" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {4}, adam_steps  # 2 before the kill + 2 after: the moments were restored
+    assert (tmp_path / "final" / "latest").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error; with CUDA QLoRA would start training")
+def test_qlora_on_cpu_is_a_clear_error(capsys):
+    import finetune_demo
+
+    assert finetune_demo.main(["--use_qlora", "--from_pretrained", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --use_qlora needs a CUDA GPU") and "--use_lora" in err
+
+
+def test_shipped_model_reads_unseen_captchas(tmp_path):
+    import evaluate_demo
+
+    data = tmp_path / "unseen"
+    make_dataset(str(data), 50, "clean", seed=424242)  # training used seed 0
+    output = tmp_path / "eval.json"
+    code = evaluate_demo.main(["--from_pretrained", SHIPPED, "--local_tokenizer", os.path.join(SHIPPED, "tokenizer"),
+                               "--version", "base", "--max_length", "96", "--device", "cpu", "--data", str(data),
+                               "--output", str(output)])
+    assert code == 0
+    results = json.loads(output.read_text())
+    assert results["count"] == 50 and len(results["predictions"]) == 50
+    assert {p["label"] for p in results["predictions"]} == {n[:-4] for n in os.listdir(data)}
+    assert results["acc"] >= 0.85, results["acc"]
