@@ -289,9 +289,10 @@ class CogVLMServer:
         try:
             turn = ChatStream(None, self.bundle.model, self.bundle.text_processor, self.bundle.image_processor,
                               conversation.query, history=conversation.history, image=image, config=config)
-        except PromptError as e:
-            raise APIError(400, f"the conversation does not fit the model's context of {self.context_length} "
-                           f"tokens: {e}", param="messages", code="context_length_exceeded") from None
+        except PromptError:  # its message speaks to CLI users; say it in API terms
+            raise APIError(400, f"the conversation (image included) fills the model's context of "
+                           f"{self.context_length} tokens and leaves no room to answer; shorten the messages or "
+                           "drop earlier turns", param="messages", code="context_length_exceeded") from None
         max_new = body.max_completion_tokens or body.max_tokens
         room = self.context_length - turn.prompt_length
         if max_new is None:

@@ -460,3 +460,27 @@ def test_example_client_two_turn_chat(golden, core, server):
                           "--api_key", "wrong", "--image", golden.image_path],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+# Entry point ------------------------------------------------------------------------------
+
+def test_upstream_environment_variables_and_flags(golden, monkeypatch):
+    from openai_demo.openai_api import parse_args
+
+    monkeypatch.setenv("MODEL_PATH", golden.checkpoint)
+    monkeypatch.setenv("TOKENIZER_PATH", golden.tokenizer_dir)
+    monkeypatch.setenv("COGVLM_API_KEY", "from-env")
+    args = parse_args([])
+    assert (args.from_pretrained, args.local_tokenizer, args.api_key) == (golden.checkpoint, golden.tokenizer_dir,
+                                                                         "from-env")
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    args = parse_args(["--from_pretrained", "other", "--api-key", "flag", "--host", "0.0.0.0", "--port", "9"])
+    assert (args.from_pretrained, args.api_key, args.host, args.port) == ("other", "flag", "0.0.0.0", 9)
+
+
+def test_bad_checkpoint_is_one_error_line(tmp_path, capsys):
+    from openai_demo.openai_api import main
+
+    assert main(["--from_pretrained", str(tmp_path / "missing"), "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
