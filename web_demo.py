@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import gradio as gr
 
 from utils.chat import ChatStream, GenerationConfig, History
-from utils.errors import CogVLMError
+from utils.errors import CogVLMError, PromptError
 from utils.grounding import add_grounding_args, is_grounding_checkpoint, render_grounding
 from utils.loading import InferenceBundle, add_inference_args, generation_config, load_for_inference
 from utils.vision import MAX_IMAGE_BYTES
@@ -35,6 +35,7 @@ from utils.vision import MAX_IMAGE_BYTES
 logger = logging.getLogger(__name__)
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ERROR_CSS = ".error-box { color: #b91c1c; border: 1px solid #fca5a5; border-radius: 6px; padding: 4px 10px; }"
 MODEL_QUEUE = "model"  # every event that runs the model shares this concurrency group: one at a time
 
 TEXTS = {
@@ -100,47 +101,54 @@ class WebChat:
         return config
 
     def _start(self, image_path, question: str, history: History, cached_image, config) -> ChatStream:
-        """A chat turn, or a gr.Error (shown in the page / returned to the client) for bad input."""
+        """A chat turn; bad input (image, prompt length, no question) raises CogVLMError."""
         question = (question or "").strip()
         if not question and not image_path and not self.args.no_prompt:
-            raise gr.Error(self.texts["empty"])
-        try:
-            return ChatStream(image_path, self.bundle.model, self.bundle.text_processor, self.bundle.image_processor,
-                              question, history=history, image=cached_image, config=config,
-                              no_prompt=self.args.no_prompt)
-        except CogVLMError as e:
-            raise gr.Error(str(e)) from None
+            raise PromptError(self.texts["empty"])
+        return ChatStream(image_path, self.bundle.model, self.bundle.text_processor, self.bundle.image_processor,
+                          question, history=history, image=cached_image, config=config, no_prompt=self.args.no_prompt)
 
     def respond(self, image_path, question, conversation: Conversation, temperature, top_p, top_k, grounding):
         """The page's Generate: stream the answer into the chat.
 
-        Yields (chat messages, conversation, question box value).
+        Yields (chat messages, conversation, question box, error box). Errors go to the error box
+        above the chat, which keeps its history, and the question stays to be edited.
         """
         if image_path != conversation.image_path:
             conversation = Conversation(image_path=image_path)
-        stream = self._start(image_path, question, conversation.history, conversation.image,
-                             self._config(temperature, top_p, top_k))
+        try:
+            stream = self._start(image_path, question, conversation.history, conversation.image,
+                                 self._config(temperature, top_p, top_k))
+        except CogVLMError as e:
+            yield conversation.messages(), conversation, question, error_box(str(e))
+            return
         question, answer = (question or "").strip(), ""
         try:
             for delta in stream:
                 answer += delta
-                yield conversation.messages(question, answer), conversation, ""
-        except Exception as e:  # noqa: BLE001 - the page shows a message instead of a bare "Error"
+                yield conversation.messages(question, answer), conversation, "", error_box(None)
+        except Exception as e:  # noqa: BLE001 - the page says what failed instead of a bare "Error"
             logger.exception("generation failed")
-            raise gr.Error(f"generation failed ({type(e).__name__}: {e}); see the server log") from None
+            yield conversation.messages(), conversation, question, error_box(
+                f"generation failed ({type(e).__name__}: {e}); see the server log")
+            return
         conversation.history, conversation.image = stream.history, stream.image
         picture = stream.image[1]
         if grounding and picture is not None:
-            drawn = render_grounding(picture, stream.response, default_phrase=stream.query)
+            drawn = render_grounding(picture, stream.response, default_phrase=question)
             if drawn is not None:
                 conversation.pictures[len(conversation.history) - 1] = drawn
-        yield conversation.messages(), conversation, ""
+        yield conversation.messages(), conversation, "", error_box(None)
 
     def api_chat(self, image, question, history, temperature, top_p, top_k):
         """The API (api_name="chat"): an image file (or None), a question and the history so far
-        ([[question, answer], ...], or empty) -> (answer, history with this turn)."""
-        history = _checked_history(history)
-        stream = self._start(image, question, history, None, self._config(temperature, top_p, top_k))
+        ([[question, answer], ...], or empty) -> (answer, history with this turn). Bad input
+        comes back to the client as an error with its message."""
+        try:
+            stream = self._start(image, question, _checked_history(history), None,
+                                 self._config(temperature, top_p, top_k))
+        except CogVLMError as e:
+            raise gr.Error(str(e)) from None
         for _ in stream:
             pass
         return stream.response, [list(turn) for turn in stream.history]
@@ -151,14 +159,21 @@ def _checked_history(history) -> History:
         return []
     if not isinstance(history, list) or not all(isinstance(turn, (list, tuple)) and len(turn) == 2 and
                                                 all(isinstance(text, str) for text in turn) for turn in history):
-        raise gr.Error("history must be a list of [question, answer] pairs of strings (the history the "
+        raise PromptError("history must be a list of [question, answer] pairs of strings (the history the "
                        "previous call returned, or [] to start)")
     return [(question, answer) for question, answer in history]
 
 
+def error_box(message: Optional[str]):
+    """The page's error line: shown with `message`, hidden for None."""
+    if message is None:
+        return gr.Markdown(visible=False)
+    return gr.Markdown(value=f"**error:** {message}", visible=True)
+
+
 def new_conversation():
-    """Clear / a new image: an empty chat, a fresh conversation."""
-    return [], Conversation()
+    """Clear / a new image: an empty chat, a fresh conversation, no error."""
+    return [], Conversation(), error_box(None)
 
 
 def build_demo(chat: WebChat) -> gr.Blocks:
@@ -175,6 +190,7 @@ def build_demo(chat: WebChat) -> gr.Blocks:
                 top_k = gr.Slider(1, 100, value=args.top_k, step=1, label="Top K (1: greedy)")
                 grounding = gr.Checkbox(value=chat.grounding, label=texts["grounding"])
             with gr.Column(scale=3):
+                error = gr.Markdown(visible=False, elem_id="error", elem_classes=["error-box"])
                 chatbot = gr.Chatbot(label=texts["chat"], height=480)
                 question = gr.Textbox(label=texts["question"], lines=2)
                 with gr.Row():
@@ -184,15 +200,15 @@ def build_demo(chat: WebChat) -> gr.Blocks:
                     inputs=[image, question])
 
         generate_inputs = [image, question, conversation, temperature, top_p, top_k, grounding]
-        generate_outputs = [chatbot, conversation, question]
+        generate_outputs = [chatbot, conversation, question, error]
         # the page's own events stay callable by clients (per client session), but undocumented
         generate.click(chat.respond, generate_inputs, generate_outputs, api_name="generate",
                        api_visibility="undocumented", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
         question.submit(chat.respond, generate_inputs, generate_outputs, api_visibility="private",
                         concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-        clear.click(new_conversation, None, [chatbot, conversation], api_name="clear", api_visibility="undocumented",
-                    queue=False)
-        image.change(new_conversation, None, [chatbot, conversation], api_visibility="private", queue=False)
+        clear.click(new_conversation, None, [chatbot, conversation, error], api_name="clear",
+                    api_visibility="undocumented", queue=False)
+        image.change(new_conversation, None, [chatbot, conversation, error], api_visibility="private", queue=False)
 
         # the API's own (hidden) inputs and outputs: stateless, the client carries the history
         with gr.Group(visible=False):
@@ -230,7 +246,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                        max_file_size=MAX_IMAGE_BYTES, allowed_paths=[ASSETS])
+                        max_file_size=MAX_IMAGE_BYTES, allowed_paths=[ASSETS], css=ERROR_CSS)
     return 0
 
 

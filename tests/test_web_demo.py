@@ -57,9 +57,16 @@ def web_chat(golden):
 
 
 def run_turn(web, image, question, conversation, grounding=False):
-    """All the page's updates for one Generate; the last is the final state."""
-    updates = list(web.respond(image, question, conversation, 0.8, 0.4, 1, grounding))
-    return updates
+    """All the page's updates (messages, conversation, question box, error box) for one Generate."""
+    return list(web.respond(image, question, conversation, 0.8, 0.4, 1, grounding))
+
+
+def page_error(web, image, question, conversation):
+    """The error line the page shows for this Generate (None when it shows none)."""
+    (update,) = run_turn(web, image, question, conversation)
+    messages, _, question_box, error = update
+    assert question_box == question and messages == conversation.messages()  # nothing lost: fix and retry
+    return error.value if error.visible else None
 
 
 def test_multi_turn_streams_and_matches_the_chat_core(web_chat, golden, monkeypatch):
@@ -70,13 +77,12 @@ def test_multi_turn_streams_and_matches_the_chat_core(web_chat, golden, monkeypa
     conversation = web_demo.Conversation()
     updates = run_turn(web, golden.image_path, "What is in the image?", conversation)
     assert len(updates) >= 3, "the answer was not streamed"
-    messages, conversation, question_box = updates[-1]
-    assert question_box == "" and len(conversation.history) == 1
-    streamed = [m[-1]["content"] for m, _, _ in updates[:-1]]
+    messages, conversation, question_box, error = updates[-1]
+    assert question_box == "" and len(conversation.history) == 1 and not error.visible
+    streamed = [m[-1]["content"] for m, _, _, _ in updates[:-1]]
     assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:])) and streamed[-1] == messages[-1]["content"]
 
-    updates = run_turn(web, golden.image_path, "What color is the sky?", conversation)
-    messages, conversation, _ = updates[-1]
+    messages, conversation, _, _ = run_turn(web, golden.image_path, "What color is the sky?", conversation)[-1]
     assert [m["role"] for m in messages] == ["user", "assistant"] * 2
     expected, expected_history, _ = chat(golden.image_path, web.bundle.model, web.bundle.text_processor,
                                          web.bundle.image_processor, "What color is the sky?",
@@ -86,7 +92,7 @@ def test_multi_turn_streams_and_matches_the_chat_core(web_chat, golden, monkeypa
 
     # another image starts a new conversation
     other = os.path.join(ROOT, "assets", "shapes.png")
-    messages, conversation, _ = run_turn(web, other, "What is in the image?", conversation)[-1]
+    messages, conversation, _, _ = run_turn(web, other, "What is in the image?", conversation)[-1]
     assert len(conversation.history) == 1 and len(messages) == 2
 
 
@@ -94,16 +100,15 @@ def test_bad_input_is_a_page_error_with_the_message(web_chat, tmp_path):
     import gradio as gr
 
     web = web_chat()
-    with pytest.raises(gr.Error, match="type a question"):
-        run_turn(web, None, "  ", web_demo.Conversation())
+    assert "type a question" in page_error(web, None, "  ", web_demo.Conversation())
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    with pytest.raises(gr.Error, match="not a readable image"):
-        run_turn(web, str(broken), "hi", web_demo.Conversation())
-    with pytest.raises(gr.Error, match=f"--max_length is {MAX_LENGTH}"):
-        run_turn(web, None, "hello " * 300, web_demo.Conversation())
+    assert "not a readable image" in page_error(web, str(broken), "hi", web_demo.Conversation(image_path=str(broken)))
+    assert f"--max_length is {MAX_LENGTH}" in page_error(web, None, "hello " * 300, web_demo.Conversation())
     with pytest.raises(gr.Error, match=r"list of \[question, answer\] pairs"):
         web.api_chat(None, "hi", [["only a question"]], 0.8, 0.4, 1)
+    with pytest.raises(gr.Error, match="not a readable image"):
+        web.api_chat(str(broken), "hi", [], 0.8, 0.4, 1)
 
 
 GROUNDED_ANSWER = "A woman [[100,200,500,900]] holds a pear [[600,500,700,650]]."
@@ -122,15 +127,15 @@ def test_grounding_checkpoint_shows_the_drawn_picture_in_the_chat(web_chat, gold
     monkeypatch.setattr(web_demo, "ChatStream", GroundedAnswerStream)
     web = web_chat("--grounding")
     assert web.grounding  # the page's checkbox starts ticked
-    messages, conversation, _ = run_turn(web, golden.image_path, "Where is the pear?", web_demo.Conversation(),
-                                         grounding=True)[-1]
+    messages, conversation, _, _ = run_turn(web, golden.image_path, "Where is the pear?", web_demo.Conversation(),
+                                            grounding=True)[-1]
     assert [m["role"] for m in messages] == ["user", "assistant", "assistant"]
     picture = conversation.pictures[0]
     original = Image.open(golden.image_path).convert("RGB")
     x0, y0, x1, y1 = to_pixels((600, 500, 700, 650), *original.size)
     assert picture.size == original.size and picture.getpixel((x0, (y0 + y1) // 2)) != original.getpixel((x0, (y0 + y1) // 2))
     # the same answer without grounding mode: no picture
-    messages, _, _ = run_turn(web, golden.image_path, "Where is the pear?", web_demo.Conversation())[-1]
+    messages, _, _, _ = run_turn(web, golden.image_path, "Where is the pear?", web_demo.Conversation())[-1]
     assert len(messages) == 2
 
 
@@ -212,24 +217,40 @@ def test_api_chat_text_only_and_clear_errors(client):
         client.predict(None, "hi", {"not": "a list"}, api_name="/chat")
 
 
+def _user_texts(messages):
+    """The user turns of the chat the page shows (gradio sends each content as a list of parts)."""
+    return ["".join(part["text"] for part in m["content"] if part.get("type") == "text")
+            for m in messages if m["role"] == "user"]
+
+
+def _error_line(update):
+    """The page's error line from a client result (an update of the Markdown), or None when hidden."""
+    if isinstance(update, dict):
+        return update.get("value") if update.get("visible", True) else None
+    return update
+
+
 def test_page_sessions_are_separate_and_clear_resets(app_url, golden):
     from gradio_client import Client, handle_file
-    from gradio_client.exceptions import AppError
 
     alice, bob = Client(app_url, verbose=False), Client(app_url, verbose=False)
-    generate = dict(temperature=0.8, top_p=0.4, top_k=1, grounding=False, api_name="/generate")
-    messages, _ = alice.predict(handle_file(golden.image_path), "What is in the image?", **generate)
-    assert [m["role"] for m in messages] == ["user", "assistant"]
+    sampling = (0.8, 0.4, 1, False)  # temperature, top_p, top_k, grounding (the page's own endpoint: positional)
+    messages, _, error = alice.predict(handle_file(golden.image_path), "What is in the image?", *sampling,
+                                       api_name="/generate")
+    assert [m["role"] for m in messages] == ["user", "assistant"] and _error_line(error) is None
     # Alice's next turn carries her first answer, which filled the context (the random model never says eos)
-    with pytest.raises(AppError, match=r"prompt is \d+ tokens .* --max_length is 93"):
-        alice.predict(handle_file(golden.image_path), "What color is the sky?", **generate)
+    messages, question_box, error = alice.predict(handle_file(golden.image_path), "What color is the sky?",
+                                                  *sampling, api_name="/generate")
+    assert re.search(r"error:\*\* prompt is \d+ tokens .* --max_length is 93", _error_line(error))
+    assert _user_texts(messages) == ["What is in the image?"] and question_box == "What color is the sky?"
     # Bob's session has none of Alice's history
-    messages, _ = bob.predict(None, "Hello, who are you?", **generate)
-    assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello, who are you?"]
+    messages, _, error = bob.predict(None, "Hello, who are you?", *sampling, api_name="/generate")
+    assert _user_texts(messages) == ["Hello, who are you?"] and _error_line(error) is None
     # after Clear, Alice's question fits again
     alice.predict(api_name="/clear")
-    messages, _ = alice.predict(handle_file(golden.image_path), "What color is the sky?", **generate)
-    assert [m["content"] for m in messages if m["role"] == "user"] == ["What color is the sky?"]
+    messages, _, error = alice.predict(handle_file(golden.image_path), "What color is the sky?", *sampling,
+                                       api_name="/generate")
+    assert _user_texts(messages) == ["What color is the sky?"] and _error_line(error) is None
 
 
 # The page in a real browser ---------------------------------------------------------------
@@ -270,10 +291,12 @@ def test_browser_upload_ask_generate_and_see_the_answer(app_url, client, golden)
             assert page.locator("[data-testid='user']").first.inner_text().strip() == question
             assert _visible_text(bot.inner_text()) == _visible_text(expected)
 
-            # bad input shows its own message in the page, not a bare "Error"
+            # bad input shows its own message in the page, not a bare "Error", and the chat stays
             page.get_by_label("Question").fill("hello " * 100)
             page.get_by_role("button", name="Generate").click()
-            expect(page.get_by_text(re.compile(r"--max_length is 93")).first).to_be_visible(timeout=30_000)
+            expect(page.locator("#error")).to_contain_text(re.compile(r"error: prompt is \d+ tokens"), timeout=30_000)
+            expect(page.locator("#error")).to_contain_text("--max_length is 93")
+            assert _visible_text(bot.inner_text()) == _visible_text(expected)
             page.screenshot(path=os.path.join(ARTIFACTS, "web_demo_error.png"), full_page=True)
         finally:
             browser.close()
