@@ -543,6 +543,7 @@ def _prepare_output_dir(out_dir: str) -> None:
 def write_hf_config(out_dir: str, hf_config: dict) -> None:
     with open(os.path.join(out_dir, HF_CONFIG), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def write_hf_weights(out_dir: str, tensors: Iterator[Tuple[str, torch.Tensor]],
@@ -580,8 +581,11 @@ def write_hf_weights(out_dir: str, tensors: Iterator[Tuple[str, torch.Tensor]],
         final = {written[0]: HF_WEIGHTS}
     else:
         final = {name: f"model-{k + 1:05d}-of-{len(written):05d}.safetensors" for k, name in enumerate(written)}
+    umask = os.umask(0)
+    os.umask(umask)
     for tmp, name in final.items():
         os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
+        os.chmod(os.path.join(out_dir, name), 0o666 & ~umask)  # safetensors creates its files owner-only
     if len(written) > 1:
         index = {"metadata": {"total_size": total_bytes},
                  "weight_map": {key: final[name] for key, name in sorted(weight_map.items())}}
