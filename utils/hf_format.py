@@ -10,8 +10,8 @@ full shape (from the config) and how SAT's model parallelism splits it. Everythi
 key checks, shape checks, model-parallel merging and both conversion directions.
 
 Memory: tensors move one at a time (SAT files are memory-mapped, safetensors files are read per
-tensor), and at most one output shard or one loading group (`LOAD_GROUP_BYTES`) is held besides the
-model, so a conversion never holds two full copies of the weights.
+tensor). Loading holds the model plus one group of `LOAD_GROUP_BYTES`; SAT -> HF holds one output
+shard; HF -> SAT holds the output state dict (one copy: `torch.save` writes a whole dict). Never two.
 """
 import json
 import logging
