@@ -284,13 +284,15 @@ def enable_resume(resume_dir: str):
 
 # Final checkpoint -------------------------------------------------------------------------
 
-def save_final(model, args) -> str:
-    """Merge LoRA into the base weights and write a plain SAT checkpoint (weights only)."""
+def save_final(model, args, save_root: str) -> str:
+    """Merge LoRA into the base weights and write a plain SAT checkpoint (weights only).
+
+    Default place: `<save_root>/merged_lora_<image size>` (upstream's name, also for P-tuning/full runs).
+    """
     module = getattr(model, "module", model)
     if args.use_lora:
         module.merge_lora()
     image_size = args.eva_args["image_size"][0]
-    save_root = os.path.dirname(os.path.normpath(args.save)) if args.save else "checkpoints"
     path = args.final_save or os.path.join(save_root, f"merged_lora_{image_size}")
     if args.final_fp16:  # parameters only: buffers (the rotary inv_freq) keep fp32 precision
         for param in module.parameters():
@@ -315,6 +317,7 @@ def run(args):
     eval_processor = llama2_text_processor_inference(tokenizer, args.max_length, args.image_length)
     select_trainable_parameters(model, args)
 
+    save_root = args.save or "checkpoints"  # training_main appends the run folder to args.save
     make_sat_training_cpu_safe(args)
     save_optimizer_state_too()
     resume_dir = None if args.no_resume or not args.save else find_resume_dir(args.save, args.experiment_name)
@@ -329,7 +332,7 @@ def run(args):
         collate_fn=partial(collate_captchas, pad_token_id=tokenizer.pad_token_id),
         forward_step_eval=partial(forward_step_eval, eval_processor=eval_processor))
     if args.train_iters > 0:
-        save_final(model, args)
+        save_final(model, args, save_root)
     return model
 
 
