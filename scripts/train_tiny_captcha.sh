@@ -9,10 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-all}
-WORK=${WORK:-/tmp/cogvlm-tiny-captcha}
+WORK=${WORK:-/tmp/cogvlm-tiny-captcha}   # data, training runs
+OUT=${OUT:-checkpoints}                   # where the final models go
 TOKENIZER=checkpoints/cogvlm-tiny-captcha/tokenizer
 COMMON="--local_tokenizer $TOKENIZER --version base --max_length 96 --deepspeed_config scripts/ds_config_cpu.json \
-        --split 1. --num-workers 1 --log-interval 50 --lr-decay-style cosine --eval-batch-size 32 --eval-iters 1 --seed 2023"
+        --split 1. --num-workers 1 --log-interval 50 --lr-decay-style cosine --eval-batch-size 32 --eval-iters 1 --seed 2023 --summary-dir $WORK/summary"
 
 if [[ $STAGE == pretrain || $STAGE == all ]]; then
     [[ -d $WORK/clean_split ]] || {
@@ -23,7 +24,7 @@ if [[ $STAGE == pretrain || $STAGE == all ]]; then
         $COMMON --train-iters 1400 --lr 1e-3 --warmup 0.04 \
         --train-data "$WORK/clean_split/train" --valid-data "$WORK/clean_split/valid" \
         --save "$WORK/runs" --experiment-name tiny-clean --save-interval 200 --eval-interval 400 \
-        --final_save checkpoints/cogvlm-tiny-captcha --final_fp16
+        --final_save $OUT/cogvlm-tiny-captcha --final_fp16
 fi
 
 if [[ $STAGE == lora || $STAGE == all ]]; then
@@ -31,9 +32,9 @@ if [[ $STAGE == lora || $STAGE == all ]]; then
         python scripts/make_captcha_dataset.py --out "$WORK/shifted" --count 2000 --style shifted --seed 0
         python scripts/split_dataset.py --src "$WORK/shifted" --dst "$WORK/shifted_split" --link
     }
-    python finetune_demo.py --from_pretrained checkpoints/cogvlm-tiny-captcha --use_lora --lora_rank 8 --vit_mlp_layers 0 1 --mode pretrain \
+    python finetune_demo.py --from_pretrained $OUT/cogvlm-tiny-captcha --use_lora --lora_rank 8 --vit_mlp_layers 0 1 --mode pretrain \
         $COMMON --train-iters 200 --lr 3e-3 --warmup 0.05 \
         --train-data "$WORK/shifted_split/train" --valid-data "$WORK/shifted_split/valid" \
         --save "$WORK/runs" --experiment-name tiny-shifted-lora --save-interval 100 --eval-interval 100 \
-        --final_save checkpoints/cogvlm-tiny-captcha-shifted-lora --final_fp16
+        --final_save $OUT/cogvlm-tiny-captcha-shifted-lora --final_fp16
 fi

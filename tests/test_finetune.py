@@ -106,7 +106,8 @@ def test_killed_training_resumes_with_its_step_and_optimizer_state(tmp_path, tin
                "--version", "base", "--max_length", "64", "--mode", "finetune", "--train-iters", "4", "--lr", "1e-3",
                "--train-data", str(data), "--split", "1.", "--deepspeed_config", str(tmp_path / "ds.json"),
                "--num-workers", "0", "--log-interval", "1", "--save", str(tmp_path / "runs"), "--save-interval", "2",
-               "--experiment-name", "resume", "--final_save", str(tmp_path / "final"), "--seed", "1"]
+               "--experiment-name", "resume", "--final_save", str(tmp_path / "final"), "--seed", "1",
+               "--summary-dir", str(tmp_path / "summary")]
     first = run_finetune(*command, "--exit-interval", "2")  # stops right after the step-2 checkpoint, as a kill would
     assert first.returncode == 0, first.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
