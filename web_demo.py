@@ -160,7 +160,7 @@ def _checked_history(history) -> History:
     if not isinstance(history, list) or not all(isinstance(turn, (list, tuple)) and len(turn) == 2 and
                                                 all(isinstance(text, str) for text in turn) for turn in history):
         raise PromptError("history must be a list of [question, answer] pairs of strings (the history the "
-                       "previous call returned, or [] to start)")
+                          "previous call returned, or [] to start)")
     return [(question, answer) for question, answer in history]
 
 
@@ -192,7 +192,7 @@ def build_demo(chat: WebChat) -> gr.Blocks:
             with gr.Column(scale=3):
                 error = gr.Markdown(visible=False, elem_id="error", elem_classes=["error-box"])
                 chatbot = gr.Chatbot(label=texts["chat"], height=480)
-                question = gr.Textbox(label=texts["question"], lines=2)
+                question = gr.Textbox(label=texts["question"], lines=1, max_lines=8)  # one line: Enter sends
                 with gr.Row():
                     generate = gr.Button(texts["generate"], variant="primary")
                     clear = gr.Button(texts["clear"])
@@ -246,7 +246,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
-                        max_file_size=MAX_IMAGE_BYTES, allowed_paths=[ASSETS], css=ERROR_CSS)
+                        max_file_size=MAX_IMAGE_BYTES, allowed_paths=[ASSETS], css=ERROR_CSS,
+                        show_error=True)  # an unexpected failure reaches API clients with its message
     return 0
 
 
