@@ -150,7 +150,7 @@ class llama2_text_processor_inference:  # noqa: N801 (upstream name, kept for po
         if len(input_ids) >= self.max_target_length:
             raise PromptError(f"prompt is {len(input_ids)} tokens (image included) but --max_length is "
                               f"{self.max_target_length}, which leaves no room to answer; raise --max_length "
-                              "or shorten the prompt (type 'clear' to drop the history)")
+                              "or shorten the prompt, or clear the conversation history")
         length = len(input_ids)
         image_embed_mask = torch.zeros(1, length, dtype=torch.long)
         vision_expert_mask = torch.zeros(1, length, dtype=torch.long)
