@@ -3,9 +3,9 @@
     python scripts/make_captcha_dataset.py --out archive --count 2000 --style clean --seed 0
 
 Styles (4-6 characters of [a-z0-9], 160x60 RGB):
-  clean    several sans fonts, dark text on a light background, small jitter, light noise
+  clean    several sans fonts, dark text on a light background, one slot per character, small jitter, light noise
   shifted  the LoRA demo's new domain: serif fonts, coloured text and backgrounds, mild rotation, a thin line
-  hard     per-character rotation, a wave warp, crossing lines, speckle and blur
+  hard     packed glyphs, strong per-character rotation, a wave warp, crossing lines, speckle and blur
 
 Fonts come from pip packages (font-source-sans-pro, font-hanken-grotesk, font-source-serif-pro,
 font-caladea), so every machine renders the same images for the same seed.
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 CHARSET = string.ascii_lowercase + string.digits
 STYLES = ("clean", "shifted", "hard")
 WIDTH, HEIGHT = 160, 60
+MARGIN = 5
 
 
 def _font_files(style: str) -> List[str]:
@@ -96,11 +97,18 @@ def render_captcha(label: str, style: str = "clean", rng: random.Random = None) 
         glyphs = [g.resize((max(1, int(g.width * scale)), g.height), Image.BICUBIC) for g in glyphs]
         total = sum(g.width for g in glyphs) + gap * (len(glyphs) - 1)
     image = Image.new("RGB", (WIDTH, HEIGHT), background)
-    x = max(2, (WIDTH - total) // 2 + rng.randint(-jitter, jitter))
-    for g in glyphs:
-        y = (HEIGHT - g.height) // 2 + rng.randint(-jitter, jitter)
-        image.paste(g, (x, y), g)
-        x += g.width + gap
+    if style == "hard":  # glyphs packed and centred: where a character sits depends on the others
+        x = max(2, (WIDTH - total) // 2 + rng.randint(-jitter, jitter))
+        for g in glyphs:
+            image.paste(g, (x, (HEIGHT - g.height) // 2 + rng.randint(-jitter, jitter)), g)
+            x += g.width + gap
+    else:  # one slot per character from the left, as many real captchas: position i holds character i
+        slot = (WIDTH - 2 * MARGIN) // 6
+        for i, g in enumerate(glyphs):
+            if g.width > slot:
+                g = g.resize((slot, g.height), Image.BICUBIC)
+            x = MARGIN + i * slot + (slot - g.width) // 2 + rng.randint(-jitter, jitter)
+            image.paste(g, (x, (HEIGHT - g.height) // 2 + rng.randint(-jitter, jitter)), g)
 
     draw = ImageDraw.Draw(image)
     if style == "shifted":

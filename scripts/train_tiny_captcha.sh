@@ -21,9 +21,9 @@ if [[ $STAGE == pretrain || $STAGE == all ]]; then
         python scripts/split_dataset.py --src "$WORK/clean" --dst "$WORK/clean_split" --link
     }
     python finetune_demo.py --from_pretrained scripts/tiny_captcha --from_scratch --full_finetune --mode pretrain \
-        $COMMON --train-iters 1400 --lr 1e-3 --warmup 0.04 \
+        $COMMON --train-iters 3000 --lr 1e-3 --warmup 0.03 \
         --train-data "$WORK/clean_split/train" --valid-data "$WORK/clean_split/valid" \
-        --save "$WORK/runs" --experiment-name tiny-clean --save-interval 200 --eval-interval 400 \
+        --save "$WORK/runs" --experiment-name tiny-clean --save-interval 250 --eval-interval 500 \
         --final_save $OUT/cogvlm-tiny-captcha --final_fp16
 fi
 
