@@ -17,11 +17,11 @@ COMMON="--local_tokenizer $TOKENIZER --version base --max_length 96 --deepspeed_
 
 if [[ $STAGE == pretrain || $STAGE == all ]]; then
     [[ -d $WORK/clean_split ]] || {
-        python scripts/make_captcha_dataset.py --out "$WORK/clean" --count 4000 --style clean --seed 0
+        python scripts/make_captcha_dataset.py --out "$WORK/clean" --count 24000 --style clean --seed 0
         python scripts/split_dataset.py --src "$WORK/clean" --dst "$WORK/clean_split" --link
     }
     python finetune_demo.py --from_pretrained scripts/tiny_captcha --from_scratch --full_finetune --mode pretrain \
-        $COMMON --train-iters 3000 --lr 1e-3 --warmup 0.03 \
+        $COMMON --train-iters 2500 --lr 1e-3 --warmup 0.04 \
         --train-data "$WORK/clean_split/train" --valid-data "$WORK/clean_split/valid" \
         --save "$WORK/runs" --experiment-name tiny-clean --save-interval 250 --eval-interval 500 \
         --final_save $OUT/cogvlm-tiny-captcha --final_fp16
