@@ -267,7 +267,12 @@ def enable_resume(resume_dir: str):
         engine, optimizer = setup(args, model, config_params)
         with open(os.path.join(resume_dir, "latest")) as f:
             tag = f.read().strip()
+        # SAT's param groups hold lr *scales* (1.0) that its scheduler multiplies; the saved optimizer
+        # state holds the absolute lr of the last step, which must not become the new scale
+        lr_scales = [group["lr"] for group in optimizer.param_groups]
         _, client_state = engine.load_checkpoint(resume_dir, tag=tag, load_lr_scheduler_states=False)
+        for group, scale in zip(optimizer.param_groups, lr_scales):
+            group["lr"] = scale
         args.iteration = int(client_state["iteration"])
         args.save = resume_dir  # keep writing into the interrupted run
         print_rank0(f"resumed {resume_dir} at iteration {args.iteration} (model and optimizer state)")

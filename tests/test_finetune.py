@@ -3,6 +3,7 @@ with its step count and optimizer state, QLoRA on CPU is a clear error, and the 
 CogVLM reads unseen captchas."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -103,7 +104,8 @@ def test_killed_training_resumes_with_its_step_and_optimizer_state(tmp_path, tin
     config["train_micro_batch_size_per_gpu"] = 4
     (tmp_path / "ds.json").write_text(json.dumps(config))
     command = ["--from_pretrained", tiny_checkpoint, "--full_finetune", "--local_tokenizer", TOKENIZER,
-               "--version", "base", "--max_length", "64", "--mode", "finetune", "--train-iters", "4", "--lr", "1e-3",
+               "--version", "base", "--max_length", "64", "--mode", "pretrain", "--train-iters", "4", "--lr", "1e-3",
+               "--warmup", "0.5", "--lr-decay-style", "cosine",
                "--train-data", str(data), "--split", "1.", "--deepspeed_config", str(tmp_path / "ds.json"),
                "--num-workers", "0", "--log-interval", "1", "--save", str(tmp_path / "runs"), "--save-interval", "2",
                "--experiment-name", "resume", "--final_save", str(tmp_path / "final"), "--seed", "1",
@@ -125,6 +127,23 @@ def test_killed_training_resumes_with_its_step_and_optimizer_state(tmp_path, tin
     adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
     assert adam_steps == {4}, adam_steps  # 2 before the kill + 2 after: the moments were restored
     assert (tmp_path / "final" / "latest").is_file()
+    # the lr schedule continues where it stopped (SAT's own resume would re-warm up from 5%)
+    logged = dict(re.findall(r"iteration\s+(\d+)/\s+4 \| .*?learning rate ([0-9.E+-]+)", first.stdout + first.stderr + log))
+    assert logged == {str(i): f"{lr:.3E}" for i, lr in enumerate(expected_lrs(1e-3, warmup_iters=2, iters=4), 1)}
+
+
+def expected_lrs(lr, warmup_iters, iters):
+    """The lr SAT logs after each of `iters` steps of an uninterrupted run (pretrain mode, cosine)."""
+    from sat.training.learning_rates import AnnealingLR
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = AnnealingLR(optimizer, start_lr=lr, warmup_iter=warmup_iters, num_iters=iters, decay_style="cosine",
+                           last_iter=0, decay_ratio=0.1, auto_warmup_steps=0)
+    lrs = []
+    for _ in range(iters):
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error; with CUDA QLoRA would start training")
