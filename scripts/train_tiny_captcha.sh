@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 STAGE=${1:-all}
 WORK=${WORK:-/tmp/cogvlm-tiny-captcha}   # data, training runs
 OUT=${OUT:-checkpoints}                   # where the final models go
-TOKENIZER=checkpoints/cogvlm-tiny-captcha/tokenizer
+TOKENIZER=tests/golden/tiny-small/tokenizer   # 1000 SentencePiece pieces; every [a-z0-9] string round-trips
 COMMON="--local_tokenizer $TOKENIZER --version base --max_length 96 --deepspeed_config scripts/ds_config_cpu.json \
         --split 1. --num-workers 1 --log-interval 50 --lr-decay-style cosine --eval-batch-size 32 --eval-iters 1 --seed 2023 --summary-dir $WORK/summary"
 
@@ -25,6 +25,7 @@ if [[ $STAGE == pretrain || $STAGE == all ]]; then
         --train-data "$WORK/clean_split/train" --valid-data "$WORK/clean_split/valid" \
         --save "$WORK/runs" --experiment-name tiny-clean --save-interval 250 --eval-interval 500 \
         --final_save $OUT/cogvlm-tiny-captcha --final_fp16
+    mkdir -p "$OUT/cogvlm-tiny-captcha/tokenizer" && cp "$TOKENIZER"/* "$OUT/cogvlm-tiny-captcha/tokenizer/"
 fi
 
 if [[ $STAGE == lora || $STAGE == all ]]; then
