@@ -1,7 +1,7 @@
 """Finetune CogVLM on captcha images (file name = label) with SAT's training_main and DeepSpeed.
 
     bash scripts/finetune_224_lora.sh          # the upstream recipe (LoRA on cogvlm-base-224)
-    bash scripts/train_tiny_captcha.sh         # the tiny CogVLM shipped in checkpoints/, from scratch on CPU
+    bash scripts/train_tiny_captcha.sh         # a tiny CogVLM from scratch on CPU (see README)
 
 What trains: `--use_lora` (SAT lora2 on the LLM attention and on the ViT), `--use_ptuning`
 (prefix tuning), `--use_qlora` (4-bit base weights, CUDA only), plus the ViT MLPs of the layers in

@@ -1,4 +1,4 @@
-"""Benchmark of the shipped tiny CogVLM (a benchmark, not a test: it takes minutes).
+"""Benchmark of the tiny CogVLM of scripts/train_tiny_captcha.sh (not a test: it takes minutes).
 
     python bench/captcha_bench.py                    # accuracies (about 2 min on 2 cores)
     python bench/captcha_bench.py --time_training    # also retrain the tiny model from scratch, timed
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         clean, shifted = os.path.join(work, "clean"), os.path.join(work, "shifted")
         make_dataset(clean, args.count, "clean", HELD_OUT_SEED)
         make_dataset(shifted, args.count, "shifted", HELD_OUT_SEED)
-        results["shipped_clean"] = accuracy(os.path.join(CHECKPOINTS, "cogvlm-tiny-captcha"), clean)
+        results["clean"] = accuracy(os.path.join(CHECKPOINTS, "cogvlm-tiny-captcha"), clean)
         results["lora_demo"] = {
             "shifted_before_lora": accuracy(os.path.join(CHECKPOINTS, "cogvlm-tiny-captcha"), shifted),
             "shifted_after_lora": accuracy(os.path.join(CHECKPOINTS, "cogvlm-tiny-captcha-shifted-lora"), shifted),

@@ -1,4 +1,4 @@
-"""The quick-start job: the shipped tiny CogVLM reads freshly rendered captchas through the CLI.
+"""The tiny CogVLM of scripts/train_tiny_captcha.sh reads freshly rendered captchas through the CLI.
 
     python scripts/captcha_cli_demo.py                 # 8 unseen clean captchas
     python scripts/captcha_cli_demo.py --count 20 --style shifted --seed 7
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--style", choices=STYLES, default="clean")
-    parser.add_argument("--seed", type=int, default=2024, help="render seed (the shipped model trained on seed 0)")
+    parser.add_argument("--seed", type=int, default=2024, help="render seed (the training data uses seed 0)")
     parser.add_argument("--from_pretrained", default=SHIPPED)
     parser.add_argument("--local_tokenizer", default=os.path.join(SHIPPED, "tokenizer"))
     args = parser.parse_args(argv)
