@@ -54,13 +54,18 @@ def build_model(name: str, dtype: str):
     return model, args
 
 
-def language_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: everything but the ViT, the adapter and the visual expert."""
-    total = 0
-    for name, param in model.named_parameters():
-        if name.startswith("mixins.eva.") or ".vision_" in name or name.startswith("transformer.word_embeddings"):
-            continue
-        total += param.numel() * param.element_size()
+def _decode_reads(name: str) -> bool:
+    """Whether a decode step reads this weight: not the ViT, the adapter, the visual expert or the
+    embedding table (one row of it)."""
+    return not (name.startswith("mixins.eva.") or ".vision_" in name or name.startswith("transformer.word_embeddings"))
+
+
+def weight_bytes(model, decode_only: bool = False) -> int:
+    """Bytes of weights, int8-quantized layers included (their packed weights are not parameters)."""
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not decode_only or _decode_reads(n))
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_bytes") and (not decode_only or _decode_reads(name + ".")):
+            total += module.weight_bytes()
     return total
 
 
@@ -166,7 +171,7 @@ def child(options):
     if options.quant:
         from utils.quantization import quantize_model
         quantize_model(model, options.quant)
-    weights = language_bytes_per_token(model)
+    weights = weight_bytes(model, decode_only=True)
     run = run_upstream if options.path == "upstream" else run_ours
     run(model, args, options.batch, 4)  # warm-up (allocations, oneDNN primitive caches)
     prefill, tokens_per_s, prompt_length = run(model, args, options.batch, options.new_tokens)
@@ -174,7 +179,7 @@ def child(options):
     kv_bytes = (2 * len(model.transformer.layers) * first.hidden_size_per_attention_head
                 * first.num_attention_heads_per_partition * next(model.parameters()).element_size()
                 * (prompt_length + options.new_tokens // 2))  # mean cache length over the decode
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model_bytes = weight_bytes(model)
     print(json.dumps(dict(prefill_s=prefill, tokens_per_s=tokens_per_s, prompt_length=prompt_length,
                           weight_bytes_per_token=weights, kv_bytes_per_row=kv_bytes, model_bytes=model_bytes,
                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
