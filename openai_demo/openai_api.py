@@ -42,7 +42,7 @@ from openai_demo.schemas import (AssistantMessage, ChatCompletion, ChatCompletio
 from utils.chat import ChatStream, GenerationConfig  # noqa: E402
 from utils.errors import CogVLMError, ImageError, PromptError  # noqa: E402
 from utils.loading import InferenceBundle, add_inference_args, generation_config, load_for_inference  # noqa: E402
-from utils.vision import MAX_IMAGE_BYTES, _open_image_bytes, load_image  # noqa: E402
+from utils.vision import MAX_IMAGE_BYTES, image_from_bytes, load_image  # noqa: E402
 
 logger = logging.getLogger("openai_api")
 
@@ -140,7 +140,7 @@ def decode_data_uri(uri: str, max_bytes: int = MAX_IMAGE_BYTES):
     except (binascii.Error, ValueError):
         raise ImageError("image data URI is not valid base64; encode the file bytes with base64") from None
     # the same decoding and error messages as image files and URLs
-    return _open_image_bytes(data, "image data URI")
+    return image_from_bytes(data, "image data URI")
 
 
 def load_request_image(url: str):

@@ -51,7 +51,8 @@ def get_image_processor(image_size: int) -> ImageProcessor:
     return ImageProcessor(image_size)
 
 
-def _open_image_bytes(data: bytes, source: str) -> Image.Image:
+def image_from_bytes(data: bytes, source: str) -> Image.Image:
+    """Decode image bytes (read from `source`, named in errors) into an RGB PIL image, or raise ImageError."""
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -65,7 +66,7 @@ def load_image(path_or_url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int 
     """Read an RGB image from a local path or an http(s) URL (with a timeout and a size cap)."""
     path_or_url = path_or_url.strip()
     if path_or_url.startswith(("http://", "https://")):
-        return _open_image_bytes(_download(path_or_url, timeout, max_bytes), path_or_url)
+        return image_from_bytes(_download(path_or_url, timeout, max_bytes), path_or_url)
     path = os.path.expanduser(path_or_url)
     if not os.path.exists(path):
         raise ImageError(f"image file '{path_or_url}' does not exist; check the path (or give an http(s) URL)")
@@ -74,7 +75,7 @@ def load_image(path_or_url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int 
     if os.path.getsize(path) > max_bytes:
         raise ImageError(f"image file '{path_or_url}' is larger than {max_bytes // 2**20} MiB; resize it first")
     with open(path, "rb") as f:
-        return _open_image_bytes(f.read(), f"image file '{path_or_url}'")
+        return image_from_bytes(f.read(), f"image file '{path_or_url}'")
 
 
 def _download(url: str, timeout: float, max_bytes: int) -> bytes:
