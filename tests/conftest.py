@@ -1,5 +1,6 @@
 """Shared fixtures: the golden bundle, the model loaded from it once, and a second tiny config."""
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -114,3 +115,43 @@ def tiny_checkpoint(tmp_path_factory):
     args.save = path
     save_checkpoint(1, model, None, None, args)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(command, ready_url, log_path, env=None, timeout_s=180):
+    """Run a server `command` (cwd = repo root, output to `log_path`) and yield once `ready_url`
+    answers 2xx; the server is stopped on exit. Fails the test if it exits or never answers."""
+    import subprocess
+    import time
+    import urllib.request
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"{command[1]} exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
+            try:
+                urllib.request.urlopen(ready_url, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{command[1]} did not serve within {timeout_s} s:\n{open(log_path).read()[-3000:]}")
+                time.sleep(0.25)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -8,7 +8,6 @@ import functools
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,17 +18,11 @@ import openai
 import pytest
 import torch
 
-from conftest import GOLDEN_DIR, ROOT
+from conftest import GOLDEN_DIR, ROOT, free_port, running_server
 
 MODEL = "cogvlm-tiny"
 API_KEY = "test-key-123"
 NEW_TOKENS = 16  # the golden bundle's greedy continuation length
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_flags(golden):
@@ -43,32 +36,11 @@ def server(golden, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("openai-api") / "server.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("COGVLM_API_KEY", None)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "openai_demo/openai_api.py", *server_flags(golden), "--port", str(port),
-                                 "--model_name", MODEL, "--api-key", API_KEY], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    command = [sys.executable, "openai_demo/openai_api.py", *server_flags(golden), "--port", str(port),
+               "--model_name", MODEL, "--api-key", API_KEY]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not come up:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
+    with running_server(command, url + "/health", log_path, env=env):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     assert "Traceback" not in log_path.read_text(), log_path.read_text()[-3000:]
 
 

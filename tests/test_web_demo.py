@@ -2,19 +2,15 @@
 page in headless Chromium (playwright)."""
 import os
 import re
-import socket
-import subprocess
 import sys
-import time
 import unicodedata
-import urllib.request
 
 import pytest
 import torch
 from PIL import Image
 
 import web_demo
-from conftest import ROOT
+from conftest import ROOT, free_port, running_server
 from utils.chat import ChatStream, GenerationConfig, chat
 from utils.grounding import to_pixels
 from utils.loading import load_for_inference
@@ -141,45 +137,20 @@ def test_grounding_checkpoint_shows_the_drawn_picture_in_the_chat(web_chat, gold
 
 # The app in a subprocess: gradio_client ---------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(golden):
     """web_demo.py on the golden checkpoint; --max_length leaves exactly 16 answer tokens to chat_hist."""
-    port = _free_port()
+    port = free_port()
     max_length = golden.case("chat_hist")["seq_len"] + NEW_TOKENS
     log_path = os.path.join(ROOT, ".pytest_cache", "web_demo_server.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "web_demo.py", "--from_pretrained", golden.checkpoint, "--local_tokenizer",
-                             golden.tokenizer_dir, "--version", "chat", "--max_length", str(max_length),
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "web_demo.py", "--from_pretrained", golden.checkpoint, "--local_tokenizer",
+               golden.tokenizer_dir, "--version", "chat", "--max_length", str(max_length),
+               "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"web_demo.py exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"web_demo.py did not serve within 180 s:\n{open(log_path).read()[-3000:]}")
-                time.sleep(0.5)
+    with running_server(command, url, log_path, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
+                                                    "OMP_NUM_THREADS": "1"}):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture
