@@ -4,8 +4,10 @@
     python bench/generate.py --config tiny --dtype fp32 --batch 1
 
 Random weights (speed does not depend on their values). Each (dtype, path) runs in its own
-subprocess so that peak RSS is that run's own. The roofline: decoding one token must read every
-language-expert weight once (plus the KV cache), so tokens/s <= copy bandwidth / bytes per token.
+subprocess so that peak RSS is that run's own; "base" is the RSS after importing torch, SAT and our
+modules, before the model exists, so RSS - base is what the model and its generation cost. The
+roofline: decoding one token must read every language-expert weight once (plus the KV cache), so
+tokens/s <= copy bandwidth / bytes per token.
 """
 import argparse
 import json
@@ -129,6 +131,8 @@ def run_upstream(model, args, batch_size: int, new_tokens: int):
 
     if batch_size != 1:
         raise SystemExit("the upstream path generates one sequence at a time")
+    import models.linear
+    models.linear.MAX_TRANSPOSED_ROWS = 0  # upstream's layers are plain F.linear
     if "kv-cache" in model.mixins:
         model.del_mixin("kv-cache")
     if "auto-regressive" not in model.mixins:
@@ -167,6 +171,9 @@ def child(options):
 
     torch.set_num_threads(options.threads)
     options.dtype, options.path, options.batch = options.dtype[0], options.path[0], options.batch[0]
+    import models  # noqa: F401  (torch, SAT, DeepSpeed, transformers: the baseline every process pays)
+    import utils.chat  # noqa: F401
+    baseline_rss = proc_status_bytes("VmRSS")
     model, args = build_model(options.config, options.dtype)
     if options.quant:
         from utils.quantization import quantize_model
@@ -180,9 +187,26 @@ def child(options):
                 * first.num_attention_heads_per_partition * next(model.parameters()).element_size()
                 * (prompt_length + options.new_tokens // 2))  # mean cache length over the decode
     model_bytes = weight_bytes(model)
+    cache_bytes = kv_bytes * (prompt_length + options.new_tokens) // (prompt_length + options.new_tokens // 2)
     print(json.dumps(dict(prefill_s=prefill, tokens_per_s=tokens_per_s, prompt_length=prompt_length,
                           weight_bytes_per_token=weights, kv_bytes_per_row=kv_bytes, model_bytes=model_bytes,
-                          peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+                          cache_bytes=cache_bytes * options.batch,
+                          peak_rss_bytes=proc_status_bytes("VmHWM"),
+                          baseline_rss_bytes=baseline_rss)))
+
+
+def proc_status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, from /proc (Linux).
+
+    Not `getrusage`'s ru_maxrss: Linux carries it over exec from the forking parent, so a child would
+    report the parent's peak (this script's 1 GB bandwidth buffers) when that is higher than its own.
+    Elsewhere falls back to ru_maxrss.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            return int(status.read().split(field + ":")[1].split()[0]) * 1024
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main():
@@ -202,7 +226,7 @@ def main():
     bandwidth = copy_bandwidth_gbs()
     print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s; config {options.config}; {options.threads} threads")
     print(f"{'path':9} {'dtype':5} {'quant':5} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'roofline':>8} "
-          f"{'of roof':>7} {'RSS GB':>7} {'model GB':>8}")
+          f"{'of roof':>7} {'RSS GB':>7} {'base GB':>7} {'model GB':>8} {'RSS-base / model+cache':>22}")
     for dtype in options.dtype:
         for path in options.path:
             for batch in options.batch:
@@ -221,7 +245,10 @@ def main():
                 roofline = bandwidth * 1e9 / step_bytes * batch
                 print(f"{path:9} {dtype:5} {str(options.quant or '-'):5} {batch:5d} {r['prefill_s']:9.2f} "
                       f"{r['tokens_per_s']:8.1f} {roofline:8.1f} {r['tokens_per_s'] / roofline:7.0%} "
-                      f"{r['peak_rss_bytes'] / 1e9:7.2f} {r['model_bytes'] / 1e9:8.2f}", flush=True)
+                      f"{r['peak_rss_bytes'] / 1e9:7.2f} {r['baseline_rss_bytes'] / 1e9:7.2f} "
+                      f"{r['model_bytes'] / 1e9:8.2f} "
+                      f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / (r['model_bytes'] + r['cache_bytes']):21.2f}x",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from sat.mpu.layers import unscaled_init_method
 
 from models import checkpoint_io
 from models.eva_clip_model import EVA2CLIPModel
+from models.linear import apply_linear
 from models.mixin import LlamaVisionExpertAttnMixin, LlamaVisionExpertFCMixin
 from utils import hf_format
 from utils.errors import CheckpointError, CogVLMError
@@ -107,7 +108,7 @@ class LMHeadMixin(LMMixin):
     def final_forward(self, logits, **kw_args):
         if kw_args.get("last_logits_only"):
             logits = logits[:, -1:]
-        return super().final_forward(logits, **kw_args)
+        return apply_linear(self.lm_head, logits)
 
 
 class CogVLMModel(LLaMAModel):

@@ -14,6 +14,8 @@ from sat.mpu import ColumnParallelLinear, RowParallelLinear
 from sat.mpu.utils import split_tensor_along_last_dim
 from sat.transformer_defaults import attention_fn_default
 
+from models.linear import apply_linear
+
 
 class RotaryEmbedding(nn.Module):
     """GPT-NeoX (rotate-half) rotary embedding over all head dims, in plain torch.
@@ -58,9 +60,10 @@ def _route(hidden_states, vision_expert_mask, language_fn, vision_fn, out_featur
     hidden_states: (batch, seq, in); vision_expert_mask: (batch, seq) -> (batch, seq, out_features).
     """
     is_vision = vision_expert_mask.bool()
-    output = hidden_states.new_empty(*hidden_states.shape[:-1], out_features)
-    output[~is_vision] = language_fn(hidden_states[~is_vision])
-    output[is_vision] = vision_fn(hidden_states[is_vision])
+    language, vision = language_fn(hidden_states[~is_vision]), vision_fn(hidden_states[is_vision])
+    output = language.new_empty(*hidden_states.shape[:-1], out_features)  # the experts' dtype (autocast)
+    output[~is_vision] = language
+    output[is_vision] = vision
     return output
 
 
@@ -98,7 +101,8 @@ class LlamaVisionExpertFCMixin(BaseMixin):
         act = mlp.activation_func
 
         def language(x):
-            return mlp.dense_4h_to_h(act(self.gate_proj[layer_id](x)) * mlp.dense_h_to_4h(x))
+            gate, up = apply_linear(self.gate_proj[layer_id], x), apply_linear(mlp.dense_h_to_4h, x)
+            return apply_linear(mlp.dense_4h_to_h, act(gate) * up)
 
         if not _use_vision_expert(kw_args, hidden_states.shape[1]):
             return language(hidden_states)
@@ -138,7 +142,7 @@ class LlamaVisionExpertAttnMixin(BaseMixin):
             mixed = _route(hidden_states, kw_args["vision_expert_mask"], attn.query_key_value,
                            self.vision_query_key_value_list[layer_id], 3 * attn.hidden_size_per_partition)
         else:
-            mixed = attn.query_key_value(hidden_states)
+            mixed = apply_linear(attn.query_key_value, hidden_states)
         query, key, value = (attn._transpose_for_scores(t) for t in split_tensor_along_last_dim(mixed, attn.stride))
         query, key = self.rotary_emb(query, key, kw_args["position_ids"])
 
@@ -150,7 +154,7 @@ class LlamaVisionExpertAttnMixin(BaseMixin):
             output = _route(context, kw_args["vision_expert_mask"], attn.dense, self.vision_dense_list[layer_id],
                             hidden_states.shape[-1])
         else:
-            output = attn.dense(context)
+            output = apply_linear(attn.dense, context)
         if attn.training:
             output = attn.output_dropout(output)
         return output

@@ -88,6 +88,24 @@ def test_dataset_labels_from_file_names_and_skips_corrupt_images(tmp_path, proce
     assert {train.tokenizer.decode(s["labels"][s["labels"] >= 3].tolist()).strip() for s in samples} == labels
 
 
+def test_cached_dataset_gives_the_same_samples_without_reading_files_again(tmp_path, processors):
+    train, _, image_processor = processors
+    make_dataset(str(tmp_path), 3, "clean", seed=6)
+    (tmp_path / "brokn.png").write_bytes(b"not a png at all")
+    plain = CaptchaDataset(str(tmp_path), image_processor, train)
+    cached = CaptchaDataset(str(tmp_path), image_processor, train, cache=True)
+    expected = [plain[i] for i in range(len(plain))]
+    first_epoch = [cached[i] for i in range(len(cached))]
+    for name in os.listdir(tmp_path):  # the second epoch must come from memory alone
+        os.remove(tmp_path / name)
+    second_epoch = [cached[i] for i in range(len(cached))]
+    for want, *got in zip(expected, first_epoch, second_epoch):
+        for sample in got:
+            assert set(sample) == set(want)
+            for key in want:
+                assert torch.equal(sample[key], want[key]), key
+
+
 def test_dataset_errors_name_the_folder(tmp_path, processors):
     train, _, image_processor = processors
     with pytest.raises(CogVLMError, match="does not exist"):

@@ -168,3 +168,20 @@ def test_shipped_model_reads_unseen_captchas(tmp_path):
     assert results["count"] == 50 and len(results["predictions"]) == 50
     assert {p["label"] for p in results["predictions"]} == {n[:-4] for n in os.listdir(data)}
     assert results["acc"] >= 0.85, results["acc"]  # measured 0.94 on these 50 (seed 424242)
+
+
+def test_tiny_captcha_tokenizer_reads_one_character_per_token(tmp_path):
+    from scripts.make_char_tokenizer import make_char_tokenizer
+    from utils.language import llama2_tokenizer
+
+    shipped = llama2_tokenizer(os.path.join(ROOT, "scripts", "tiny_captcha", "tokenizer"), "base")
+    make_char_tokenizer(str(tmp_path / "tok"))
+    made = llama2_tokenizer(str(tmp_path / "tok"), "base")
+    config = json.load(open(os.path.join(ROOT, "scripts", "tiny_captcha", "model_config.json")))
+    assert len(shipped) == len(made) <= config["vocab_size"]
+    for label in ("z9tixx", "a2gm1", "es2v"):
+        ids = shipped.encode(label, add_special_tokens=False)
+        assert shipped.convert_ids_to_tokens(ids) == ["▁", *label]  # the k-th answer token is the k-th glyph
+        assert ids == made.encode(label, add_special_tokens=False)
+    text = "Question: Wie heißt das? 3bnyf [[12,34,56,78]]"
+    assert shipped.decode(shipped.encode(text), skip_special_tokens=True) == text  # bytes cover the rest

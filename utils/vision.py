@@ -33,9 +33,15 @@ class ImageProcessor:
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (3, S, S) float32."""
-        image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
-        pixels = np.asarray(image, dtype=np.float32) / 255.0
-        pixels = (pixels - self.mean) / self.std
+        return self.normalize(self.resize(image))
+
+    def resize(self, image: Image.Image) -> np.ndarray:
+        """PIL image -> (S, S, 3) uint8, RGB, resized: the compact form a dataset can cache."""
+        return np.asarray(image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC))
+
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """(S, S, 3) uint8 -> (3, S, S) float32, CLIP-normalised."""
+        pixels = (pixels.astype(np.float32) / 255.0 - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
     def __call__(self, image: Image.Image) -> Dict[str, Optional[torch.Tensor]]:

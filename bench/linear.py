@@ -1,0 +1,61 @@
+"""Few-row fp32 linear layers on CPU: `F.linear(x, W)` against `models.linear.linear` (W @ x^T).
+
+    python bench/linear.py                 # 2 threads, config M's MLP shape (1024 -> 2816)
+    python bench/linear.py --threads 1 --rows 1 2 4 8 16 32
+
+Cycles through enough distinct weights (> last-level cache) that every product streams its weight
+from memory, as decoding does. Prints ms per product and the weight-read bandwidth of each form.
+"""
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--in_features", type=int, default=1024)
+    parser.add_argument("--out_features", type=int, default=2816)
+    parser.add_argument("--weights_mb", type=int, default=512, help="total size of the weights cycled through")
+    options = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from models.linear import MAX_TRANSPOSED_ROWS, linear
+
+    torch.set_num_threads(options.threads)
+    weight_bytes = options.in_features * options.out_features * 4
+    weights = [torch.randn(options.out_features, options.in_features) * 0.02
+               for _ in range(max(2, options.weights_mb * 2**20 // weight_bytes))]
+
+    def time_per_product(fn, x, repeats=3):
+        for w in weights[:4]:
+            fn(x, w)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for w in weights:
+                fn(x, w)
+        return (time.perf_counter() - start) / (repeats * len(weights))
+
+    print(f"{options.threads} threads, {options.in_features} -> {options.out_features} fp32, "
+          f"{len(weights)} weights; models.linear uses W @ x^T up to {MAX_TRANSPOSED_ROWS} rows")
+    print(f"{'rows':>4} {'F.linear ms':>11} {'GB/s':>6} {'W @ x^T ms':>10} {'GB/s':>6} {'speed-up':>8}")
+    for rows in options.rows:
+        x = torch.randn(rows, options.in_features)
+        plain = time_per_product(lambda x, w: F.linear(x, w), x)
+        transposed = time_per_product(lambda x, w: torch.mm(w, x.t()).t(), x)
+        print(f"{rows:4d} {plain * 1e3:11.3f} {weight_bytes / plain / 1e9:6.1f} {transposed * 1e3:10.3f} "
+              f"{weight_bytes / transposed / 1e9:6.1f} {plain / transposed:7.2f}x", flush=True)
+    # the library function itself, at the threshold
+    x = torch.randn(MAX_TRANSPOSED_ROWS, options.in_features)
+    print(f"models.linear.linear at {MAX_TRANSPOSED_ROWS} rows: {time_per_product(linear, x) * 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

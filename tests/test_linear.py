@@ -1,0 +1,38 @@
+"""models.linear: the few-row fp32 product used while decoding equals F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import linear as linear_module
+from models.linear import MAX_TRANSPOSED_ROWS, apply_linear, linear
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 1, 64), (MAX_TRANSPOSED_ROWS, 64), (2, 40, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_equals_f_linear(shape, with_bias):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator)
+    weight = torch.randn(96, 64, generator=generator)
+    bias = torch.randn(96, generator=generator) if with_bias else None
+    out = linear(x, weight, bias)
+    assert out.shape == (*shape[:-1], 96)
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_takes_the_transposed_product_only_for_few_fp32_rows(monkeypatch):
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(linear_module.torch, "mm", lambda a, b: calls.append(a.shape) or real_mm(a, b))
+    weight = torch.randn(8, 4)
+    linear(torch.randn(2, 4), weight)
+    assert calls == [(8, 4)]  # weight @ x^T
+    linear(torch.randn(MAX_TRANSPOSED_ROWS + 1, 4), weight)
+    linear(torch.randn(2, 4, dtype=torch.bfloat16), weight.bfloat16())
+    linear(torch.randn(2, 4, requires_grad=True), weight)
+    assert calls == [(8, 4)]
+
+
+def test_apply_linear_leaves_other_layers_alone():
+    layer = torch.nn.Linear(4, 3)  # not a SAT parallel linear (LoRA, quantized layers are not either)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(apply_linear(layer, x), layer(x))
