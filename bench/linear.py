@@ -27,7 +27,7 @@ def main():
     import torch
     import torch.nn.functional as F
 
-    from models.linear import MAX_TRANSPOSED_ROWS, linear
+    from models.linear import MAX_TRANSPOSED_ROWS, MIN_TRANSPOSED_ROWS, linear
 
     torch.set_num_threads(options.threads)
     weight_bytes = options.in_features * options.out_features * 4
@@ -44,7 +44,7 @@ def main():
         return (time.perf_counter() - start) / (repeats * len(weights))
 
     print(f"{options.threads} threads, {options.in_features} -> {options.out_features} fp32, "
-          f"{len(weights)} weights; models.linear uses W @ x^T up to {MAX_TRANSPOSED_ROWS} rows")
+          f"{len(weights)} weights; models.linear uses W @ x^T for {MIN_TRANSPOSED_ROWS}..{MAX_TRANSPOSED_ROWS} rows")
     print(f"{'rows':>4} {'F.linear ms':>11} {'GB/s':>6} {'W @ x^T ms':>10} {'GB/s':>6} {'speed-up':>8}")
     for rows in options.rows:
         x = torch.randn(rows, options.in_features)

@@ -1,10 +1,10 @@
 """Linear layers for decoding: a few rows of activations times a large weight.
 
-Decoding one token per row is bandwidth-bound: every step streams each weight matrix once. On x86
-CPUs MKL's fp32 GEMM for `x @ W^T` with 2-16 rows of `x` streams `W` at well under half the
-bandwidth it reaches for the same product written as `W @ x^T` (see bench/RESULTS.md: 1024 -> 2816,
-8 rows), so batched fp32 decoding gained little over batch 1. `linear` picks the faster form; the
-math is the same (only the summation order of the dot products can differ).
+Decoding one token per row is bandwidth-bound: every step streams each weight matrix once. On the
+x86 CPU we measured (bench/linear.py, 2 threads, 1024 -> 2816), MKL's fp32 GEMM for `x @ W^T` streams
+`W` at ~25 GB/s for 1 row but only 7.6-12 GB/s for 4-32 rows, where the same product written as
+`W @ x^T` runs 1.1-1.4x faster; for 1-3 rows MKL's own path is as fast or faster. `linear` picks the
+faster form; the math is the same (only the summation order of the dot products can differ).
 """
 import torch
 import torch.nn.functional as F
@@ -12,14 +12,15 @@ import torch.nn.functional as F
 from sat import mpu
 from sat.mpu import ColumnParallelLinear, RowParallelLinear
 
-# Up to this many rows the transposed product is faster (measured for 1..32 rows, 1024x2816, fp32).
-MAX_TRANSPOSED_ROWS = 16
+# Row counts for which the transposed product was faster (bench/linear.py on the project's CPU).
+MIN_TRANSPOSED_ROWS, MAX_TRANSPOSED_ROWS = 4, 32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`: x (..., in), weight (out, in), bias (out,) -> (..., out)."""
     rows = x.numel() // x.shape[-1]
-    if rows > MAX_TRANSPOSED_ROWS or x.device.type != "cpu" or weight.dtype != torch.float32 or x.requires_grad:
+    if (not MIN_TRANSPOSED_ROWS <= rows <= MAX_TRANSPOSED_ROWS or x.device.type != "cpu"
+            or weight.dtype != torch.float32 or x.requires_grad):
         return F.linear(x, weight, bias)
     out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()
     if bias is not None:

@@ -35,13 +35,13 @@ fi
 
 if [[ $STAGE == lora || $STAGE == all ]]; then
     [[ -d $WORK/shifted_split ]] || {
-        python scripts/make_captcha_dataset.py --out "$WORK/shifted" --count 2000 --style shifted --seed 0
+        python scripts/make_captcha_dataset.py --out "$WORK/shifted" --count 4000 --style shifted --seed 0
         python scripts/split_dataset.py --src "$WORK/shifted" --dst "$WORK/shifted_split" --link
     }
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python finetune_demo.py --from_pretrained $OUT/cogvlm-tiny-captcha \
         --use_lora --lora_rank 8 --vit_mlp_layers 0 1 --mode pretrain $COMMON --deepspeed_config scripts/ds_config_cpu.json \
-        --num-workers 0 --cache_images --train-iters 200 --lr 3e-3 --warmup 0.05 \
+        --num-workers 0 --cache_images --train-iters 600 --lr 3e-3 --warmup 0.05 \
         --train-data "$WORK/shifted_split/train" --valid-data "$WORK/shifted_split/valid" \
-        --save "$WORK/runs" --experiment-name tiny-shifted-lora --save-interval 100 --eval-interval 100 \
+        --save "$WORK/runs" --experiment-name tiny-shifted-lora --save-interval 200 --eval-interval 200 \
         --final_save $OUT/cogvlm-tiny-captcha-shifted-lora --final_fp16
 fi

@@ -101,13 +101,13 @@ def test_greedy_tokens_through_chat_core(golden, golden_model, tokenizers, name,
     case = golden.case(name)
     processor = processor_for(golden, tokenizers, name, model_args)
     step_logits = []
-    original = utils.chat.BaseStrategy.forward
+    original = utils.chat.pick_next_tokens
 
-    def recording_forward(self, logits, tokens, mems, **kw):
+    def recording_pick(config, strategy, logits, tokens):
         step_logits.append(logits[0].clone())
-        return original(self, logits, tokens, mems, **kw)
+        return original(config, strategy, logits, tokens)
 
-    monkeypatch.setattr(utils.chat.BaseStrategy, "forward", recording_forward)
+    monkeypatch.setattr(utils.chat, "pick_next_tokens", recording_pick)
     image_path = None if name == "text_only" else golden.image_path
     query = "Hello, who are you?" if name == "text_only" else case["query"]
     history = [tuple(turn) for turn in case.get("history", [])]

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from models import linear as linear_module
-from models.linear import MAX_TRANSPOSED_ROWS, apply_linear, linear
+from models.linear import MAX_TRANSPOSED_ROWS, MIN_TRANSPOSED_ROWS, apply_linear, linear
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 1, 64), (MAX_TRANSPOSED_ROWS, 64), (2, 40, 64)])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (MIN_TRANSPOSED_ROWS, 1, 64), (MAX_TRANSPOSED_ROWS, 64), (2, 40, 64)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_equals_f_linear(shape, with_bias):
     generator = torch.Generator().manual_seed(0)
@@ -24,11 +24,12 @@ def test_linear_takes_the_transposed_product_only_for_few_fp32_rows(monkeypatch)
     real_mm = torch.mm
     monkeypatch.setattr(linear_module.torch, "mm", lambda a, b: calls.append(a.shape) or real_mm(a, b))
     weight = torch.randn(8, 4)
-    linear(torch.randn(2, 4), weight)
+    linear(torch.randn(MIN_TRANSPOSED_ROWS, 4), weight)
     assert calls == [(8, 4)]  # weight @ x^T
+    linear(torch.randn(MIN_TRANSPOSED_ROWS - 1, 4), weight)
     linear(torch.randn(MAX_TRANSPOSED_ROWS + 1, 4), weight)
-    linear(torch.randn(2, 4, dtype=torch.bfloat16), weight.bfloat16())
-    linear(torch.randn(2, 4, requires_grad=True), weight)
+    linear(torch.randn(MIN_TRANSPOSED_ROWS, 4, dtype=torch.bfloat16), weight.bfloat16())
+    linear(torch.randn(MIN_TRANSPOSED_ROWS, 4, requires_grad=True), weight)
     assert calls == [(8, 4)]
 
 

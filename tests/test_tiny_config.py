@@ -89,18 +89,18 @@ def test_cached_decoding_equals_teacher_forced_forward(tiny, sampling):
     # cached step logits == teacher-forced logits at the same positions
     import utils.chat
     recorded = []
-    original = utils.chat.BaseStrategy.forward
+    original = utils.chat.pick_next_tokens
 
-    def record(self, step_logits, tokens, mems, **kw):
+    def record(config, strategy, step_logits, tokens):
         recorded.append(step_logits[0].clone())
-        return original(self, step_logits, tokens, mems, **kw)
+        return original(config, strategy, step_logits, tokens)
 
-    utils.chat.BaseStrategy.forward = record
+    utils.chat.pick_next_tokens = record
     try:
         torch.manual_seed(0)
         again = list(generate_stream(model, inputs, config, vision_inputs_from(image, model)))
     finally:
-        utils.chat.BaseStrategy.forward = original
+        utils.chat.pick_next_tokens = original
     assert again == generated
     diff = (torch.stack(recorded) - logits[0, length - 1:-1]).abs().max().item()
     assert diff < 1e-4 * logits.abs().max().item()
@@ -122,3 +122,14 @@ def test_position_ids_share_one_position_per_image_run():
     mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0]])
     assert position_ids_from_rope_mask(mask).tolist() == [[0, 1, 2, 2, 2, 3, 4]]
     assert position_ids_from_rope_mask(torch.zeros(1, 4, dtype=torch.long)).tolist() == [[0, 1, 2, 3]]
+
+
+def test_greedy_pick_equals_sat_strategy_at_top_k_1(tiny):  # tiny: SAT initialised (model parallel group)
+    from utils.chat import GenerationConfig, pick_next_tokens
+
+    config = GenerationConfig(top_k=1)
+    assert config.greedy and not GenerationConfig(top_k=1, repetition_penalty=1.2).greedy
+    logits, tokens = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)), torch.zeros(4, 3, dtype=torch.long)
+    fast = pick_next_tokens(config, config.strategy([2]), logits, tokens)
+    sat = config.strategy([2]).forward(logits, tokens, None)[0]
+    assert fast.tolist() == sat.tolist() and fast.shape == (4, 4)

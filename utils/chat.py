@@ -38,10 +38,27 @@ class GenerationConfig:
     invalid_slices: Sequence[slice] = field(default_factory=list)
     end_token_ids: Optional[Sequence[int]] = None  # None: the tokenizer's eos
 
+    @property
+    def greedy(self) -> bool:
+        """top_k == 1 without a repetition penalty or banned tokens: the next token is the argmax."""
+        return self.top_k == 1 and self.repetition_penalty == 1.0 and not self.invalid_slices
+
     def strategy(self, end_tokens: Sequence[int]) -> BaseStrategy:
         return BaseStrategy(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                             repetition_penalty=self.repetition_penalty, invalid_slices=list(self.invalid_slices),
                             end_tokens=list(end_tokens))
+
+
+def pick_next_tokens(config: GenerationConfig, strategy: BaseStrategy, step_logits: torch.Tensor,
+                     tokens: torch.Tensor) -> torch.Tensor:
+    """Append each row's next token: step_logits (B, vocab) fp32, tokens (B, T) -> (B, T + 1).
+
+    Greedy settings take the argmax directly: SAT's strategy would still softmax, sort for top-p and
+    sample, ~6 ms per step for 8 rows x 32000 on CPU, to pick the same token.
+    """
+    if config.greedy:
+        return torch.cat([tokens, step_logits.argmax(-1, keepdim=True)], dim=1)
+    return strategy.forward(step_logits, tokens, None)[0]
 
 
 def ensure_kv_cache(model) -> None:
@@ -137,7 +154,7 @@ def generate_batch_stream(model, batch: Dict[str, torch.Tensor], config: Generat
     active = torch.ones(batch_size, dtype=torch.bool, device=device)
     generated = torch.zeros(batch_size, dtype=torch.long, device=device)
     while True:
-        tokens, _ = strategy.forward(logits[:, -1].float(), tokens, None)
+        tokens = pick_next_tokens(config, strategy, logits[:, -1].float(), tokens)
         new = torch.where(active, tokens[:, -1], torch.full_like(tokens[:, -1], pad_token_id))
         tokens[:, -1] = new
         generated += active.long()
