@@ -24,12 +24,16 @@ CONFIGS = {
     # the issue's config M: a scaled-down CogVLM with real vocabulary and image size
     "M": dict(num_layers=16, hidden_size=1024, num_attention_heads=16, inner_hidden_size=2816, vocab_size=32000,
               eva=dict(num_layers=4, hidden_size=1024, num_attention_heads=16, inner_hidden_size=4096, image_size=224)),
+    # the released CogVLM-17B shapes (Vicuna-7B + visual expert, EVA2-CLIP-E at 490 px): GPU only
+    "17B": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, inner_hidden_size=11008, vocab_size=32000,
+                eva=dict(num_layers=63, hidden_size=1792, num_attention_heads=16, inner_hidden_size=15360,
+                         image_size=490)),
     "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=172, vocab_size=1000,
                  eva=dict(num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=128, image_size=56)),
 }
 
 
-def build_model(name: str, dtype: str):
+def build_model(name: str, dtype: str, device: str = "cpu"):
     import torch
     from models import CogVLMModel
 
@@ -40,7 +44,8 @@ def build_model(name: str, dtype: str):
         num_layers=cfg["num_layers"], hidden_size=cfg["hidden_size"], num_attention_heads=cfg["num_attention_heads"],
         vocab_size=cfg["vocab_size"], inner_hidden_size=cfg["inner_hidden_size"], layernorm_order="pre",
         use_bias=False, max_sequence_length=4096, image_length=patches, skip_init=True, mode="inference",
-        model_parallel_size=1, device="cpu", fp16=False, bf16=dtype == "bf16", use_gpu_initialization=False,
+        model_parallel_size=1, device=device, fp16=False, bf16=dtype == "bf16",
+        use_gpu_initialization=device == "cuda",  # SAT then allocates every weight on the GPU directly
         deepspeed=None,
         eva_args=dict(model_class="EVA2CLIPModel", num_layers=eva["num_layers"], hidden_size=eva["hidden_size"],
                       num_attention_heads=eva["num_attention_heads"], vocab_size=1, layernorm_order="post",
@@ -48,11 +53,11 @@ def build_model(name: str, dtype: str):
                       inner_hidden_size=eva["inner_hidden_size"], use_final_layernorm=False, layernorm_epsilon=1e-6,
                       image_size=[eva["image_size"]] * 2, pre_len=1, post_len=0, in_channels=3, patch_size=14))
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    model = CogVLMModel(args, params_dtype=torch_dtype).to(torch_dtype).eval()  # as SAT's get_model does
+    model = CogVLMModel(args, params_dtype=torch_dtype).to(device=device, dtype=torch_dtype).eval()  # as get_model
     with torch.no_grad():  # skip_init leaves memory uninitialised: give it sane values
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device=device).manual_seed(0)
         for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            param.normal_(0, 0.02, generator=generator)
     return model, args
 
 
@@ -71,19 +76,28 @@ def weight_bytes(model, decode_only: bool = False) -> int:
     return total
 
 
-def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes read + written per second by a large tensor copy (the machine's practical bandwidth)."""
+def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Bytes read + written per second by a large tensor copy (the device's practical bandwidth)."""
     import torch
 
-    src = torch.ones(megabytes * 2**20 // 4)
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
+        _synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * 4 / best / 1e9
+
+
+def _synchronize(device: str):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def prompt_batch(model, args, batch_size: int, text_tokens: int = 24):
@@ -131,6 +145,8 @@ def run_upstream(model, args, batch_size: int, new_tokens: int):
 
     if batch_size != 1:
         raise SystemExit("the upstream path generates one sequence at a time")
+    if next(model.parameters()).device.type != "cpu":
+        raise SystemExit("the upstream path is timed on CPU only (its per-forward timestamps do not synchronize)")
     import models.linear
     models.linear.MAX_TRANSPOSED_ROWS = 0  # upstream's layers are plain F.linear
     if "kv-cache" in model.mixins:
@@ -174,7 +190,7 @@ def child(options):
     import models  # noqa: F401  (torch, SAT, DeepSpeed, transformers: the baseline every process pays)
     import utils.chat  # noqa: F401
     baseline_rss = proc_status_bytes("VmRSS")
-    model, args = build_model(options.config, options.dtype)
+    model, args = build_model(options.config, options.dtype, options.device)
     if options.quant:
         from utils.quantization import quantize_model
         quantize_model(model, options.quant)
@@ -191,8 +207,10 @@ def child(options):
     print(json.dumps(dict(prefill_s=prefill, tokens_per_s=tokens_per_s, prompt_length=prompt_length,
                           weight_bytes_per_token=weights, kv_bytes_per_row=kv_bytes, model_bytes=model_bytes,
                           cache_bytes=cache_bytes * options.batch,
-                          peak_rss_bytes=proc_status_bytes("VmHWM"),
-                          baseline_rss_bytes=baseline_rss)))
+                          # on CUDA: peak GPU memory allocated by torch (nothing is allocated before the model)
+                          peak_rss_bytes=(torch.cuda.max_memory_allocated() if options.device == "cuda"
+                                          else proc_status_bytes("VmHWM")),
+                          baseline_rss_bytes=0 if options.device == "cuda" else baseline_rss)))
 
 
 def proc_status_bytes(field: str) -> int:
@@ -218,13 +236,17 @@ def main():
     parser.add_argument("--quant", type=int, choices=[8], default=None, help="int8 weight-only (ours only)")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: weights built on the GPU, roofline from its copy bandwidth, memory = peak "
+                             "GPU memory (e.g. --device cuda --config 17B --dtype bf16 --path ours)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
         return child(options)
 
-    bandwidth = copy_bandwidth_gbs()
-    print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s; config {options.config}; {options.threads} threads")
+    bandwidth = copy_bandwidth_gbs(device=options.device)
+    print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s; config {options.config}; device {options.device}; "
+          f"{options.threads} threads" + ("; memory columns = peak GPU memory" if options.device == "cuda" else ""))
     print(f"{'path':9} {'dtype':5} {'quant':5} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'roofline':>8} "
           f"{'of roof':>7} {'RSS GB':>7} {'base GB':>7} {'model GB':>8} {'RSS-base / model+cache':>22}")
     for dtype in options.dtype:
@@ -234,7 +256,8 @@ def main():
                     continue
                 cmd = [sys.executable, __file__, "--child", "--config", options.config, "--dtype", dtype,
                        "--batch", str(batch), "--path", path, "--new_tokens", str(options.new_tokens),
-                       "--threads", str(options.threads)] + (["--quant", str(options.quant)] if options.quant else [])
+                       "--threads", str(options.threads), "--device", options.device] + (
+                           ["--quant", str(options.quant)] if options.quant else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if out.returncode != 0:
                     print(f"{path} {dtype} batch {batch} failed:\n{out.stderr[-2000:]}")
