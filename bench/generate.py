@@ -147,8 +147,6 @@ def run_upstream(model, args, batch_size: int, new_tokens: int):
         raise SystemExit("the upstream path generates one sequence at a time")
     if next(model.parameters()).device.type != "cpu":
         raise SystemExit("the upstream path is timed on CPU only (its per-forward timestamps do not synchronize)")
-    import models.linear
-    models.linear.MAX_TRANSPOSED_ROWS = 0  # upstream's layers are plain F.linear
     if "kv-cache" in model.mixins:
         model.del_mixin("kv-cache")
     if "auto-regressive" not in model.mixins:

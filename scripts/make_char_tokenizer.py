@@ -6,8 +6,9 @@ A SentencePiece model with one piece per printable ASCII character (plus `▁`),
 everything else, and LLaMA's special ids (<unk>=0, <s>=1, </s>=2), saved with transformers'
 LlamaTokenizer so that `--local_tokenizer` loads it like Vicuna's. Why not a subword vocabulary:
 with pieces such as `ti` or `▁a`, the k-th answer token is no longer the k-th glyph in the image,
-and a tiny model trained from scratch has to learn that mapping too; with single characters it
-escaped the "ignore the image" plateau in about half the steps (README, "A tiny CogVLM trained on CPU").
+and a tiny model trained from scratch has to learn that mapping too; with single characters (and
+std-1 ViT position embeddings) it left the "ignore the image" plateau after 550-1000 steps, where the
+subword vocabulary was still on it at step 600 (README, "A tiny CogVLM trained on CPU").
 """
 import argparse
 import json
