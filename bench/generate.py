@@ -33,9 +33,12 @@ CONFIGS = {
 }
 
 
-def build_model(name: str, dtype: str, device: str = "cpu"):
+def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None):
+    """A random-weight model of config `name`. quant 8 (CPU): linear layers are swapped for int8 ones
+    before any weight is written, as `--quant 8` loading does, so the float weights never exist."""
     import torch
     from models import CogVLMModel
+    from utils.quantization import Int8Linear, quantize_model
 
     cfg = CONFIGS[name]
     eva = cfg["eva"]
@@ -54,10 +57,15 @@ def build_model(name: str, dtype: str, device: str = "cpu"):
                       image_size=[eva["image_size"]] * 2, pre_len=1, post_len=0, in_channels=3, patch_size=14))
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     model = CogVLMModel(args, params_dtype=torch_dtype).to(device=device, dtype=torch_dtype).eval()  # as get_model
+    if quant:
+        quantize_model(model, quant, weights_loaded=False)
     with torch.no_grad():  # skip_init leaves memory uninitialised: give it sane values
         generator = torch.Generator(device=device).manual_seed(0)
         for param in model.parameters():
             param.normal_(0, 0.02, generator=generator)
+        for layer in model.modules():
+            if isinstance(layer, Int8Linear):
+                layer.quantize_(torch.empty(layer.out_features, layer.in_features).normal_(0, 0.02, generator=generator))
     return model, args
 
 
@@ -188,10 +196,7 @@ def child(options):
     import models  # noqa: F401  (torch, SAT, DeepSpeed, transformers: the baseline every process pays)
     import utils.chat  # noqa: F401
     baseline_rss = proc_status_bytes("VmRSS")
-    model, args = build_model(options.config, options.dtype, options.device)
-    if options.quant:
-        from utils.quantization import quantize_model
-        quantize_model(model, options.quant)
+    model, args = build_model(options.config, options.dtype, options.device, options.quant)
     weights = weight_bytes(model, decode_only=True)
     run = run_upstream if options.path == "upstream" else run_ours
     run(model, args, options.batch, 4)  # warm-up (allocations, oneDNN primitive caches)
@@ -231,7 +236,7 @@ def main():
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--path", nargs="+", default=["ours", "upstream"], choices=["ours", "upstream"])
-    parser.add_argument("--quant", type=int, choices=[8], default=None, help="int8 weight-only (ours only)")
+    parser.add_argument("--quant", type=int, choices=[8], default=None, help="int8 linear layers (ours only)")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],

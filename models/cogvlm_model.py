@@ -158,11 +158,12 @@ class CogVLMModel(LLaMAModel):
     # Loading ---------------------------------------------------------------------------------
     @classmethod
     def from_pretrained_base(cls, name, args=None, *, home_path=None, url=None, prefix="", build_only=False,
-                             overwrite_args={}, **kwargs):
+                             overwrite_args={}, before_load=None, **kwargs):
         """Build the model from `name` (a directory or a name under $SAT_HOME) and load its weights.
 
         Unlike SAT's loader this never downloads, and a checkpoint whose keys do not match the model
-        raises CheckpointError naming the keys. Returns (model, args).
+        raises CheckpointError naming the keys. `before_load(model)` runs between building and
+        loading (e.g. to swap in layers that quantize as they load). Returns (model, args).
         """
         model_path = checkpoint_io.resolve_checkpoint(name) if home_path is None else os.path.join(home_path, name)
         config = checkpoint_io.read_model_config(model_path)
@@ -181,6 +182,8 @@ class CogVLMModel(LLaMAModel):
         else:
             model, model_args = super().from_pretrained_base(model_path, args=args, url="local", prefix=prefix,
                                                              build_only=True, overwrite_args=overwrite_args, **kwargs)
+        if before_load is not None:
+            before_load(model)
         if not build_only:
             load_checkpoint(model, model_args, model_path)
         return model, model_args

@@ -21,14 +21,19 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, head_dim: int,
                  dtype: torch.dtype, device):
-        shape = (batch_size, num_heads, max_length, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # One allocation for all layers: glibc serves it with mmap and returns it to the OS when the
+        # cache is freed. Per-layer tensors (a few MB each) came from the heap, and glibc kept the
+        # freed ones: every generation left its cache resident (0.44 GB after one batch-8 run of
+        # bench config M, against 0.04 GB with one buffer).
+        self.buffer = torch.empty((num_layers, 2, batch_size, num_heads, max_length, head_dim), dtype=dtype,
+                                  device=device)
+        self.keys = list(self.buffer[:, 0].unbind(0))
+        self.values = list(self.buffer[:, 1].unbind(0))
         self.length = 0
         self.max_length = max_length
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return self.buffer.numel() * self.buffer.element_size()
 
     def append(self, layer_id: int, key: torch.Tensor, value: torch.Tensor):
         """Write (batch, heads, n, head_dim) at [length, length + n) -> views of positions [0, length + n)."""

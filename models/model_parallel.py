@@ -241,18 +241,28 @@ def load_sharded(model: torch.nn.Module, reader: ShardedCheckpoint, rank: int, w
         raise _mismatch_error(reader.dir, missing, unexpected)
 
 
-def from_pretrained(model_cls, ckpt_dir: str, args):
+def from_pretrained(model_cls, ckpt_dir: str, args, quant: Optional[int] = None):
     """Build `model_cls` for this process's share of a model-parallel group and load its weights.
 
     The model-parallel size is the torchrun world size (`args.world_size`); the checkpoint may be
     saved for any model-parallel size: an unsplit one is split on the fly, an N-way one read shard
-    by shard. One process with an unsplit checkpoint takes the ordinary loader. Returns (model, args).
+    by shard. One process with an unsplit checkpoint takes the ordinary loader. `quant` (4 or 8)
+    quantizes the weights (utils.quantization); on CPU one process quantizes an unsplit checkpoint
+    layer by layer as it loads, so the float weights are never all in memory. Returns (model, args).
     """
+    from utils.quantization import quantize_model
+
     world_size = int(getattr(args, "world_size", 1))
     config = checkpoint_io.read_model_config(ckpt_dir)
     saved_mp = int(config.get("model_parallel_size", 1))
     if world_size == 1 and saved_mp == 1:
-        return model_cls.from_pretrained(ckpt_dir, args=args)
+        on_load = bool(quant) and not str(getattr(args, "device", "cpu")).startswith("cuda")
+        model, model_args = model_cls.from_pretrained(
+            ckpt_dir, args=args,
+            before_load=(lambda built: quantize_model(built, quant, weights_loaded=False)) if on_load else None)
+        if quant and not on_load:
+            model = quantize_model(model, quant)
+        return model, model_args
     check_divisible(config, world_size)
     # an HF-format directory (unsplit tensors) offers the same reading interface
     reader = hf_format.HFStateReader(ckpt_dir) if hf_format.is_hf_checkpoint(ckpt_dir) else ShardedCheckpoint(ckpt_dir)
@@ -262,6 +272,8 @@ def from_pretrained(model_cls, ckpt_dir: str, args):
     logger.info("loading %s (saved for %d model-parallel rank(s)) as rank %d of %d%s", ckpt_dir, saved_mp, rank,
                 world_size, "; LoRA folded into the weights" if reader.has_lora else "")
     load_sharded(model, reader, rank, world_size)
+    if quant:
+        model = quantize_model(model, quant)
     # sampling draws from torch's RNG on every rank; the same seed keeps all ranks on the same tokens
     torch.manual_seed(getattr(model_args, "seed", 1234))
     return model.eval(), model_args

@@ -1,5 +1,6 @@
 """int8 quantization (--quant 8 on CPU): memory, logit error and greedy agreement on the bundle."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -68,8 +69,40 @@ def test_4bit_on_cpu_is_a_clear_error(golden_model):
 def test_weight_only_kernel_matches_dequantized_weights(golden_model):
     """The fallback for machines without fbgemm: int8 weights, fp activations."""
     linear = golden_model[0].transformer.layers[0].attention.query_key_value
-    int8 = Int8WeightOnlyLinear(linear)
+    int8 = Int8WeightOnlyLinear.from_linear(linear)
     x = torch.randn(3, 5, linear.weight.shape[1])
     dequantized = int8.weight_int8.float() * int8.scales[:, None]
     assert torch.allclose(int8(x), x @ dequantized.T, atol=1e-4)
     assert (dequantized - linear.weight).abs().max() <= int8.scales.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("source", ["sat", "hf"])
+@torch.no_grad()
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(golden, quantized, source, caplog):
+    """`--quant 8` on CPU (load_for_inference) swaps in empty int8 layers before the checkpoint loads,
+    so the float weights never all sit in memory; the model must be the same as quantizing after."""
+    import argparse
+
+    from test_hf_format import HF_DIR
+    from utils.loading import add_inference_args, load_for_inference
+
+    checkpoint = golden.checkpoint if source == "sat" else HF_DIR
+    args = add_inference_args(argparse.ArgumentParser()).parse_args(
+        ["--from_pretrained", checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu", "--quant", "8"])
+    with caplog.at_level(logging.INFO, logger="utils.quantization"):
+        model = load_for_inference(args).model
+    assert "prepared 33 linear layers to int8" in caplog.text  # before loading, not after
+    layers = [m for m in model.modules() if isinstance(m, (Int8DynamicLinear, Int8WeightOnlyLinear))]
+    assert len(layers) == 2 * 10 + 1 + 2 * 4 + 4 and all(layer.loaded for layer in layers)
+    for name in ALL_CASES:
+        inputs = case_inputs(golden, name)
+        assert torch.equal(model(**inputs)[0], quantized(**inputs)[0]), name
+
+
+def test_int8_layer_refuses_a_checkpoint_of_another_shape(golden_model):
+    linear = golden_model[0].transformer.layers[0].attention.query_key_value
+    layer = Int8WeightOnlyLinear.like(linear)
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        layer.load_state_dict({"weight": torch.zeros(3, 5)})
+    with pytest.raises(RuntimeError, match="before its weights were loaded"):
+        layer(torch.zeros(1, linear.weight.shape[1]))

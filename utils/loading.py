@@ -94,11 +94,9 @@ def load_for_inference(args) -> InferenceBundle:
         mode="inference", skip_init=True, use_gpu_initialization=device.startswith("cuda"), device=device,
         fp16=args.fp16, bf16=args.bf16)
     # under torchrun each process loads its model-parallel share, from a checkpoint saved for any split
-    model, model_args = model_parallel.from_pretrained(model_cls, ckpt_dir, model_args)
+    model, model_args = model_parallel.from_pretrained(model_cls, ckpt_dir, model_args,
+                                                       quant=getattr(args, "quant", None))
     model = model.eval()
-    if getattr(args, "quant", None):
-        from utils.quantization import quantize_model
-        model = quantize_model(model, args.quant)
     ensure_kv_cache(model)
 
     tokenizer = llama2_tokenizer(args.local_tokenizer, signal_type=args.version)
