@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -85,20 +86,21 @@ def weight_bytes(model, decode_only: bool = False) -> int:
 
 
 def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5, device: str = "cpu") -> float:
-    """Bytes read + written per second by a large tensor copy (the device's practical bandwidth)."""
+    """Bytes read + written per second by a large tensor copy (the device's practical bandwidth):
+    the median of `repeats` copies."""
     import torch
 
     src = torch.ones(megabytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         _synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
         _synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best / 1e9
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
 def _synchronize(device: str):
@@ -200,20 +202,27 @@ def child(options):
     weights = weight_bytes(model, decode_only=True)
     run = run_upstream if options.path == "upstream" else run_ours
     run(model, args, options.batch, 4)  # warm-up (allocations, oneDNN primitive caches)
-    prefill, tokens_per_s, prompt_length = run(model, args, options.batch, options.new_tokens)
+    # this VM's speed drifts by +-15% between runs: report the median of several
+    runs = [run(model, args, options.batch, options.new_tokens) for _ in range(options.repeats)]
+    prefill = statistics.median(r[0] for r in runs)
+    tokens_per_s = statistics.median(r[1] for r in runs)
+    prompt_length = runs[0][2]
     first = model.transformer.layers[0].attention
     kv_bytes = (2 * len(model.transformer.layers) * first.hidden_size_per_attention_head
                 * first.num_attention_heads_per_partition * next(model.parameters()).element_size()
                 * (prompt_length + options.new_tokens // 2))  # mean cache length over the decode
     model_bytes = weight_bytes(model)
     cache_bytes = kv_bytes * (prompt_length + options.new_tokens) // (prompt_length + options.new_tokens // 2)
+    # on CUDA: peak GPU memory allocated by torch (nothing is allocated before the model)
+    peak = torch.cuda.max_memory_allocated() if options.device == "cuda" else proc_status_bytes("VmHWM")
     print(json.dumps(dict(prefill_s=prefill, tokens_per_s=tokens_per_s, prompt_length=prompt_length,
                           weight_bytes_per_token=weights, kv_bytes_per_row=kv_bytes, model_bytes=model_bytes,
                           cache_bytes=cache_bytes * options.batch,
-                          # on CUDA: peak GPU memory allocated by torch (nothing is allocated before the model)
-                          peak_rss_bytes=(torch.cuda.max_memory_allocated() if options.device == "cuda"
-                                          else proc_status_bytes("VmHWM")),
-                          baseline_rss_bytes=0 if options.device == "cuda" else baseline_rss)))
+                          peak_rss_bytes=peak,
+                          baseline_rss_bytes=0 if options.device == "cuda" else baseline_rss,
+                          tokens_per_s_runs=[r[1] for r in runs],
+                          # measured here, after the runs (its 1 GB of buffers would otherwise be the peak)
+                          copy_bandwidth_gbs=copy_bandwidth_gbs(device=options.device))))
 
 
 def proc_status_bytes(field: str) -> int:
@@ -239,6 +248,7 @@ def main():
     parser.add_argument("--quant", type=int, choices=[8], default=None, help="int8 linear layers (ours only)")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: weights built on the GPU, roofline from its copy bandwidth, memory = peak "
                              "GPU memory (e.g. --device cuda --config 17B --dtype bf16 --path ours)")
@@ -247,11 +257,11 @@ def main():
     if options.child:
         return child(options)
 
-    bandwidth = copy_bandwidth_gbs(device=options.device)
-    print(f"copy bandwidth (read + write): {bandwidth:.1f} GB/s; config {options.config}; device {options.device}; "
-          f"{options.threads} threads" + ("; memory columns = peak GPU memory" if options.device == "cuda" else ""))
-    print(f"{'path':9} {'dtype':5} {'quant':5} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'roofline':>8} "
-          f"{'of roof':>7} {'RSS GB':>7} {'base GB':>7} {'model GB':>8} {'RSS-base / model+cache':>22}")
+    print(f"config {options.config}; device {options.device}; {options.threads} threads; median of {options.repeats} "
+          f"runs (tok/s range in brackets); copy bandwidth (read + write) measured in each row's process"
+          + ("; memory columns = peak GPU memory" if options.device == "cuda" else ""))
+    print(f"{'path':9} {'dtype':5} {'quant':5} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'(range)':>15} {'GB/s':>5} "
+          f"{'roofline':>8} {'of roof':>7} {'RSS GB':>7} {'base GB':>7} {'model GB':>8} {'RSS-base / model+cache':>22}")
     for dtype in options.dtype:
         for path in options.path:
             for batch in options.batch:
@@ -268,9 +278,11 @@ def main():
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 # one step reads the weights once for the whole batch, plus every row's cache
                 step_bytes = r["weight_bytes_per_token"] + batch * r["kv_bytes_per_row"]
-                roofline = bandwidth * 1e9 / step_bytes * batch
+                roofline = r["copy_bandwidth_gbs"] * 1e9 / step_bytes * batch
+                spread = f"({min(r['tokens_per_s_runs']):.1f}-{max(r['tokens_per_s_runs']):.1f})"
                 print(f"{path:9} {dtype:5} {str(options.quant or '-'):5} {batch:5d} {r['prefill_s']:9.2f} "
-                      f"{r['tokens_per_s']:8.1f} {roofline:8.1f} {r['tokens_per_s'] / roofline:7.0%} "
+                      f"{r['tokens_per_s']:8.1f} {spread:>15} {r['copy_bandwidth_gbs']:5.1f} {roofline:8.1f} "
+                      f"{r['tokens_per_s'] / roofline:7.0%} "
                       f"{r['peak_rss_bytes'] / 1e9:7.2f} {r['baseline_rss_bytes'] / 1e9:7.2f} "
                       f"{r['model_bytes'] / 1e9:8.2f} "
                       f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / (r['model_bytes'] + r['cache_bytes']):21.2f}x",

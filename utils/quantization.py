@@ -56,7 +56,8 @@ class Int8Linear(nn.Module):
     def quantize_(self, weight: torch.Tensor, bias: torch.Tensor = None) -> None:
         """Store `weight` (out, in), any float dtype, as int8 + scales, and `bias` (out,) as it is."""
         weight = weight.float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        # few full-size temporaries: on a CPU they fragment the heap between the int8 layers kept
+        scales = torch.linalg.vector_norm(weight, ord=float("inf"), dim=1).clamp(min=1e-12) / 127.0
         self._store(weight, scales, None if bias is None else bias.detach().to(self.dtype).clone())
         self.loaded = True
 
@@ -95,7 +96,7 @@ class Int8WeightOnlyLinear(Int8Linear):
     """int8 weights, float activations: torch's `_weight_int8pack_mm` on CPU."""
 
     def _store(self, weight, scales, bias):
-        self.register_buffer("weight_int8", torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("weight_int8", (weight / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(self.dtype))
         self.register_buffer("bias", bias)
 

@@ -1,0 +1,28 @@
+"""bench/generate.py keeps working: one small run of every path, int8 included (numbers not judged)."""
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_bench(*flags):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "generate.py"), "--config", "tiny",
+                          "--repeats", "1", "--new_tokens", "4", "--threads", "1", *flags],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "failed" not in out.stdout, out.stdout
+    return [line.split() for line in out.stdout.splitlines() if line.startswith(("ours", "upstream"))]
+
+
+def test_bench_prints_a_row_per_path_dtype_and_batch():
+    rows = run_bench("--dtype", "fp32", "--path", "ours", "upstream", "--batch", "1", "2")
+    assert [(r[0], r[3]) for r in rows] == [("ours", "1"), ("ours", "2"), ("upstream", "1")]
+    for row in rows:
+        prefill_s, tokens_per_s = float(row[4]), float(row[5])
+        assert prefill_s > 0 and tokens_per_s > 0
+
+
+def test_bench_int8_row():
+    (row,) = run_bench("--dtype", "fp32", "--path", "ours", "--batch", "1", "--quant", "8")
+    assert row[2] == "8" and float(row[5]) > 0
