@@ -243,6 +243,25 @@ def test_merge_casts_to_bf16(golden, work_dir):
     assert {v.dtype for v in load_module(shard_path(out)).values()} == {torch.bfloat16}
 
 
+@torch.no_grad()
+def test_one_process_quantizes_a_two_way_checkpoint(golden, golden_model, golden_mp2):
+    """--quant 8 on a model-parallel checkpoint in one process: merged while loading, then quantized
+    (quantizing while loading is for unsplit checkpoints); same int8 model as from the unsplit one."""
+    import argparse
+    import copy
+
+    from test_golden import case_inputs
+    from utils.loading import add_inference_args, load_for_inference
+    from utils.quantization import quantize_model
+
+    args = add_inference_args(argparse.ArgumentParser()).parse_args(
+        ["--from_pretrained", golden_mp2, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu", "--quant", "8"])
+    model = load_for_inference(args).model
+    reference = quantize_model(copy.deepcopy(golden_model[0]), 8)
+    inputs = case_inputs(golden, "chat")
+    assert torch.equal(model(**inputs)[0], reference(**inputs)[0])
+
+
 def test_mismatches_are_clear_errors(golden, golden_mp2, tiny_checkpoint, work_dir, capsys):
     import merge_model as merge_script
     from models.model_parallel import ShardedCheckpoint
