@@ -106,3 +106,17 @@ def test_int8_layer_refuses_a_checkpoint_of_another_shape(golden_model):
         layer.load_state_dict({"weight": torch.zeros(3, 5)})
     with pytest.raises(RuntimeError, match="before its weights were loaded"):
         layer(torch.zeros(1, linear.weight.shape[1]))
+
+
+@pytest.mark.parametrize("int8_class", [Int8DynamicLinear, Int8WeightOnlyLinear])
+@torch.no_grad()
+def test_weight_and_bias_may_load_in_separate_calls(golden_model, int8_class):
+    """HF checkpoints load in groups of tensors: a layer's weight and bias can arrive apart."""
+    linear = golden_model[0].get_mixin("eva").vit_model.transformer.layers[0].attention.query_key_value
+    assert linear.bias is not None
+    layer = int8_class.like(linear)
+    assert layer.load_state_dict({"bias": linear.bias}, strict=False).missing_keys == ["weight"]
+    assert layer.load_state_dict({"weight": linear.weight}, strict=False).missing_keys == ["bias"]
+    x = torch.randn(2, linear.weight.shape[1])
+    assert torch.equal(layer(x), int8_class.from_linear(linear)(x))
+    assert (layer(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()

@@ -39,6 +39,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.has_bias, self.dtype = in_features, out_features, has_bias, dtype
         self.loaded = False
+        self.register_buffer("bias", None)
 
     @classmethod
     def like(cls, linear: nn.Module) -> "Int8Linear":
@@ -58,19 +59,29 @@ class Int8Linear(nn.Module):
         weight = weight.float()
         # few full-size temporaries: on a CPU they fragment the heap between the int8 layers kept
         scales = torch.linalg.vector_norm(weight, ord=float("inf"), dim=1).clamp(min=1e-12) / 127.0
-        self._store(weight, scales, None if bias is None else bias.detach().to(self.dtype).clone())
+        self._store(weight, scales)
         self.loaded = True
+        if bias is not None:
+            self.set_bias_(bias)
 
-    def _store(self, weight: torch.Tensor, scales: torch.Tensor, bias) -> None:
+    @torch.no_grad()
+    def set_bias_(self, bias: torch.Tensor) -> None:
+        self.register_buffer("bias", bias.detach().to(self.dtype).clone())
+
+    def _store(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
         """Keep the int8 form of `weight` (out, in) fp32 with per-row `scales` (out,) fp32."""
         raise NotImplementedError
+
+    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def weight_bytes(self) -> int:
         return self.in_features * self.out_features  # one byte per weight (+ out_features scales)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # the checkpoint holds the float layer this one replaced: quantize its tensors as they arrive
+        # The checkpoint holds the float layer this one replaced: quantize its tensors as they arrive.
+        # Weight and bias may come in different calls (HF checkpoints load in groups of tensors).
         weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
         if weight is None:
             missing_keys.append(prefix + "weight")
@@ -78,11 +89,17 @@ class Int8Linear(nn.Module):
             error_msgs.append(f"size mismatch for {prefix}weight: checkpoint {tuple(weight.shape)}, "
                               f"model {(self.out_features, self.in_features)}")
         else:
-            if self.has_bias and bias is None:
-                missing_keys.append(prefix + "bias")
-            self.quantize_(weight, bias if self.has_bias else None)
-        if bias is not None and not self.has_bias:
-            unexpected_keys.append(prefix + "bias")
+            self.quantize_(weight)
+        if not self.has_bias:
+            if bias is not None:
+                unexpected_keys.append(prefix + "bias")
+        elif bias is None:
+            missing_keys.append(prefix + "bias")
+        elif tuple(bias.shape) != (self.out_features,):
+            error_msgs.append(f"size mismatch for {prefix}bias: checkpoint {tuple(bias.shape)}, "
+                              f"model {(self.out_features,)}")
+        else:
+            self.set_bias_(bias)
 
     def _check_loaded(self):
         if not self.loaded:
@@ -95,10 +112,9 @@ class Int8Linear(nn.Module):
 class Int8WeightOnlyLinear(Int8Linear):
     """int8 weights, float activations: torch's `_weight_int8pack_mm` on CPU."""
 
-    def _store(self, weight, scales, bias):
+    def _store(self, weight, scales):
         self.register_buffer("weight_int8", (weight / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(self.dtype))
-        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
@@ -107,24 +123,22 @@ class Int8WeightOnlyLinear(Int8Linear):
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scales.to(x.dtype))
         else:  # no fused kernel here: dequantise on the fly
             out = F.linear(flat, self.weight_int8.to(x.dtype) * self.scales.to(x.dtype)[:, None])
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return self._add_bias(out).reshape(*x.shape[:-1], self.out_features)
 
 
 class Int8DynamicLinear(Int8Linear):
     """int8 per-channel weights packed for fbgemm; activations are quantized to int8 per call."""
 
-    def _store(self, weight, scales, bias):
+    def _store(self, weight, scales):
         qweight = torch.quantize_per_channel(weight, scales.double(), torch.zeros(len(scales), dtype=torch.long),
                                              axis=0, dtype=torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float())
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None)  # the bias is added after, in float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
         flat = x.reshape(-1, self.in_features).float()
         out = torch.ops.quantized.linear_dynamic(flat, self._packed, _REDUCE_RANGE)
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return self._add_bias(out.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
 
 
 def _cpu_has_vnni() -> bool:
