@@ -20,7 +20,7 @@ def test_bench_prints_a_row_per_path_dtype_and_batch():
     assert [(r[0], r[3]) for r in rows] == [("ours", "1"), ("ours", "2"), ("upstream", "1")]
     for row in rows:
         prefill_s, tokens_per_s = float(row[4]), float(row[5])
-        assert prefill_s > 0 and tokens_per_s > 0
+        assert prefill_s >= 0 and tokens_per_s > 0  # the tiny prefill may print as 0.00 s
 
 
 def test_bench_int8_row():
