@@ -133,3 +133,26 @@ def test_greedy_pick_equals_sat_strategy_at_top_k_1(tiny):  # tiny: SAT initiali
     fast = pick_next_tokens(config, config.strategy([2]), logits, tokens)
     sat = config.strategy([2]).forward(logits, tokens, None)[0]
     assert fast.tolist() == sat.tolist() and fast.shape == (4, 4)
+
+
+def test_rotary_reuses_angles_only_for_the_same_unchanged_positions():
+    """The rotary embedding computes cos/sin once per forward (all layers pass one position_ids tensor);
+    a new tensor, or the same one changed in place, must get fresh angles."""
+    from models.mixin import RotaryEmbedding
+
+    def reference(x, positions, inv_freq):  # GPT-NeoX rotate-half
+        angles = positions.float()[:, None, :, None] * inv_freq
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * angles.cos() - second * angles.sin(), first * angles.sin() + second * angles.cos()), -1)
+
+    rotary = RotaryEmbedding(8)
+    x = torch.randn(1, 2, 5, 8)
+    positions = torch.arange(5)[None]
+    for step in range(3):
+        query, key = rotary(x, 2 * x, positions)
+        assert torch.allclose(query, reference(x, positions, rotary.inv_freq), atol=1e-6), step
+        assert torch.allclose(key, reference(2 * x, positions, rotary.inv_freq), atol=1e-6), step
+        if step == 0:
+            positions.add_(7)  # in place
+        else:
+            positions = positions + 1  # a new tensor
