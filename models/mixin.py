@@ -8,6 +8,7 @@ the language expert. Attention itself runs over all positions together.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sat.model.base_model import BaseMixin
 from sat.mpu import ColumnParallelLinear, RowParallelLinear
@@ -83,6 +84,15 @@ def _route(hidden_states, vision_expert_mask, language_fn, vision_fn, out_featur
     return output
 
 
+def _gated(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up. Without autograd, computed in gate's buffer: each fresh (tokens, inner) tensor
+    cost page faults on this CPU (silu + product: 51 ms of a 1 s config-M prefill)."""
+    if torch.is_grad_enabled():
+        return act(gate) * up
+    hidden = F.silu(gate, inplace=True) if act is F.silu else act(gate)
+    return hidden.mul_(up)
+
+
 def _use_vision_expert(kw_args, seq_len):
     mask = kw_args.get("vision_expert_mask")
     return mask is not None and mask.shape[-1] == seq_len and bool(mask.any())
@@ -118,14 +128,14 @@ class LlamaVisionExpertFCMixin(BaseMixin):
 
         def language(x):
             gate, up = apply_linear(self.gate_proj[layer_id], x), apply_linear(mlp.dense_h_to_4h, x)
-            return apply_linear(mlp.dense_4h_to_h, act(gate) * up)
+            return apply_linear(mlp.dense_4h_to_h, _gated(act, gate, up))
 
         if not _use_vision_expert(kw_args, hidden_states.shape[1]):
             return language(hidden_states)
 
         def vision(x):
             up = self.vision_dense_h_to_4h_list[layer_id](x)
-            return self.vision_dense_4h_to_h_list[layer_id](act(self.vision_gate_proj[layer_id](x)) * up)
+            return self.vision_dense_4h_to_h_list[layer_id](_gated(act, self.vision_gate_proj[layer_id](x), up))
 
         return _route(hidden_states, kw_args["vision_expert_mask"], language, vision, hidden_states.shape[-1])
 
