@@ -39,7 +39,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     parser.add_argument("--quant", type=int, choices=[4, 8], default=None,
-                        help="quantize weights: 8 = int8 weight-only on CPU, 4/8 with SAT's kernels on CUDA")
+                        help="quantize weights: 8 = int8 on CPU (quantized while loading), 4/8 with SAT's kernels on CUDA")
     return parser
 
 
