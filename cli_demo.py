@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from utils.chat import ChatStream
-from utils.errors import CogVLMError
+from models.errors import CogVLMError
 from utils.grounding import add_grounding_args, is_grounding_checkpoint, next_output_path, render_grounding
 from utils.loading import add_inference_args, generation_config, load_for_inference
 

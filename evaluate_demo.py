@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from utils.dataset import CAPTCHA_QUERY, exact_match, find_images, label_of, read_captcha
-from utils.errors import CogVLMError, ImageError
+from models.errors import CogVLMError, ImageError
 from utils.loading import add_inference_args, load_for_inference
 from utils.vision import load_image
 

@@ -33,7 +33,7 @@ from sat.training.model_io import save_checkpoint
 from models.cogvlm_model import FineTuneTrainCogVLMModel
 from utils.dataset import (CaptchaDataset, IGNORE_INDEX, collate_captchas, exact_match, llama2_text_processor,
                            read_captcha)
-from utils.errors import CogVLMError
+from models.errors import CogVLMError
 from utils.language import llama2_text_processor_inference, llama2_tokenizer
 from utils.vision import get_image_processor
 

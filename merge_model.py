@@ -19,7 +19,7 @@ import torch
 
 from models.checkpoint_io import resolve_checkpoint
 from models.model_parallel import reshard_checkpoint, unsplit_layout
-from utils.errors import CogVLMError
+from models.errors import CogVLMError
 
 logger = logging.getLogger("merge_model")
 

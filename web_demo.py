@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import gradio as gr
 
 from utils.chat import ChatStream, GenerationConfig, History
-from utils.errors import CogVLMError, PromptError
+from models.errors import CogVLMError, PromptError
 from utils.grounding import add_grounding_args, is_grounding_checkpoint, render_grounding
 from utils.loading import InferenceBundle, add_inference_args, generation_config, load_for_inference
 from utils.vision import MAX_IMAGE_BYTES

@@ -39,7 +39,7 @@ def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None):
     before any weight is written, as `--quant 8` loading does, so the float weights never exist."""
     import torch
     from models import CogVLMModel
-    from utils.quantization import Int8Linear, quantize_model
+    from models.quantization import Int8Linear, quantize_model
 
     cfg = CONFIGS[name]
     eva = cfg["eva"]

@@ -1,5 +1,5 @@
 """CogVLM networks on SwissArmyTransformer."""
-import utils  # noqa: F401  (sets the environment SAT/DeepSpeed need before they are imported)
+from models import sat_compat  # noqa: F401  (must precede the first `import sat`)
 from models.cogvlm_model import CogVLMModel, FineTuneTestCogVLMModel, FineTuneTrainCogVLMModel
 from models.eva_clip_model import EVA2CLIPModel
 

@@ -11,7 +11,7 @@ import os
 import torch
 
 from utils import hf_format
-from utils.errors import CheckpointError
+from models.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from models.eva_clip_model import EVA2CLIPModel
 from models.linear import apply_linear
 from models.mixin import LlamaVisionExpertAttnMixin, LlamaVisionExpertFCMixin
 from utils import hf_format
-from utils.errors import CheckpointError, CogVLMError
+from models.errors import CheckpointError, CogVLMError
 
 logger = logging.getLogger(__name__)
 

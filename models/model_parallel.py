@@ -34,7 +34,7 @@ from sat.mpu import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedd
 
 from models import checkpoint_io
 from utils import hf_format
-from utils.errors import CheckpointError, CogVLMError
+from models.errors import CheckpointError, CogVLMError
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def from_pretrained(model_cls, ckpt_dir: str, args, quant: Optional[int] = None)
     quantizes the weights (utils.quantization); on CPU one process quantizes an unsplit checkpoint
     layer by layer as it loads, so the float weights are never all in memory. Returns (model, args).
     """
-    from utils.quantization import quantize_model
+    from models.quantization import quantize_model
 
     world_size = int(getattr(args, "world_size", 1))
     config = checkpoint_io.read_model_config(ckpt_dir)

@@ -40,7 +40,7 @@ from openai_demo.schemas import (AssistantMessage, ChatCompletion, ChatCompletio
                                  ChatCompletionRequest, ChatMessage, Choice, ChunkChoice, Delta, ErrorBody,
                                  ErrorDetail, ImagePart, ModelCard, ModelList, TextPart, Usage, completion_id, now)
 from utils.chat import ChatStream, GenerationConfig  # noqa: E402
-from utils.errors import CogVLMError, ImageError, PromptError  # noqa: E402
+from models.errors import CogVLMError, ImageError, PromptError  # noqa: E402
 from utils.loading import InferenceBundle, add_inference_args, generation_config, load_for_inference  # noqa: E402
 from utils.vision import MAX_IMAGE_BYTES, image_from_bytes, load_image  # noqa: E402
 

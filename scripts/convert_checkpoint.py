@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.checkpoint_io import resolve_checkpoint  # noqa: E402
 from utils import hf_format  # noqa: E402
-from utils.errors import CogVLMError  # noqa: E402
+from models.errors import CogVLMError  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,7 @@ from scripts.make_captcha_dataset import CHARSET, make_dataset, render_captcha
 from scripts.split_dataset import SplitError, split_dataset
 from utils.dataset import (CAPTCHA_QUERY, IGNORE_INDEX, CaptchaDataset, collate_captchas, exact_match,
                            llama2_text_processor)
-from utils.errors import CogVLMError
+from models.errors import CogVLMError
 from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ALL_CASES, ROOT, assert_close_rel, inference_args
 from utils import hf_format
-from utils.errors import CheckpointError
+from models.errors import CheckpointError
 
 HF_DIR = os.path.join(ROOT, "tests", "golden", "tiny-small-hf")
 HF_SHARDED_DIR = os.path.join(ROOT, "tests", "golden", "tiny-small-hf-sharded")

@@ -252,7 +252,7 @@ def test_one_process_quantizes_a_two_way_checkpoint(golden, golden_model, golden
 
     from test_golden import case_inputs
     from utils.loading import add_inference_args, load_for_inference
-    from utils.quantization import quantize_model
+    from models.quantization import quantize_model
 
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", golden_mp2, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu", "--quant", "8"])
@@ -265,7 +265,7 @@ def test_one_process_quantizes_a_two_way_checkpoint(golden, golden_model, golden
 def test_mismatches_are_clear_errors(golden, golden_mp2, tiny_checkpoint, work_dir, capsys):
     import merge_model as merge_script
     from models.model_parallel import ShardedCheckpoint
-    from utils.errors import CheckpointError
+    from models.errors import CheckpointError
 
     # 4 ranks cannot divide the second config's 6 attention heads
     assert merge_script.main(["--from_pretrained", tiny_checkpoint, "--model_parallel_size", "4",

@@ -8,8 +8,8 @@ import torch
 from conftest import ALL_CASES, IMAGE_CASES
 from test_golden import case_inputs
 from utils.chat import GenerationConfig, generate_stream, vision_inputs_from
-from utils.errors import CogVLMError
-from utils.quantization import Int8DynamicLinear, Int8WeightOnlyLinear, quantize_int8, quantize_model
+from models.errors import CogVLMError
+from models.quantization import Int8DynamicLinear, Int8WeightOnlyLinear, quantize_int8, quantize_model
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(golden, qua
     checkpoint = golden.checkpoint if source == "sat" else HF_DIR
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu", "--quant", "8"])
-    with caplog.at_level(logging.INFO, logger="utils.quantization"):
+    with caplog.at_level(logging.INFO, logger="models.quantization"):
         model = load_for_inference(args).model
     assert "prepared 33 linear layers to int8" in caplog.text  # before loading, not after
     layers = [m for m in model.modules() if isinstance(m, (Int8DynamicLinear, Int8WeightOnlyLinear))]

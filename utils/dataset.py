@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence
 import torch
 from PIL import Image
 
-from utils.errors import CogVLMError
+from models.errors import CogVLMError
 from utils.language import history_to_prompt, llama2_text_processor_inference
 
 logger = logging.getLogger(__name__)

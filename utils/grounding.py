@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.errors import CogVLMError
+from models.errors import CogVLMError
 
 logger = logging.getLogger(__name__)
 

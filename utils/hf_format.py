@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from utils.errors import CheckpointError
+from models.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from utils.errors import PromptError, TokenizerError
+from models.errors import PromptError, TokenizerError
 
 logger = logging.getLogger(__name__)
 

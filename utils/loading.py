@@ -14,7 +14,7 @@ from models.checkpoint_io import read_model_config, resolve_checkpoint
 from models.cogvlm_model import CogVLMModel, FineTuneTestCogVLMModel
 from models import model_parallel
 from utils.chat import GenerationConfig, ensure_kv_cache
-from utils.errors import CogVLMError
+from models.errors import CogVLMError
 from utils.language import DEFAULT_TOKENIZER, PROMPT_TEMPLATES, llama2_text_processor_inference, llama2_tokenizer
 from utils.vision import get_image_processor
 

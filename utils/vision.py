@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from utils.errors import ImageError
+from models.errors import ImageError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sat.mpu import ColumnParallelLinear, RowParallelLinear, get_model_parallel_world_size
 
-from utils.errors import CogVLMError
+from models.errors import CogVLMError
 
 logger = logging.getLogger(__name__)
 
