@@ -17,8 +17,7 @@ import sys
 
 import torch
 
-from models.checkpoint_io import resolve_checkpoint
-from models.model_parallel import reshard_checkpoint, unsplit_layout
+from models.checkpoint import open_checkpoint, reshard_checkpoint
 from models.errors import CogVLMError
 
 logger = logging.getLogger("merge_model")
@@ -38,27 +37,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _init_single_process_group():
-    # Building the model (for its layer types) makes SAT set up torch.distributed from torchrun's
-    # environment, which would wait for ranks that have already exited: give it a group of one.
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-
-
 def convert(args) -> list:
     if args.fp16 and args.bf16:
         raise CogVLMError("--fp16 and --bf16 are exclusive; pick one")
     if args.model_parallel_size < 1:
         raise CogVLMError(f"--model_parallel_size must be >= 1, got {args.model_parallel_size}")
-    ckpt_dir = resolve_checkpoint(args.from_pretrained)
-    if os.path.abspath(args.save) == os.path.abspath(ckpt_dir):
+    checkpoint = open_checkpoint(args.from_pretrained)
+    if os.path.abspath(args.save) == os.path.abspath(checkpoint.path):
         raise CogVLMError("--save must differ from --from_pretrained (the input is read while the output is written)")
-    if os.path.isdir(args.save) and os.listdir(args.save):
-        raise CogVLMError(f"--save {args.save} exists and is not empty; choose a new directory or remove it")
-    _init_single_process_group()
-    layout = unsplit_layout(ckpt_dir)
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
-    return reshard_checkpoint(ckpt_dir, args.save, layout, args.model_parallel_size, dtype)
+    return reshard_checkpoint(checkpoint, args.save, args.model_parallel_size, dtype)
 
 
 def main(argv=None) -> int:

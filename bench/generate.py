@@ -183,7 +183,7 @@ def run_upstream(model, args, batch_size: int, new_tokens: int):
     with torch.no_grad():
         filling_sequence(model, seq, batch_size=1, strategy=BaseStrategy(temperature=0.8, top_k=1, top_p=0.4),
                          get_masks_and_position_ids=masks_and_positions,
-                         vision_image=images.to(dtype), vision_expert_mask=batch["vision_expert_mask"],
+                         images=images.to(dtype), vision_expert_mask=batch["vision_expert_mask"],
                          image_embed_mask=batch["image_embed_mask"])
     end = time.perf_counter()
     prefill = timings[1] - start

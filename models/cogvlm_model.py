@@ -10,25 +10,21 @@ State-dict layout (what the released SAT checkpoints hold):
 import argparse
 import json
 import logging
-import os
 
 import torch
 import torch.nn as nn
 
 from sat import mpu
-from sat.arguments import overwrite_args_by_dict
-from sat.model.base_model import BaseMixin, get_model
+from sat.model.base_model import BaseMixin
 from sat.model.finetune import PTuningV2Mixin
 from sat.model.finetune.lora2 import LoraMixin
 from sat.model.official.llama_model import LLaMAModel, LMMixin
 from sat.mpu.layers import unscaled_init_method
 
-from models import checkpoint_io
 from models.eva_clip_model import EVA2CLIPModel
 from models.linear import apply_linear
 from models.mixin import LlamaVisionExpertAttnMixin, LlamaVisionExpertFCMixin
-from utils import hf_format
-from models.errors import CheckpointError, CogVLMError
+from models.errors import CogVLMError
 
 logger = logging.getLogger(__name__)
 
@@ -78,21 +74,18 @@ class ImageMixin(BaseMixin):
         self.boi = nn.Parameter(torch.zeros(1, 1, args.hidden_size))
         self.eoi = nn.Parameter(torch.zeros(1, 1, args.hidden_size))
 
-    def encode_image(self, image: torch.Tensor, **vit_inputs) -> torch.Tensor:
-        """image (B, 3, S, S) -> image embeddings at LLM width (B, image_length, hidden)."""
-        features = self.vit_model(image=image, **vit_inputs)[0]
-        return self.linear_proj(features)
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, S, S) -> image embeddings at LLM width (N, image_length, hidden)."""
+        return self.linear_proj(self.vit_model(images)[0])
 
-    def word_embedding_forward(self, input_ids, output_cross_layer, **kw_args):
+    def word_embedding_forward(self, input_ids, output_cross_layer, images=None, image_embed_mask=None, **kw_args):
         embeddings = self.transformer.word_embeddings(input_ids)
-        vision_inputs = {k[len("vision_"):]: v for k, v in kw_args.items()
-                         if k.startswith("vision_") and k != "vision_expert_mask" and v is not None}
-        if "image" not in vision_inputs or input_ids.shape[1] == 1:
+        if images is None or input_ids.shape[1] == 1:
             return embeddings
-        image_emb = self.encode_image(**vision_inputs)
+        image_emb = self.encode_image(images.to(embeddings.dtype))
         batch, _, hidden = image_emb.shape
         block = torch.cat([self.boi.expand(batch, 1, hidden), image_emb, self.eoi.expand(batch, 1, hidden)], dim=1)
-        image_embed_mask = kw_args["image_embed_mask"].bool()
+        image_embed_mask = image_embed_mask.bool()
         if int(image_embed_mask.sum()) != block.shape[0] * block.shape[1]:
             raise ValueError(f"image_embed_mask marks {int(image_embed_mask.sum())} positions but {batch} image(s) "
                              f"need {block.shape[1]} each (image_length + boi + eoi)")
@@ -112,9 +105,14 @@ class LMHeadMixin(LMMixin):
 
 
 class CogVLMModel(LLaMAModel):
-    """CogVLM: `model(input_ids, position_ids, attention_mask, vision_expert_mask=, image_embed_mask=,
-    vision_image=)` -> (logits (B, L, vocab), *per-layer outputs). Vision inputs are optional
-    (text-only prompts); single-token steps of cached decoding use the language expert only.
+    """CogVLM: `model(input_ids, position_ids, attention_mask, vision_expert_mask=, image_embed_mask=, images=)`
+    -> (logits (B, L, vocab), *per-layer outputs).
+
+    input_ids, position_ids, vision_expert_mask, image_embed_mask: (B, L); attention_mask (B or 1, 1, L, L),
+    1 = attend; images (N, 3, S, S) for the N rows whose image block `image_embed_mask` marks, in row order.
+    The image inputs are optional (text-only prompts); single-token steps of cached decoding use the
+    language expert only. Built from SAT args (models.config.CogVLMConfig.sat_args); loading weights is
+    the checkpoint layer's job (models/checkpoint), which also provides the upstream `from_pretrained`.
     """
 
     def __init__(self, args, transformer=None, params_dtype=torch.float, **kwargs):
@@ -122,7 +120,6 @@ class CogVLMModel(LLaMAModel):
         # (as the upstream code did) raises "got multiple values", so it lives in args only.
         kwargs.pop("parallel_output", None)
         args.parallel_output = getattr(args, "parallel_output", False)
-        _check_config(args)
         super().__init__(args, transformer=transformer, params_dtype=params_dtype, **kwargs)
         self.image_length = args.image_length
         # SAT's LLaMAModel built `lm` as a plain LMMixin; upgrading it in place keeps its (already
@@ -140,12 +137,11 @@ class CogVLMModel(LLaMAModel):
         self.add_mixin("rotary", LlamaVisionExpertAttnMixin(args.hidden_size, args.num_attention_heads, args.num_layers,
                                                             **expert_kwargs))
 
-    def forward(self, input_ids, vision_expert_mask=None, image_embed_mask=None, **kwargs):
+    def forward(self, input_ids, vision_expert_mask=None, image_embed_mask=None, images=None, **kwargs):
         kwargs.pop("parallel_output", None)
         if input_ids.shape[1] > 1 and vision_expert_mask is not None:
             return super().forward(input_ids=input_ids, vision_expert_mask=vision_expert_mask,
-                                   image_embed_mask=image_embed_mask, **kwargs)
-        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("vision_")}
+                                   image_embed_mask=image_embed_mask, images=images, **kwargs)
         return super().forward(input_ids=input_ids, **kwargs)
 
     @classmethod
@@ -155,67 +151,18 @@ class CogVLMModel(LLaMAModel):
         group.add_argument("--eva_args", type=json.loads, default={})
         return super().add_model_specific_args(parser)
 
-    # Loading ---------------------------------------------------------------------------------
+    # The upstream entry point `CogVLMModel.from_pretrained(name, args)`: reading checkpoints belongs to the
+    # checkpoint layer above the networks (models/checkpoint), which installs its loader here when imported
+    # (`import models` does it), so that this file never imports it.
+    checkpoint_loader = None
+
     @classmethod
-    def from_pretrained_base(cls, name, args=None, *, home_path=None, url=None, prefix="", build_only=False,
-                             overwrite_args={}, before_load=None, **kwargs):
-        """Build the model from `name` (a directory or a name under $SAT_HOME) and load its weights.
-
-        Unlike SAT's loader this never downloads, and a checkpoint whose keys do not match the model
-        raises CheckpointError naming the keys. `before_load(model)` runs between building and
-        loading (e.g. to swap in layers that quantize as they load). Returns (model, args).
-        """
-        model_path = checkpoint_io.resolve_checkpoint(name) if home_path is None else os.path.join(home_path, name)
-        config = checkpoint_io.read_model_config(model_path)
-        is_hf = hf_format.is_hf_checkpoint(model_path)
-        if not build_only and not is_hf:
-            checkpoint_io.read_latest_iteration(model_path)
-        model_class = config.get("model_class", "CogVLMModel")
-        if "CogVLM" not in model_class:
-            raise CheckpointError(f"{model_path} holds a {model_class}, not a CogVLM checkpoint")
-        if args is None:
-            args = cls.get_args()
-        if is_hf:  # SAT's builder reads model_config.json, which an HF directory lacks: same steps, our config
-            kwargs.pop("specific_iteration", None)
-            model_args = overwrite_args_by_dict(argparse.Namespace(**{**vars(args), **config}), overwrite_args)
-            model = get_model(model_args, cls, **kwargs)
-        else:
-            model, model_args = super().from_pretrained_base(model_path, args=args, url="local", prefix=prefix,
-                                                             build_only=True, overwrite_args=overwrite_args, **kwargs)
-        if before_load is not None:
-            before_load(model)
-        if not build_only:
-            load_checkpoint(model, model_args, model_path)
-        return model, model_args
-
-
-def load_checkpoint(model, args, ckpt_dir):
-    """Load this model-parallel rank's shard of the SAT checkpoint in `ckpt_dir` (or an HF-format directory,
-    model-parallel size 1) into `model`."""
-    mode = getattr(args, "mode", "inference")
-    # finetuning from a base checkpoint: new finetune parameters start from their initialisation
-    new_params = (".matrix_A.", ".matrix_B.", "mixins.ptuning.") if mode != "inference" else ()
-    if hf_format.is_hf_checkpoint(ckpt_dir):
-        hf_format.load_hf_weights(model, ckpt_dir, allow_missing_prefixes=new_params)
-    else:
-        path = checkpoint_io.checkpoint_file(ckpt_dir, mpu.get_model_parallel_rank())
-        state_dict = checkpoint_io.load_state_dict_file(path)
-        checkpoint_io.load_weights(model, state_dict, source=path, allow_missing_prefixes=new_params)
-        logger.info("loaded %d tensors from %s", len(state_dict), path)
-    if mode == "inference":
-        model.eval()
-
-
-def _check_config(args):
-    for name in ("eva_args", "image_length", "inner_hidden_size"):
-        if getattr(args, name, None) in (None, {}):
-            raise CheckpointError(f"model config has no '{name}'; is this a CogVLM model_config.json?")
-    eva = args.eva_args
-    image_size = eva.get("image_size", [224, 224])
-    patches = (image_size[0] // eva.get("patch_size", 14)) * (image_size[1] // eva.get("patch_size", 14))
-    if patches != args.image_length:
-        raise CheckpointError(f"model config says image_length={args.image_length} but a {image_size} image "
-                              f"with patch {eva.get('patch_size')} has {patches} patches")
+    def from_pretrained(cls, name, args=None, *, build_only=False, overwrite_args=None, **kwargs):
+        """Build this class from the checkpoint `name` (a directory, or a released name under $SAT_HOME) and
+        load its weights; returns (model, args) as SAT does. See models.checkpoint.loader.from_pretrained."""
+        if cls.checkpoint_loader is None:
+            raise RuntimeError("import models.checkpoint (or models) before CogVLMModel.from_pretrained")
+        return cls.checkpoint_loader(name, args, build_only=build_only, overwrite_args=overwrite_args, **kwargs)
 
 
 class FineTuneTrainCogVLMModel(CogVLMModel):
@@ -263,3 +210,9 @@ class FineTuneTrainCogVLMModel(CogVLMModel):
 
 class FineTuneTestCogVLMModel(FineTuneTrainCogVLMModel):
     """The finetuned model for inference: same mixins, loaded from a finetuned checkpoint."""
+
+
+# model_config.json's `model_class` -> the class that loads it for inference. Finetuned checkpoints carry
+# their finetuning mixins (LoRA, P-tuning), which the finetune classes build from the config's flags.
+INFERENCE_CLASSES = {"CogVLMModel": CogVLMModel, "FineTuneTrainCogVLMModel": FineTuneTestCogVLMModel,
+                     "FineTuneTestCogVLMModel": FineTuneTestCogVLMModel}

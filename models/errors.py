@@ -23,3 +23,7 @@ class ImageError(CogVLMError):
 
 class PromptError(CogVLMError):
     """A prompt that does not fit, or an unknown prompt template."""
+
+
+class ConfigError(CheckpointError):
+    """A model config (model_config.json / config.json) that is malformed or is not CogVLM's."""

@@ -18,8 +18,8 @@ import sys
 # run as `python scripts/convert_checkpoint.py` from anywhere: the library lives one level up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.checkpoint_io import resolve_checkpoint  # noqa: E402
-from utils import hf_format  # noqa: E402
+from models.checkpoint import convert_hf_to_sat, convert_sat_to_hf, open_checkpoint, parse_size  # noqa: E402
+from models.config import TEMPLATE_VERSIONS  # noqa: E402
 from models.errors import CogVLMError  # noqa: E402
 
 
@@ -29,19 +29,18 @@ def main(argv=None) -> int:
     parser.add_argument("output", help="new (or empty) directory to write the converted checkpoint to")
     parser.add_argument("--max_shard_size", default="5GB",
                         help="SAT -> HF: largest safetensors file (e.g. 5GB, 500MB); larger models are sharded")
-    parser.add_argument("--template_version", default="chat", choices=hf_format.TEMPLATE_VERSIONS,
+    parser.add_argument("--template_version", default=None, choices=TEMPLATE_VERSIONS,
                         help="SAT -> HF: config.json's template_version (chat for chat/vqa models, base for "
-                             "base and grounding models)")
+                             "base and grounding models; default: the checkpoint's own, else chat)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        source = resolve_checkpoint(args.source)
-        if hf_format.is_hf_checkpoint(source):
-            path = hf_format.convert_hf_to_sat(source, args.output)
+        source = open_checkpoint(args.source)
+        if source.format == "hf":
+            path = convert_hf_to_sat(source, args.output)
             print(f"wrote SAT checkpoint {args.output} ({os.path.relpath(path, args.output)})")
         else:
-            files = hf_format.convert_sat_to_hf(source, args.output, hf_format.parse_size(args.max_shard_size),
-                                                args.template_version)
+            files = convert_sat_to_hf(source, args.output, parse_size(args.max_shard_size), args.template_version)
             print(f"wrote HF checkpoint {args.output} ({len(files)} safetensors file(s))")
     except CogVLMError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -185,7 +185,7 @@ def test_checkpoint_with_wrong_keys_names_them(golden, monkeypatch, capsys, tmp_
     torch.save(state, path)
     rc, _, err = run_cli(monkeypatch, capsys, "", checkpoint=str(ckpt), golden=golden)
     line = one_error_line(err)
-    assert rc == 1 and "missing keys: mixins.eva.boi" in line and "unexpected keys: mixins.eva.boi_renamed" in line
+    assert rc == 1 and "missing tensors: mixins.eva.boi" in line and "unknown tensors: mixins.eva.boi_renamed" in line
 
 
 def test_truncated_checkpoint_file(golden, monkeypatch, capsys, tmp_path):

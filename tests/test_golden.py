@@ -16,7 +16,7 @@ def case_inputs(golden, name, with_image=True):
     kwargs = {}
     if with_image and name != "text_only":
         kwargs = dict(vision_expert_mask=golden[f"{name}.vision_expert_mask"][None],
-                      image_embed_mask=golden[f"{name}.image_embed_mask"][None], vision_image=golden["image"])
+                      image_embed_mask=golden[f"{name}.image_embed_mask"][None], images=golden["image"])
     length = golden[f"{name}.input_ids"].shape[0]
     return dict(input_ids=golden[f"{name}.input_ids"][None], position_ids=golden[f"{name}.position_ids"][None],
                 attention_mask=torch.ones(1, 1, length, length).tril(), **kwargs)
@@ -46,7 +46,7 @@ def test_image_tensor_identical(golden):
 def test_vit_and_adapter_outputs(golden, golden_model):
     model, _ = golden_model
     eva = model.get_mixin("eva")
-    vit_out = eva.vit_model(image=golden["image"])[0]
+    vit_out = eva.vit_model(golden["image"])[0]
     assert_close_rel(vit_out, golden["eva_out"], what="eva_out")
     assert_close_rel(eva.linear_proj(vit_out), golden["image_emb"], what="image_emb")
 
@@ -88,7 +88,7 @@ def test_teacher_forced_logits(golden, golden_model, name):
                    attention_mask=torch.ones(1, 1, length, length).tril(),
                    vision_expert_mask=torch.cat([golden[f"{name}.vision_expert_mask"][None], pad], 1),
                    image_embed_mask=torch.cat([golden[f"{name}.image_embed_mask"][None], pad], 1),
-                   vision_image=golden["image"])[0]
+                   images=golden["image"])[0]
     assert_close_rel(logits[0], golden[f"{name}.logits_teacher_forced"], what=f"{name}.logits_teacher_forced")
 
 
@@ -176,7 +176,7 @@ def test_bf16_on_cpu_tracks_fp32(golden):
     model, _ = CogVLMModel.from_pretrained(golden.checkpoint, args=args)
     assert next(model.parameters()).dtype == torch.bfloat16
     inputs = case_inputs(golden, "chat")
-    inputs["vision_image"] = inputs["vision_image"].bfloat16()
+    inputs["images"] = inputs["images"].bfloat16()
     logits = model(**inputs)[0][0].float()
     expected = golden["chat.logits"]
     assert (logits - expected).abs().max() < 0.1 * expected.abs().max()

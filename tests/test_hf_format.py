@@ -14,7 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import ALL_CASES, ROOT, assert_close_rel, inference_args
-from utils import hf_format
+from models import checkpoint as ckpt
+from models.checkpoint.hf_format import HFFiles
+from models.checkpoint.sat_format import write_sat_checkpoint
+from models.config import CogVLMConfig
 from models.errors import CheckpointError
 
 HF_DIR = os.path.join(ROOT, "tests", "golden", "tiny-small-hf")
@@ -47,7 +50,7 @@ def case_inputs(golden, name):
                   attention_mask=torch.ones(1, 1, length, length).tril())
     if name != "text_only":
         inputs.update(vision_expert_mask=golden[f"{name}.vision_expert_mask"][None],
-                      image_embed_mask=golden[f"{name}.image_embed_mask"][None], vision_image=golden["image"])
+                      image_embed_mask=golden[f"{name}.image_embed_mask"][None], images=golden["image"])
     return inputs
 
 
@@ -55,7 +58,7 @@ def case_inputs(golden, name):
 
 def test_sat_to_hf_equals_the_independent_hf_fixture(golden, tmp_path):
     out = str(tmp_path / "hf")
-    assert hf_format.convert_sat_to_hf(golden.checkpoint, out) == ["model.safetensors"]
+    assert ckpt.convert_sat_to_hf(golden.checkpoint, out) == ["model.safetensors"]
     assert_same_tensors(hf_tensors(out), hf_tensors(HF_DIR))
     assert json.load(open(os.path.join(out, "config.json"))) == json.load(open(os.path.join(HF_DIR, "config.json")))
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
@@ -64,7 +67,7 @@ def test_sat_to_hf_equals_the_independent_hf_fixture(golden, tmp_path):
 
 def test_sat_to_hf_sharded_with_index(golden, tmp_path):
     out = str(tmp_path / "hf")
-    files = hf_format.convert_sat_to_hf(golden.checkpoint, out, max_shard_bytes=hf_format.parse_size("0.5MB"))
+    files = ckpt.convert_sat_to_hf(golden.checkpoint, out, max_shard_bytes=ckpt.parse_size("0.5MB"))
     assert len(files) >= 4  # 1.88 MB of tensors
     assert files == [f"model-{k:05d}-of-{len(files):05d}.safetensors" for k in range(1, len(files) + 1)]
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
@@ -80,8 +83,8 @@ def test_sat_to_hf_sharded_with_index(golden, tmp_path):
 
 def test_sat_to_hf_to_sat_is_bit_identical(golden, tmp_path):
     hf_dir, sat_dir = str(tmp_path / "hf"), str(tmp_path / "sat")
-    hf_format.convert_sat_to_hf(golden.checkpoint, hf_dir, max_shard_bytes=700_000)
-    hf_format.convert_hf_to_sat(hf_dir, sat_dir)
+    ckpt.convert_sat_to_hf(golden.checkpoint, hf_dir, max_shard_bytes=700_000)
+    ckpt.convert_hf_to_sat(hf_dir, sat_dir)
     assert_same_tensors(sat_state(sat_dir), sat_state(golden.checkpoint))
     original = json.load(open(os.path.join(golden.checkpoint, "model_config.json")))
     round_trip = json.load(open(os.path.join(sat_dir, "model_config.json")))
@@ -97,9 +100,9 @@ def test_hf_to_sat_to_hf_keeps_bf16_bit_identical(tmp_path):
     shutil.copy(os.path.join(HF_DIR, "config.json"), bf16_dir)
     tensors = {k: v if "inv_freq" in k else v.bfloat16() for k, v in hf_tensors(HF_DIR).items()}
     save_file(tensors, str(bf16_dir / "model.safetensors"), metadata={"format": "pt"})
-    hf_format.convert_hf_to_sat(str(bf16_dir), sat_dir)
+    ckpt.convert_hf_to_sat(str(bf16_dir), sat_dir)
     assert sat_state(sat_dir)["mixins.lm.lm_head.weight"].dtype == torch.bfloat16
-    hf_format.convert_sat_to_hf(sat_dir, back)
+    ckpt.convert_sat_to_hf(sat_dir, back)
     assert_same_tensors(hf_tensors(back), tensors)
     assert json.load(open(os.path.join(back, "config.json")))["torch_dtype"] == "bfloat16"
 
@@ -135,19 +138,16 @@ def test_model_parallel_shards_are_merged(golden, golden_model, tmp_path):
     for rank, shard in enumerate(shards):
         torch.save({"module": shard}, sat_dir / "1" / f"mp_rank_{rank:02d}_model_states.pt")
     out = str(tmp_path / "hf")
-    hf_format.convert_sat_to_hf(str(sat_dir), out)
+    ckpt.convert_sat_to_hf(str(sat_dir), out)
     assert_same_tensors(hf_tensors(out), hf_tensors(HF_DIR))
 
 
 def test_hf_reader_gives_each_rank_its_sat_share(golden_model):
     """Under torchrun each process reads its model-parallel share straight from an HF directory."""
-    from models.model_parallel import parallel_layout
-
     model, _ = golden_model
-    reader = hf_format.HFStateReader(HF_SHARDED_DIR)
-    layout = parallel_layout(model)
+    reader = ckpt.open_checkpoint(HF_SHARDED_DIR).reader()
     for rank, expected in enumerate(split_like_sat(model, 2)):
-        assert_same_tensors({key: reader.tensor(key, layout[key], rank, 2) for key in layout}, expected)
+        assert_same_tensors(dict(reader.items(rank, 2)), expected)
     assert reader.unconsumed() == []
 
 
@@ -157,7 +157,7 @@ def test_missing_rotary_buffer_is_recomputed(golden, tmp_path):
     hf_dir.mkdir()
     shutil.copy(os.path.join(HF_DIR, "config.json"), hf_dir)
     save_file({k: v for k, v in hf_tensors(HF_DIR).items() if "inv_freq" not in k}, str(hf_dir / "model.safetensors"))
-    hf_format.convert_hf_to_sat(str(hf_dir), str(tmp_path / "sat"))
+    ckpt.convert_hf_to_sat(str(hf_dir), str(tmp_path / "sat"))
     assert_same_tensors(sat_state(str(tmp_path / "sat")), sat_state(golden.checkpoint))
 
 
@@ -178,7 +178,7 @@ def test_hf_directory_reproduces_golden_logits(golden, hf_model):
     for name in ALL_CASES:
         assert_close_rel(model(**case_inputs(golden, name))[0][0], golden[f"{name}.logits"], what=f"{name}.logits")
     eva = model.get_mixin("eva")
-    assert_close_rel(eva.linear_proj(eva.vit_model(image=golden["image"])[0]), golden["image_emb"], what="image_emb")
+    assert_close_rel(eva.linear_proj(eva.vit_model(golden["image"])[0]), golden["image_emb"], what="image_emb")
 
 
 def test_lora_finetuning_starts_from_hf_directory(golden):
@@ -254,7 +254,7 @@ def test_missing_shard_is_named(tmp_path):
     broken = str(tmp_path / "broken")
     shutil.copytree(HF_SHARDED_DIR, broken)
     os.remove(os.path.join(broken, "model-00002-of-00002.safetensors"))
-    for attempt in (lambda: load_hf(broken), lambda: hf_format.convert_hf_to_sat(broken, str(tmp_path / "out"))):
+    for attempt in (lambda: load_hf(broken), lambda: ckpt.convert_hf_to_sat(broken, str(tmp_path / "out"))):
         with pytest.raises(CheckpointError, match="missing shard.*model-00002-of-00002.safetensors"):
             attempt()
     assert not os.path.exists(tmp_path / "out")
@@ -296,7 +296,7 @@ def test_config_that_does_not_fit_the_weights(tmp_path):
     # whichever inner-size tensor is checked first (LLM MLP or adapter) is named
     with pytest.raises(CheckpointError, match=r"has shape \((172, 64|64, 172)\) but the config asks for "
                                               r"\((180, 64|64, 180)\)"):
-        hf_format.convert_hf_to_sat(path, str(tmp_path / "sat"))
+        ckpt.convert_hf_to_sat(path, str(tmp_path / "sat"))
 
 
 def test_unknown_and_missing_tensors_are_named(tmp_path):
@@ -317,7 +317,7 @@ def test_malformed_config(tmp_path):
         load_hf(path)
     os.remove(os.path.join(path, "model.safetensors"))
     with pytest.raises(CheckpointError, match="has neither model.safetensors nor model.safetensors.index.json"):
-        hf_format.HFCheckpoint(path)
+        HFFiles(path)
 
 
 def test_lora_checkpoint_is_refused_until_merged(golden, tmp_path):
@@ -327,15 +327,15 @@ def test_lora_checkpoint_is_refused_until_merged(golden, tmp_path):
                                                        overwrite_args={"use_lora": True, "lora_rank": 4})
     prefix = "lora.state_dict."
     model.load_state_dict({k[len(prefix):]: v for k, v in golden.tensors.items() if k.startswith(prefix)}, strict=False)
-    config = json.load(open(os.path.join(golden.checkpoint, "model_config.json")))
+    config = CogVLMConfig.from_sat_dict(json.load(open(os.path.join(golden.checkpoint, "model_config.json"))))
     lora_dir, merged_dir, out = str(tmp_path / "lora"), str(tmp_path / "merged"), str(tmp_path / "hf")
-    hf_format.write_sat_checkpoint(lora_dir, config, model.state_dict())
+    write_sat_checkpoint(lora_dir, config, [model.state_dict()])
     with pytest.raises(CheckpointError, match="unmerged LoRA weights.*merge them into the base weights first"):
-        hf_format.convert_sat_to_hf(lora_dir, out)
+        ckpt.convert_sat_to_hf(lora_dir, out)
     assert not os.path.exists(out)
     model.merge_lora()
-    hf_format.write_sat_checkpoint(merged_dir, config, model.state_dict())
-    hf_format.convert_sat_to_hf(merged_dir, out)
+    write_sat_checkpoint(merged_dir, config, [model.state_dict()])
+    ckpt.convert_sat_to_hf(merged_dir, out)
     qkv = hf_tensors(out)["model.layers.0.self_attn.language_expert_query_key_value.weight"]
     assert torch.equal(qkv, model.state_dict()["transformer.layers.0.attention.query_key_value.weight"])
     assert not torch.equal(qkv, hf_tensors(HF_DIR)["model.layers.0.self_attn.language_expert_query_key_value.weight"])

@@ -52,7 +52,7 @@ def tiny_forward_inputs(model_args):
     inputs, image = image_inputs(model_args)
     return dict(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
                 attention_mask=inputs["attention_mask"], vision_expert_mask=inputs["vision_expert_mask"],
-                image_embed_mask=inputs["image_embed_mask"], vision_image=image["image"])
+                image_embed_mask=inputs["image_embed_mask"], images=image["image"])
 
 
 def greedy_tokens(model, model_args, golden, tokenizers, name):
@@ -74,18 +74,14 @@ def greedy_tokens(model, model_args, golden, tokenizers, name):
 @torch.no_grad()
 def compute_results(checkpoints, rank, world_size):
     """{name.what: tensor} for every checkpoint, loaded as rank `rank` of `world_size`."""
-    from models.checkpoint_io import read_model_config
-    from models.model_parallel import from_pretrained, model_class_for
+    from models.checkpoint import load_model
     from utils.language import llama2_tokenizer
 
     golden = Golden(GOLDEN_DIR)
     tokenizers = {sig: llama2_tokenizer(golden.tokenizer_dir, sig) for sig in ("base", "chat", "vqa")}
     results = {}
     for name, ckpt in checkpoints.items():
-        args = inference_args()
-        args.rank = args.local_rank = rank
-        args.world_size = args.model_parallel_size = world_size
-        model, model_args = from_pretrained(model_class_for(read_model_config(ckpt)), ckpt, args)
+        model, model_args = load_model(ckpt, rank=rank, world_size=world_size)
         if name == "tiny":
             results["tiny.logits"] = model(**tiny_forward_inputs(model_args))[0][0]
             continue
@@ -181,10 +177,10 @@ def test_two_ranks_lora_checkpoint_is_folded(golden, two_rank_results):
 
 def test_split_follows_sat_partition(golden_model):
     """Our split of each layer kind is exactly what SAT's own mpu layers produce."""
-    from models.model_parallel import parallel_layout, split_tensor
+    from models.checkpoint.layout import split_rules, split_tensor
 
     model, _ = golden_model
-    layout = parallel_layout(model)
+    layout = split_rules(model.config)
     layers = {"transformer.layers.0.attention.query_key_value": (0, (1, 1, 1)),  # column, stride 3
               "mixins.mlp.gate_proj.0": (0, (1,)),                                 # column
               "mixins.rotary.vision_dense_list.1": (1, (1,)),                      # row
@@ -219,7 +215,8 @@ def test_split_then_merge_is_bit_identical(golden, golden_mp2, work_dir):
 
 def test_merge_lora_equals_in_memory_merge(lora_checkpoint, work_dir):
     from models import FineTuneTestCogVLMModel
-    from models.model_parallel import model_class_for
+    from models.checkpoint import model_class_for
+    from models.config import CogVLMConfig
 
     merged_dir = str(work_dir / "lora-merged")
     merge_model("--from_pretrained", lora_checkpoint, "--save", merged_dir)
@@ -233,7 +230,7 @@ def test_merge_lora_equals_in_memory_merge(lora_checkpoint, work_dir):
     for key, value in expected.items():
         assert torch.equal(merged[key], value), key
     # and the merged checkpoint loads, every key matched, as a model without LoRA layers
-    reloaded, _ = model_class_for(config).from_pretrained(merged_dir, args=inference_args())
+    reloaded, _ = model_class_for(CogVLMConfig.from_sat_dict(config)).from_pretrained(merged_dir, args=inference_args())
     assert "lora" not in reloaded.mixins
 
 
@@ -264,7 +261,7 @@ def test_one_process_quantizes_a_two_way_checkpoint(golden, golden_model, golden
 
 def test_mismatches_are_clear_errors(golden, golden_mp2, tiny_checkpoint, work_dir, capsys):
     import merge_model as merge_script
-    from models.model_parallel import ShardedCheckpoint
+    from models.checkpoint import open_checkpoint
     from models.errors import CheckpointError
 
     # 4 ranks cannot divide the second config's 6 attention heads
@@ -276,7 +273,7 @@ def test_mismatches_are_clear_errors(golden, golden_mp2, tiny_checkpoint, work_d
     shutil.copytree(golden_mp2, broken)
     os.remove(shard_path(broken, 1))
     with pytest.raises(CheckpointError, match="model_parallel_size=2 but .* holds mp_rank_00"):
-        ShardedCheckpoint(broken)
+        open_checkpoint(broken).reader()
     # output over an existing checkpoint
     assert merge_script.main(["--from_pretrained", golden_mp2, "--save", golden.checkpoint]) == 1
     assert "not empty" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def test_forward_shapes_with_and_without_image(tiny):
     assert inputs["position_ids"][0, :5].tolist() == [0, 1, 2, 2, 2]
     logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
                    attention_mask=inputs["attention_mask"], vision_expert_mask=inputs["vision_expert_mask"],
-                   image_embed_mask=inputs["image_embed_mask"], vision_image=image["image"])[0]
+                   image_embed_mask=inputs["image_embed_mask"], images=image["image"])[0]
     assert logits.shape == (1, length, 1000)
     text = llama2_text_processor_inference(ByteTokenizer(), 200, args.image_length)("hello")
     text_logits = model(input_ids=text["input_ids"], position_ids=text["position_ids"],
@@ -62,7 +62,7 @@ def test_forward_shapes_with_and_without_image(tiny):
     other = get_image_processor(42)(Image.new("RGB", (30, 20), (10, 40, 200)))
     logits_other = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
                          attention_mask=inputs["attention_mask"], vision_expert_mask=inputs["vision_expert_mask"],
-                         image_embed_mask=inputs["image_embed_mask"], vision_image=other["image"])[0]
+                         image_embed_mask=inputs["image_embed_mask"], images=other["image"])[0]
     assert (logits_other[0, -1] - logits[0, -1]).abs().max() > 1e-3
 
 
@@ -83,7 +83,7 @@ def test_cached_decoding_equals_teacher_forced_forward(tiny, sampling):
     total = full_ids.shape[1]
     logits = model(input_ids=full_ids, position_ids=positions, attention_mask=torch.ones(1, 1, total, total).tril(),
                    vision_expert_mask=torch.cat([inputs["vision_expert_mask"], pad], 1),
-                   image_embed_mask=torch.cat([inputs["image_embed_mask"], pad], 1), vision_image=image["image"])[0]
+                   image_embed_mask=torch.cat([inputs["image_embed_mask"], pad], 1), images=image["image"])[0]
     if sampling["top_k"] == 1:
         assert logits[0, length - 1:-1].argmax(-1).tolist() == generated
     # cached step logits == teacher-forced logits at the same positions

@@ -75,15 +75,7 @@ def vision_inputs_from(image_tensors: Optional[Dict[str, torch.Tensor]], model) 
     if not image_tensors:
         return {}
     param = _param(model)
-    out = {}
-    for key, value in image_tensors.items():
-        if value is None:
-            continue
-        value = value.to(param.device)
-        if value.is_floating_point():
-            value = value.to(param.dtype)
-        out["vision_" + key] = value
-    return out
+    return {"images": image_tensors["image"].to(device=param.device, dtype=param.dtype)}
 
 
 def collate(prompts: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:

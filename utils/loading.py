@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.checkpoint_io import read_model_config, resolve_checkpoint
-from models.cogvlm_model import CogVLMModel, FineTuneTestCogVLMModel
-from models import model_parallel
+from models.checkpoint import load_model, open_checkpoint
+from models.config import dtype_of
 from utils.chat import GenerationConfig, ensure_kv_cache
 from models.errors import CogVLMError
 from utils.language import DEFAULT_TOKENIZER, PROMPT_TEMPLATES, llama2_text_processor_inference, llama2_tokenizer
@@ -85,18 +84,10 @@ def load_for_inference(args) -> InferenceBundle:
     if args.fp16 and device == "cpu":
         logger.warning("--fp16 on CPU is slow and loses precision; --bf16 or fp32 (no flag) is better there")
 
-    ckpt_dir = resolve_checkpoint(args.from_pretrained)
-    config = read_model_config(ckpt_dir)
-    # a finetuned (LoRA / P-tuning) checkpoint carries its finetune mixins: build them to load it
-    model_cls = FineTuneTestCogVLMModel if config.get("model_class", "").startswith("FineTune") else CogVLMModel
-    model_args = argparse.Namespace(
-        deepspeed=None, local_rank=local_rank, rank=rank, world_size=world_size, model_parallel_size=world_size,
-        mode="inference", skip_init=True, use_gpu_initialization=device.startswith("cuda"), device=device,
-        fp16=args.fp16, bf16=args.bf16)
+    checkpoint = open_checkpoint(args.from_pretrained)
     # under torchrun each process loads its model-parallel share, from a checkpoint saved for any split
-    model, model_args = model_parallel.from_pretrained(model_cls, ckpt_dir, model_args,
-                                                       quant=getattr(args, "quant", None))
-    model = model.eval()
+    model, model_args = load_model(checkpoint, device=device, dtype=dtype_of(args), quant=getattr(args, "quant", None),
+                                   rank=rank, world_size=world_size)
     ensure_kv_cache(model)
 
     tokenizer = llama2_tokenizer(args.local_tokenizer, signal_type=args.version)

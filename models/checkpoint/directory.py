@@ -1,0 +1,119 @@
+"""Finding a checkpoint and opening it once: its directory, format, typed config, tokenizer and defaults.
+
+`open_checkpoint(name_or_dir)` takes a directory (SAT or HF format) or a released name, looked up under
+`$SAT_HOME` (default `~/.sat_models`). It reads the config once; everything downstream gets the
+`Checkpoint` it returns. Unlike SAT's own loader it never hangs offline on an unknown name.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from models.checkpoint import hf_format, sat_format
+from models.config import CogVLMConfig
+from models.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"  # a checkpoint may carry its tokenizer in this folder
+
+
+@dataclass(frozen=True)
+class ReleasedCheckpoint:
+    description: str
+    template_version: str
+    grounding: bool = False
+
+
+RELEASED_CHECKPOINTS = {
+    "cogvlm-base-224": ReleasedCheckpoint("text-image pretrained, 224px", "base"),
+    "cogvlm-base-490": ReleasedCheckpoint("text-image pretrained, 490px", "base"),
+    "cogvlm-chat-v1.1": ReleasedCheckpoint("multi-turn chat and VQA, 490px", "chat"),
+    "cogvlm-grounding-base": ReleasedCheckpoint("grounding (REC, grounded captioning), 490px", "base", True),
+    "cogvlm-grounding-generalist": ReleasedCheckpoint("grounding generalist, 490px", "base", True),
+}
+DOWNLOAD_HINT = ("download it from https://huggingface.co/THUDM/CogVLM (SAT format) and unpack it there, "
+                 "or pass the checkpoint directory itself (SAT or HF format) to --from_pretrained")
+
+
+def sat_home() -> str:
+    return os.path.expanduser(os.environ.get("SAT_HOME", "~/.sat_models"))
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """An opened checkpoint directory.
+
+    format: "sat" or "hf". tokenizer_dir: the tokenizer it carries (a `tokenizer/` folder, or the HF
+    directory itself when it holds tokenizer files), else None.
+    """
+    path: str
+    format: str
+    config: CogVLMConfig
+    tokenizer_dir: Optional[str] = None
+    released: Optional[ReleasedCheckpoint] = None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+    @property
+    def template_version(self) -> Optional[str]:
+        """The prompt template the checkpoint names (its config, or its release), else None."""
+        if self.config.template_version is not None:
+            return self.config.template_version
+        return self.released.template_version if self.released else None
+
+    @property
+    def grounding(self) -> bool:
+        return self.config.grounding or bool(self.released and self.released.grounding)
+
+    def reader(self):
+        """The checkpoint's tensors: a sat_format.SATReader or an hf_format.HFReader."""
+        if self.format == "hf":
+            return hf_format.HFReader(self.path, self.config)
+        return sat_format.SATReader(self.path, self.config)
+
+
+def find_checkpoint_dir(name_or_dir: str) -> str:
+    """The directory of a path or a name under $SAT_HOME."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    looks_like_path = os.sep in name_or_dir or name_or_dir.startswith(".")
+    candidate = os.path.join(sat_home(), name_or_dir)
+    if not looks_like_path and os.path.isdir(candidate):
+        return candidate
+    released = ", ".join(RELEASED_CHECKPOINTS)
+    if looks_like_path:
+        raise CheckpointError(f"checkpoint directory '{name_or_dir}' does not exist; pass an existing directory "
+                              f"or a released name ({released})")
+    if name_or_dir in RELEASED_CHECKPOINTS:
+        raise CheckpointError(f"checkpoint '{name_or_dir}' not found: looked in {candidate} ($SAT_HOME={sat_home()}); "
+                              + DOWNLOAD_HINT)
+    raise CheckpointError(f"unknown checkpoint '{name_or_dir}': it is not a directory, not in $SAT_HOME={sat_home()}, "
+                          f"and not a released name ({released})")
+
+
+def _tokenizer_dir(path: str, fmt: str) -> Optional[str]:
+    carried = os.path.join(path, TOKENIZER_DIR)
+    if os.path.isdir(carried):
+        return carried
+    if fmt == "hf" and any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.model", "tokenizer.json")):
+        return path
+    return None
+
+
+def open_checkpoint(name_or_dir: str) -> Checkpoint:
+    """Find the checkpoint `name_or_dir` names and read its config (once). A directory with a SAT
+    model_config.json is SAT format; one with only an HF config.json is HF format."""
+    path = find_checkpoint_dir(name_or_dir)
+    if sat_format.is_sat_dir(path):
+        fmt, config = "sat", sat_format.read_sat_config(path)
+    elif hf_format.is_hf_dir(path):
+        fmt, config = "hf", hf_format.read_hf_config(path)[1]
+    else:
+        raise CheckpointError(f"'{path}' is neither a SAT checkpoint ({sat_format.CONFIG_FILE}) nor an HF one "
+                              f"({hf_format.CONFIG_FILE}); pass a CogVLM checkpoint directory")
+    name = os.path.basename(os.path.normpath(path))
+    return Checkpoint(path=path, format=fmt, config=config, tokenizer_dir=_tokenizer_dir(path, fmt),
+                      released=RELEASED_CHECKPOINTS.get(name))

@@ -1,0 +1,149 @@
+"""`load_model`: build a CogVLM for this process and load its weights from any checkpoint. Every front end,
+finetuning, merging, conversion checks and the bench come through here.
+
+One process with a checkpoint saved for one reads it as stored (a LoRA checkpoint loads into a model with
+its LoRA layers). Under torchrun each of the `world_size` processes builds its model-parallel share and
+reads only that from the memory-mapped files, whatever split the checkpoint was saved with (LoRA is then
+folded into the weights: SAT's LoRA layers are not correct under model parallelism). Nothing is
+communicated. We do not use SAT's `from_pretrained(overwrite_args={'model_parallel_size': N})`: it moves
+every shard with `.cuda()` (no CPU / gloo), has rank 0 hold the full model next to its shard, cannot load an
+N-way checkpoint on another number of ranks, and ignores LoRA.
+
+Tensors reach `model.load_state_dict` in groups of at most LOAD_GROUP_BYTES, so that layers with their own
+loading rules (SAT's LoRA wrappers, int8 layers that quantize what they are handed) apply, and memory holds
+the model plus one group.
+"""
+import argparse
+import logging
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+from sat import mpu
+from sat.model.base_model import get_model
+
+from models.checkpoint.directory import Checkpoint, open_checkpoint
+from models.checkpoint.layout import check_divisible, mismatch_error, shape_error, split_shape, tensor_table
+from models.cogvlm_model import INFERENCE_CLASSES, CogVLMModel
+from models.config import CogVLMConfig, dtype_of, runtime_args
+from models.errors import CheckpointError
+from models.quantization import quantize_model
+
+logger = logging.getLogger(__name__)
+
+LOAD_GROUP_BYTES = 1 << 30
+# parameters a finetuning run adds to a base checkpoint (they start from their initialisation)
+FINETUNE_PARAMETERS = (".matrix_A.", ".matrix_B.", "mixins.ptuning.")
+
+
+def model_class_for(config: CogVLMConfig):
+    """The class that loads `config`'s checkpoint for inference (its `model_class`, finetuned or not)."""
+    if config.model_class not in INFERENCE_CLASSES:
+        raise CheckpointError(f"model_class {config.model_class!r} is not one this toolkit builds "
+                              f"({', '.join(INFERENCE_CLASSES)})")
+    return INFERENCE_CLASSES[config.model_class]
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, rank: int = 0, world_size: int = 1,
+                 allow_missing: Sequence[str] = ()) -> None:
+    """Copy this rank's part of every tensor of `checkpoint` into `model` (built for `world_size` ranks).
+
+    Raises CheckpointError naming the tensors on missing, unexpected or misshapen ones. allow_missing: key
+    fragments the model may have that the checkpoint lacks (new finetuning parameters).
+    """
+    reader = checkpoint.reader()
+    reader.check_against_config()
+    fold_lora = world_size > 1
+    expected = {spec.sat_key: split_shape(spec.shape, spec.split, world_size) for spec in tensor_table(checkpoint.config)}
+    missing: Optional[set] = None
+    unexpected = []
+
+    def load_group(group):
+        nonlocal missing
+        try:
+            result = model.load_state_dict(group, strict=False)
+        except RuntimeError as e:  # size mismatches of tensors outside the table (e.g. LoRA matrices)
+            raise CheckpointError(f"checkpoint {checkpoint.path} does not fit the model: "
+                                  f"{str(e).splitlines()[-1].strip()}") from None
+        missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
+        unexpected.extend(result.unexpected_keys)
+
+    group, group_bytes = {}, 0
+    for key, tensor in reader.items(rank, world_size, fold_lora=fold_lora):
+        if key in expected and tuple(tensor.shape) != expected[key]:
+            raise shape_error(checkpoint.path, key, tensor.shape, expected[key])
+        group[key] = tensor
+        group_bytes += tensor.numel() * tensor.element_size()
+        if group_bytes >= LOAD_GROUP_BYTES:
+            load_group(group)
+            group, group_bytes = {}, 0
+    if group or missing is None:
+        load_group(group)
+    missing = [k for k in missing if not any(part in k for part in allow_missing)]
+    unexpected += reader.unconsumed() if fold_lora else []
+    if missing or unexpected:
+        raise mismatch_error(checkpoint.path, missing, unexpected)
+    logger.info("loaded %s (%s format, saved for %d rank(s)) as rank %d of %d%s", checkpoint.path, checkpoint.format,
+                checkpoint.config.model_parallel_size, rank, world_size,
+                "; LoRA folded into the weights" if fold_lora and reader.has_lora else "")
+
+
+def load_model(source: Union[str, Checkpoint], *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               quant: Optional[int] = None, rank: Optional[int] = None, world_size: int = 1,
+               args: Optional[argparse.Namespace] = None, model_class=None, build_only: bool = False,
+               overwrite: Optional[dict] = None) -> Tuple[CogVLMModel, argparse.Namespace]:
+    """Build the model of checkpoint `source` (a directory, a released name, or an opened Checkpoint) for rank
+    `rank` of a `world_size`-way model-parallel group (rank None: this process's, which SAT's model-parallel
+    setup knows once the model is built), and load its weights.
+
+    dtype: parameter dtype. quant: 4 or 8 bits (models.quantization): on CPU the layers quantize while the
+    checkpoint streams in, so the float weights are never all in memory; on CUDA after loading. args: SAT
+    args to build on instead of `runtime_args(device, dtype, ...)` (a finetuning run passes its own).
+    model_class: the class to build (default: the checkpoint's, for inference). overwrite: config fields to
+    change (e.g. finetuning flags). Returns (model, SAT args); `model.config` is its CogVLMConfig.
+    """
+    checkpoint = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    config = checkpoint.config.replace(model_parallel_size=world_size)
+    if overwrite:
+        finetune = {k: v for k, v in overwrite.items() if k not in config.__dataclass_fields__}
+        known = {k: v for k, v in overwrite.items() if k in config.__dataclass_fields__}
+        config = config.replace(**known, finetune={**config.finetune, **finetune})
+    if world_size > 1:
+        check_divisible(config, world_size)
+        config = config.without_lora()
+    runtime = args if args is not None else runtime_args(device, dtype, rank=rank or 0, world_size=world_size)
+    sat_args = config.sat_args(runtime)
+    model = get_model(sat_args, model_class or model_class_for(config))
+    model.config = config
+    if rank is None:
+        rank = mpu.get_model_parallel_rank() if world_size > 1 else 0
+    on_cuda = str(sat_args.device).startswith("cuda")
+    if quant and not on_cuda and not build_only:
+        quantize_model(model, quant, weights_loaded=False)
+    if not build_only:
+        mode = getattr(sat_args, "mode", "inference")
+        load_weights(model, checkpoint, rank, world_size,
+                     allow_missing=FINETUNE_PARAMETERS if mode != "inference" else ())
+        if mode == "inference":
+            model.eval()
+    if quant and on_cuda:
+        model = quantize_model(model, quant)
+    return model, sat_args
+
+
+def from_pretrained(cls, name, args=None, *, build_only=False, overwrite_args=None, **kwargs):
+    """`CogVLMModel.from_pretrained(name, args)` as SAT spells it: `args` carries the runtime (device, fp16 /
+    bf16, mode, distribution). Returns (model, args with the checkpoint's config in it)."""
+    if args is None:
+        args = runtime_args()
+    world_size = int(getattr(args, "model_parallel_size", 1) or 1)
+    if kwargs:
+        raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(kwargs)}")
+    return load_model(name, dtype=dtype_of(args), args=argparse.Namespace(**vars(args)), model_class=cls,
+                      world_size=world_size, build_only=build_only, overwrite=overwrite_args)
+
+
+def install_upstream_api() -> None:
+    """Give the network classes the upstream `from_pretrained`, implemented here (see CogVLMModel)."""
+    CogVLMModel.checkpoint_loader = classmethod(from_pretrained)
