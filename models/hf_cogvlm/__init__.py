@@ -2,8 +2,9 @@
 
 The files of REMOTE_CODE_FILES (configuration, modeling and its vision part, processing) are
 self-contained (torch, transformers, PIL, numpy): `add_remote_code` copies them into an HF-format
-checkpoint directory with an `auto_map`, so that `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works in
-any environment with transformers, without this project installed.
+checkpoint directory with an `auto_map`, so that
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` works in any environment with
+transformers, without this project installed.
 """
 import json
 import os

@@ -52,7 +52,9 @@ class CogVLMPatchEmbedding(nn.Module):
         """(N, C, S, S) -> (N, 1 + patches, width): CLS first, learned position embeddings added."""
         patches = self.proj(images).flatten(2).transpose(1, 2)
         cls = self.cls_embedding.expand(patches.shape[0], -1, -1)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight[None]
+        # through the Embedding's forward (not `.weight`), so accelerate's offload hooks load the table
+        positions = self.position_embedding(torch.arange(patches.shape[1] + 1, device=patches.device))
+        return torch.cat([cls, patches], dim=1) + positions[None]
 
 
 class CogVLMVisionAttention(nn.Module):

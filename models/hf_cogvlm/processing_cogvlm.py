@@ -154,6 +154,11 @@ class CogVLMProcessor:
                         "template_version": config.get("template_version", "chat")}
         return cls(AutoTokenizer.from_pretrained(path, **kwargs), **settings)
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """What AutoProcessor calls on a remote-code processor class."""
+        cls._auto_class = auto_class
+
     def save_pretrained(self, save_directory: str) -> None:
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
@@ -199,4 +204,5 @@ class CogVLMProcessor:
         return self.tokenizer.decode(*args, **kwargs)
 
 
-__all__ = ["CogVLMProcessor", "build_conversation_input_ids", "cogvlm_position_ids", "history_to_prompt", "image_to_tensor"]
+__all__ = ["CogVLMProcessor", "build_conversation_input_ids", "cogvlm_position_ids", "history_to_prompt",
+           "image_to_tensor"]
