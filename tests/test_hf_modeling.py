@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, LlamaT
 from transformers.generation.streamers import BaseStreamer
 
 from conftest import ALL_CASES, IMAGE_CASES, ROOT, assert_close_rel
+from models.checkpoint import convert_sat_to_hf, load_model
 from models.errors import CheckpointError, TokenizerError
 from models.hf_cogvlm import AUTO_MAP, REMOTE_CODE_FILES, CogVLMForCausalLM, add_remote_code
 from models.hf_cogvlm.processing_cogvlm import build_conversation_input_ids, cogvlm_position_ids
@@ -166,6 +167,20 @@ def test_add_remote_code_errors(tmp_path, golden):
         add_remote_code(str(tmp_path), template_version="caption")
 
 
+def test_converter_output_is_the_snippet_directory(golden, hf_dir, tmp_path):
+    """SAT -> HF conversion with add_remote_code as its extra files gives the directory the snippet runs on."""
+    out = str(tmp_path / "converted")
+    convert_sat_to_hf(golden.checkpoint, out,
+                      extra_files=lambda tmp: add_remote_code(tmp, tokenizer_dir=golden.tokenizer_dir))
+    assert set(os.listdir(out)) == set(os.listdir(hf_dir)) - {"README.md"}
+    assert read_json(os.path.join(out, "config.json")) == read_json(os.path.join(hf_dir, "config.json"))
+    for name in set(os.listdir(out)) - {"config.json", "model.safetensors"}:
+        with open(os.path.join(out, name), "rb") as ours, open(os.path.join(hf_dir, name), "rb") as theirs:
+            assert ours.read() == theirs.read(), name
+    converted, reference = (load_file(os.path.join(d, "model.safetensors")) for d in (out, hf_dir))
+    assert set(converted) == set(reference) and all(torch.equal(converted[k], reference[k]) for k in reference)
+
+
 # The seed snippet (remote code, fresh interpreter) ------------------------------------------------
 
 @pytest.mark.parametrize("name", ALL_CASES)
@@ -237,6 +252,43 @@ def test_hf_model_equals_sat_model_on_a_new_conversation(golden, golden_model, h
     hf_logits = hf_model(input_ids=full, token_type_ids=token_types, images=[sample["images"]]).logits[0]
     assert_close_rel(hf_logits, sat_logits, what="HF vs SAT logits")
     assert sat_logits[prompt.shape[1] - 1:-1].argmax(-1).tolist() == generated[0, prompt.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def test_second_config_equals_sat_model(tiny_checkpoint, tokenizer, tmp_path):
+    """Another shape (3 layers, hidden 48, 6 heads, 42 px images, 9 patches), converted by our converter."""
+    sat_model, _ = load_model(tiny_checkpoint)
+    out = str(tmp_path / "tiny-hf")
+    convert_sat_to_hf(tiny_checkpoint, out, extra_files=add_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    image = render_captcha("ab12", "clean", random.Random(0))
+    sample = model.build_conversation_input_ids(tokenizer, query="What does it say?", images=[image])
+    assert int(sample["token_type_ids"].sum()) == 9 + 2 and sample["images"][0].shape == (3, 42, 42)
+    prompt, token_types = sample["input_ids"][None], sample["token_type_ids"][None]
+    generated = model.generate(input_ids=prompt, token_type_ids=token_types, images=[sample["images"]],
+                               max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    token_types = torch.cat([token_types, torch.zeros(1, 8, dtype=torch.long)], 1)
+    vision_expert_mask = token_types.clone()
+    vision_expert_mask[:, :-1] &= token_types[:, 1:]
+    vision_expert_mask[:, -1] = 0
+    length = generated.shape[1]
+    sat_logits = sat_model(input_ids=generated, position_ids=cogvlm_position_ids(token_types),
+                           attention_mask=torch.ones(1, 1, length, length).tril(), vision_expert_mask=vision_expert_mask,
+                           image_embed_mask=token_types, images=sample["images"][0][None])[0][0]
+    hf_logits = model(input_ids=generated, token_type_ids=token_types, images=[sample["images"]]).logits[0]
+    assert_close_rel(hf_logits, sat_logits, what="second config: HF vs SAT logits")
+    assert sat_logits[prompt.shape[1] - 1:-1].argmax(-1).tolist() == generated[0, prompt.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def test_bf16_on_cpu_tracks_fp32(hf_dir, golden):
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).eval()
+    assert model.dtype == torch.bfloat16
+    logits = model(input_ids=golden["chat.input_ids"][None], token_type_ids=golden["chat.image_embed_mask"][None],
+                   images=golden["image"]).logits[0].float()
+    expected = golden["chat.logits"]
+    assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
 
 
 @torch.no_grad()

@@ -64,18 +64,20 @@ def _write_json(path: str, data: dict) -> None:
     _write_atomically(path, lambda f: f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
 
 
-def add_remote_code(hf_dir: str, template_version: str = "chat", tokenizer_dir: Optional[str] = None) -> List[str]:
+def add_remote_code(hf_dir: str, template_version: Optional[str] = None,
+                    tokenizer_dir: Optional[str] = None) -> List[str]:
     """Make an HF-format CogVLM directory (config.json + safetensors) loadable with transformers alone.
 
     Copies the remote-code files, adds `auto_map` (and `model_type` / `architectures` when
-    missing) and `template_version` to config.json, writes generation_config.json and, when
-    `tokenizer_dir` is given, copies its tokenizer files. Each file is written under a temporary
-    name and renamed into place. Returns the names of the files written.
+    missing) to config.json and sets its `template_version` (None: keep config.json's, else "chat"),
+    writes generation_config.json and, when `tokenizer_dir` is given, copies its tokenizer files.
+    Each file is written under a temporary name and renamed into place. Returns the names of the
+    files written.
     """
     config_path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"'{hf_dir}' has no {CONFIG_FILE}; convert the checkpoint to HF format first")
-    if template_version not in TEMPLATE_VERSIONS:
+    if template_version is not None and template_version not in TEMPLATE_VERSIONS:
         raise CheckpointError(f"unknown template version '{template_version}'; choose one of "
                               f"{', '.join(TEMPLATE_VERSIONS)}")
     tokenizer_files = []
@@ -92,7 +94,7 @@ def add_remote_code(hf_dir: str, template_version: str = "chat", tokenizer_dir: 
     config.setdefault("model_type", CogVLMConfig.model_type)
     config.setdefault("architectures", [CogVLMForCausalLM.__name__])
     config["auto_map"] = dict(AUTO_MAP)
-    config["template_version"] = template_version
+    config["template_version"] = template_version or config.get("template_version", "chat")
     try:
         model_config = CogVLMConfig.from_dict(config)
     except (TypeError, ValueError) as e:
