@@ -14,10 +14,10 @@ from typing import Optional
 
 import torch
 
-from utils.chat import ChatStream
 from models.errors import CogVLMError
-from utils.grounding import add_grounding_args, is_grounding_checkpoint, next_output_path, render_grounding
-from utils.loading import add_inference_args, generation_config, load_for_inference
+from utils.grounding import add_grounding_args, next_output_path, render_grounding
+from utils.pipeline import add_inference_args, load_pipeline
+from utils.vision import load_image
 
 TEXTS = {
     "english": {
@@ -85,11 +85,10 @@ class Console:
 
 
 def run(args) -> int:
-    bundle = load_for_inference(args)
-    texts = TEXTS["chinese" if args.chinese else "english"]
-    console = Console(bundle.rank, bundle.world_size)
-    config = generation_config(args)
-    grounding = args.grounding or is_grounding_checkpoint(args.from_pretrained)
+    pipeline = load_pipeline(args)
+    texts = TEXTS[args.language]
+    console = Console(pipeline.rank, pipeline.world_size)
+    grounding = args.grounding or pipeline.grounding
     console.say(texts["welcome"])
     while True:
         image_path = console.read(texts["image"])
@@ -97,18 +96,27 @@ def run(args) -> int:
             return 0
         if image_path == "clear":
             continue
-        history, cached_image = [], None
+        error, image = None, None
+        try:
+            image = load_image(image_path) if image_path else None
+        except CogVLMError as e:
+            error = e
+        message = console.first_error(error)
+        if message is not None:
+            console.say(f"error: {message}")
+            if not console.interactive:
+                return 1
+            continue
+        conversation = pipeline.conversation(image)
         query = console.read(texts["user"])
         while True:
             if query is None or query == "stop":
                 return 0
             if query == "clear":
                 break
-            error = None
+            error, turn = None, None
             try:
-                stream = ChatStream(image_path or None, bundle.model, bundle.text_processor, bundle.image_processor,
-                                    query, history=history, image=cached_image, config=config,
-                                    no_prompt=args.no_prompt)
+                turn = pipeline.chat(conversation, "" if args.no_prompt else query)
             except CogVLMError as e:
                 error = e
             message = console.first_error(error)
@@ -119,20 +127,19 @@ def run(args) -> int:
                 break
             if args.stream_chat:
                 console.say(texts["model"], end="")
-                for delta in stream:
+                for delta in turn:
                     console.say(delta, end="")
                 console.say()
             else:
-                for _ in stream:
+                for _ in turn:
                     pass
-                console.say(texts["model"] + stream.response)
-            if grounding and bundle.rank == 0 and stream.image[1] is not None:
-                picture = render_grounding(stream.image[1], stream.response, default_phrase=query)
+                console.say(texts["model"] + turn.response)
+            if grounding and pipeline.rank == 0 and conversation.image is not None:
+                picture = render_grounding(conversation.image, turn.response, default_phrase=query)
                 if picture is not None:
                     path = next_output_path(args.grounding_dir)
                     picture.save(path)
                     console.say(texts["grounding"].format(path))
-            history, cached_image, image_path = stream.history, stream.image, None
             query = console.read(texts["user"])
 
 

@@ -17,9 +17,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from utils.dataset import CAPTCHA_QUERY, exact_match, find_images, label_of, read_captcha
+from utils.dataset import CAPTCHA_QUERY, find_images, label_of
+from utils.evaluation import exact_match, read_captcha
 from models.errors import CogVLMError, ImageError
-from utils.loading import add_inference_args, load_for_inference
+from utils.pipeline import add_inference_args, load_pipeline
 from utils.vision import load_image
 
 logger = logging.getLogger(__name__)
@@ -30,12 +31,12 @@ def evaluate(bundle, files, query: str = CAPTCHA_QUERY, max_new_tokens: int = 16
     predictions, skipped = [], []
     for path in tqdm(files, desc="reading captchas", unit="img", disable=not progress or bundle.rank != 0):
         try:
-            image = bundle.image_processor.to_tensor(load_image(path))
+            image = bundle.processor.image.to_tensor(load_image(path))
         except ImageError as e:
             logger.warning("skipping %s: %s", path, e)
             skipped.append(path)
             continue
-        text = read_captcha(bundle.model, bundle.text_processor, image, query, max_new_tokens)
+        text = read_captcha(bundle.model, bundle.processor.text, image, query, max_new_tokens)
         predictions.append({"file": path, "label": label_of(path), "prediction": text})
     scores = exact_match([p["prediction"] for p in predictions], [p["label"] for p in predictions])
     return {"count": len(predictions), "skipped": skipped, **scores, "predictions": predictions}
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     logging.getLogger("sat").propagate = False
     try:
         files = find_images(args.data)[:args.limit]
-        bundle = load_for_inference(args)
+        bundle = load_pipeline(args)
         with torch.no_grad():
             results = evaluate(bundle, files, args.query, args.max_new_tokens)
     except CogVLMError as e:

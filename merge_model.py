@@ -15,9 +15,9 @@ import logging
 import os
 import sys
 
-import torch
 
 from models.checkpoint import open_checkpoint, reshard_checkpoint
+from utils.pipeline import add_precision_args, dtype_from_args
 from models.errors import CogVLMError
 
 logger = logging.getLogger("merge_model")
@@ -30,22 +30,19 @@ def parse_args(argv=None):
     parser.add_argument("--save", type=str, default="checkpoints/merged_model", help="output checkpoint directory")
     parser.add_argument("--model_parallel_size", type=int, default=1,
                         help="shards to write: 1 merges (default), N splits for N processes")
-    parser.add_argument("--fp16", action="store_true", help="write float tensors as float16")
-    parser.add_argument("--bf16", action="store_true", help="write float tensors as bfloat16")
+    add_precision_args(parser)  # here: the dtype float tensors are written in (neither: as stored)
     parser.add_argument("--version", type=str, default="base",
                         help="accepted for upstream command lines; the conversion does not depend on it")
     return parser.parse_args(argv)
 
 
 def convert(args) -> list:
-    if args.fp16 and args.bf16:
-        raise CogVLMError("--fp16 and --bf16 are exclusive; pick one")
+    dtype = dtype_from_args(args) if args.fp16 or args.bf16 else None
     if args.model_parallel_size < 1:
         raise CogVLMError(f"--model_parallel_size must be >= 1, got {args.model_parallel_size}")
     checkpoint = open_checkpoint(args.from_pretrained)
     if os.path.abspath(args.save) == os.path.abspath(checkpoint.path):
         raise CogVLMError("--save must differ from --from_pretrained (the input is read while the output is written)")
-    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else None
     return reshard_checkpoint(checkpoint, args.save, args.model_parallel_size, dtype)
 
 

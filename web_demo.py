@@ -26,11 +26,13 @@ from typing import Dict, List, Optional
 
 import gradio as gr
 
-from utils.chat import ChatStream, GenerationConfig, History
-from models.errors import CogVLMError, PromptError
-from utils.grounding import add_grounding_args, is_grounding_checkpoint, render_grounding
-from utils.loading import InferenceBundle, add_inference_args, generation_config, load_for_inference
-from utils.vision import MAX_IMAGE_BYTES
+from models.errors import CogVLMError, PromptError, SamplingError
+from utils.chat import ChatStream
+from utils.conversation import Conversation, History
+from utils.generation import GenerationConfig
+from utils.grounding import add_grounding_args, render_grounding
+from utils.pipeline import InferencePipeline, add_inference_args, load_pipeline
+from utils.vision import MAX_IMAGE_BYTES, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +69,15 @@ EXAMPLES = {
 
 
 @dataclass
-class Conversation:
+class WebSession:
     """One browser session's chat (held in gr.State, so sessions never share it)."""
-    history: History = field(default_factory=list)
-    image: Optional[tuple] = None        # (tensors, PIL) of the conversation's image, reused every turn
-    image_path: Optional[str] = None     # the upload it came from: another upload starts over
+    conversation: Optional[Conversation] = None   # None until the first question
+    image_path: Optional[str] = None     # the upload the conversation's image came from: another starts over
     pictures: Dict[int, object] = field(default_factory=dict)  # turn index -> grounding picture (PIL)
+
+    @property
+    def history(self) -> History:
+        return self.conversation.history if self.conversation is not None else []
 
     def messages(self, pending_question: Optional[str] = None, pending_answer: str = "") -> List[dict]:
         """The chat as gradio messages, with the turn being generated at the end."""
@@ -90,68 +95,74 @@ class Conversation:
 class WebChat:
     """The chat handlers of the page and the API, on one loaded model."""
 
-    def __init__(self, bundle: InferenceBundle, args):
-        self.bundle, self.args = bundle, args
-        self.grounding = args.grounding or is_grounding_checkpoint(args.from_pretrained)
-        self.texts = TEXTS["chinese" if args.chinese else "english"]
+    def __init__(self, pipeline: InferencePipeline, args):
+        self.pipeline, self.args = pipeline, args
+        self.grounding = args.grounding or pipeline.grounding
+        self.texts = TEXTS[args.language]
 
     def _config(self, temperature: float, top_p: float, top_k: int) -> GenerationConfig:
-        config = generation_config(self.args)
-        config.temperature, config.top_p, config.top_k = float(temperature), float(top_p), int(top_k)
-        return config
+        if top_k is None or temperature is None or top_p is None:
+            raise SamplingError("temperature, top_p and top_k need a value (leave them out for the defaults)")
+        try:
+            return self.pipeline.defaults.replace(temperature=float(temperature), top_p=float(top_p),
+                                                  top_k=int(top_k)).validate(self.pipeline.vocab_size)
+        except (TypeError, ValueError, OverflowError):
+            raise SamplingError(f"temperature, top_p and top_k must be numbers, got {temperature!r}, {top_p!r}, "
+                                f"{top_k!r}") from None
 
-    def _start(self, image_path, question: str, history: History, cached_image, config) -> ChatStream:
-        """A chat turn; bad input (image, prompt length, no question) raises CogVLMError."""
+    def _start(self, image_path, question: str, conversation: Optional[Conversation], config) -> ChatStream:
+        """A chat turn; bad input (image, prompt length, no question, settings) raises CogVLMError."""
         question = (question or "").strip()
         if not question and not image_path and not self.args.no_prompt:
             raise PromptError(self.texts["empty"])
-        return ChatStream(image_path, self.bundle.model, self.bundle.text_processor, self.bundle.image_processor,
-                          question, history=history, image=cached_image, config=config, no_prompt=self.args.no_prompt)
+        if conversation is None:
+            conversation = self.pipeline.conversation(load_image(image_path) if image_path else None)
+        return self.pipeline.chat(conversation, "" if self.args.no_prompt else question, config)
 
-    def respond(self, image_path, question, conversation: Conversation, temperature, top_p, top_k, grounding):
+    def respond(self, image_path, question, session: WebSession, temperature, top_p, top_k, grounding):
         """The page's Generate: stream the answer into the chat.
 
-        Yields (chat messages, conversation, question box, error box). Errors go to the error box
-        above the chat, which keeps its history, and the question stays to be edited.
+        Yields (chat messages, session, question box, error box). Errors go to the error box above the
+        chat, which keeps its history, and the question stays to be edited.
         """
-        if image_path != conversation.image_path:
-            conversation = Conversation(image_path=image_path)
+        if image_path != session.image_path:
+            session = WebSession(image_path=image_path)
         try:
-            stream = self._start(image_path, question, conversation.history, conversation.image,
-                                 self._config(temperature, top_p, top_k))
+            stream = self._start(image_path, question, session.conversation, self._config(temperature, top_p, top_k))
         except CogVLMError as e:
-            yield conversation.messages(), conversation, question, error_box(str(e))
+            yield session.messages(), session, question, error_box(str(e))
             return
+        session.conversation = stream.conversation
         question, answer = (question or "").strip(), ""
         try:
             for delta in stream:
                 answer += delta
-                yield conversation.messages(question, answer), conversation, "", error_box(None)
+                yield session.messages(question, answer), session, "", error_box(None)
         except Exception as e:  # noqa: BLE001 - the page says what failed instead of a bare "Error"
             logger.exception("generation failed")
-            yield conversation.messages(), conversation, question, error_box(
+            yield session.messages(), session, question, error_box(
                 f"generation failed ({type(e).__name__}: {e}); see the server log")
             return
-        conversation.history, conversation.image = stream.history, stream.image
-        picture = stream.image[1]
+        picture = session.conversation.image
         if grounding and picture is not None:
             drawn = render_grounding(picture, stream.response, default_phrase=question)
             if drawn is not None:
-                conversation.pictures[len(conversation.history) - 1] = drawn
-        yield conversation.messages(), conversation, "", error_box(None)
+                session.pictures[len(session.history) - 1] = drawn
+        yield session.messages(), session, "", error_box(None)
 
     def api_chat(self, image, question, history, temperature, top_p, top_k):
         """The API (api_name="chat"): an image file (or None), a question and the history so far
         ([[question, answer], ...], or empty) -> (answer, history with this turn). Bad input
         comes back to the client as an error with its message."""
         try:
-            stream = self._start(image, question, _checked_history(history), None,
-                                 self._config(temperature, top_p, top_k))
+            conversation = self.pipeline.conversation(load_image(image) if image else None)
+            conversation.history = _checked_history(history)
+            stream = self._start(image, question, conversation, self._config(temperature, top_p, top_k))
         except CogVLMError as e:
             raise gr.Error(str(e)) from None
         for _ in stream:
             pass
-        return stream.response, [list(turn) for turn in stream.history]
+        return stream.response, [list(turn) for turn in conversation.history]
 
 
 def _checked_history(history) -> History:
@@ -173,7 +184,7 @@ def error_box(message: Optional[str]):
 
 def new_conversation():
     """Clear / a new image: an empty chat, a fresh conversation, no error."""
-    return [], Conversation(), error_box(None)
+    return [], WebSession(), error_box(None)
 
 
 def build_demo(chat: WebChat) -> gr.Blocks:
@@ -181,7 +192,7 @@ def build_demo(chat: WebChat) -> gr.Blocks:
     examples = EXAMPLES["grounding" if chat.grounding else "chat"]
     with gr.Blocks(title=texts["title"]) as demo:
         gr.Markdown(f"# {texts['title']}\n{texts['intro']}")
-        conversation = gr.State(Conversation())
+        conversation = gr.State(WebSession())
         with gr.Row():
             with gr.Column(scale=2):
                 image = gr.Image(type="filepath", label=texts["image"], height=320)
@@ -241,7 +252,7 @@ def main(argv=None) -> int:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise CogVLMError("web_demo.py serves from one process; run it without torchrun "
                               "(the CLI, cli_demo.py, splits the model across GPUs)")
-        demo = build_demo(WebChat(load_for_inference(args), args))
+        demo = build_demo(WebChat(load_pipeline(args), args))
     except CogVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

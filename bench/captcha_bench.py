@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from evaluate_demo import evaluate  # noqa: E402
 from scripts.make_captcha_dataset import make_dataset  # noqa: E402
-from utils.loading import add_inference_args, load_for_inference  # noqa: E402
+from utils.pipeline import add_inference_args, load_pipeline  # noqa: E402
 
 CHECKPOINTS = os.path.join(ROOT, "checkpoints")
 TOKENIZER = os.path.join(CHECKPOINTS, "cogvlm-tiny-captcha", "tokenizer")
@@ -37,7 +37,7 @@ def accuracy(checkpoint: str, folder: str) -> dict:
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", checkpoint, "--local_tokenizer", TOKENIZER, "--version", "base", "--max_length", "96",
          "--device", "cpu"])
-    bundle = load_for_inference(args)
+    bundle = load_pipeline(args)
     start = time.time()
     with torch.no_grad():
         results = evaluate(bundle, sorted(os.path.join(folder, n) for n in os.listdir(folder)), progress=False)

@@ -112,7 +112,7 @@ def _synchronize(device: str):
 
 def prompt_batch(model, args, batch_size: int, text_tokens: int = 24):
     import torch
-    from utils.chat import collate
+    from utils.generation import collate
     from utils.language import position_ids_from_rope_mask
 
     length = 1 + args.image_length + 2 + text_tokens
@@ -131,12 +131,12 @@ def prompt_batch(model, args, batch_size: int, text_tokens: int = 24):
 
 def run_ours(model, args, batch_size: int, new_tokens: int):
     import torch
-    from utils.chat import GenerationConfig, generate_batch_stream, vision_inputs_from
+    from utils.generation import GenerationConfig, generate_batch_stream
 
     batch, images = prompt_batch(model, args, batch_size)
-    config = GenerationConfig(max_length=batch["input_ids"].shape[1] + new_tokens, top_k=1)
-    vision = vision_inputs_from({"image": images}, model)
-    stream = generate_batch_stream(model, batch, config, vision, end_token_ids=[])
+    batch["images"] = images
+    config = GenerationConfig(max_length=batch["input_ids"].shape[1] + new_tokens, top_k=1, end_token_ids=[])
+    stream = generate_batch_stream(model, batch, config)
     start = time.perf_counter()
     next(stream)  # prefill + first token
     prefill = time.perf_counter() - start

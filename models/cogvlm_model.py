@@ -14,7 +14,6 @@ import logging
 import torch
 import torch.nn as nn
 
-from sat import mpu
 from sat.model.base_model import BaseMixin
 from sat.model.finetune import PTuningV2Mixin
 from sat.model.finetune.lora2 import LoraMixin

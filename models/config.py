@@ -9,7 +9,7 @@ unchanged. `sat_args` is the one place that turns a config into the `argparse.Na
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 

@@ -27,3 +27,11 @@ class PromptError(CogVLMError):
 
 class ConfigError(CheckpointError):
     """A model config (model_config.json / config.json) that is malformed or is not CogVLM's."""
+
+
+class SamplingError(CogVLMError):
+    """A decoding setting out of range; `param` names it (the API answers 400 with it)."""
+
+    def __init__(self, message: str, param: str = None):
+        super().__init__(message)
+        self.param = param

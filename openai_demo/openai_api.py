@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import base64
 import binascii
-import dataclasses
 import hmac
 import json
 import logging
@@ -39,9 +38,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 from openai_demo.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk,  # noqa: E402
                                  ChatCompletionRequest, ChatMessage, Choice, ChunkChoice, Delta, ErrorBody,
                                  ErrorDetail, ImagePart, ModelCard, ModelList, TextPart, Usage, completion_id, now)
-from utils.chat import ChatStream, GenerationConfig  # noqa: E402
-from models.errors import CogVLMError, ImageError, PromptError  # noqa: E402
-from utils.loading import InferenceBundle, add_inference_args, generation_config, load_for_inference  # noqa: E402
+from models.errors import CogVLMError, ImageError, PromptError, SamplingError  # noqa: E402
+from utils.chat import ChatStream  # noqa: E402
+from utils.generation import GenerationConfig  # noqa: E402
+from utils.pipeline import InferencePipeline, add_inference_args, load_pipeline  # noqa: E402
 from utils.vision import MAX_IMAGE_BYTES, image_from_bytes, load_image  # noqa: E402
 
 logger = logging.getLogger("openai_api")
@@ -68,7 +68,7 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
 # Messages -> (query, history, image) -------------------------------------------------------
 
 @dataclass
-class Conversation:
+class ParsedMessages:
     """OpenAI messages in the chat core's terms."""
     query: str
     history: List[Tuple[str, str]]
@@ -88,7 +88,7 @@ def _message_text(message: ChatMessage, index: int) -> Tuple[str, List[str]]:
     return "\n".join(texts), urls
 
 
-def conversation_from_messages(messages: List[ChatMessage]) -> Conversation:
+def parse_messages(messages: List[ChatMessage]) -> ParsedMessages:
     """Check the turn structure (user, assistant, user, ..., user) and split it into history and query."""
     expected = ["user", "assistant"]
     texts, image_urls = [], []
@@ -115,7 +115,7 @@ def conversation_from_messages(messages: List[ChatMessage]) -> Conversation:
         raise APIError(400, f"the conversation has {len(image_urls)} images but CogVLM takes one; "
                        "send a single image_url part", param="messages", code="too_many_images")
     history = list(zip(texts[:-1:2], texts[1::2]))
-    return Conversation(query=texts[-1], history=history, image_url=image_urls[0] if image_urls else None)
+    return ParsedMessages(query=texts[-1], history=history, image_url=image_urls[0] if image_urls else None)
 
 
 # Images -------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def sampling_config(body: ChatCompletionRequest, defaults: GenerationConfig, voc
     """The request's sampling settings over the server's flags (each omitted field keeps its flag value).
 
     temperature 0 means greedy. A request that sets temperature or top_p without top_k samples from the
-    whole vocabulary (the flag's default top_k of 1 would make it greedy).
+    whole vocabulary (the flag's default top_k of 1 would make it greedy). Bad values raise SamplingError.
     """
     temperature = defaults.temperature if body.temperature is None else body.temperature
     top_p = defaults.top_p if body.top_p is None else body.top_p
@@ -169,15 +169,9 @@ def sampling_config(body: ChatCompletionRequest, defaults: GenerationConfig, voc
         top_k = 0
     else:
         top_k = defaults.top_k
-    if temperature == 0:
-        top_k, temperature = 1, 1.0
-    # SAT's BaseStrategy applies top_p only together with a top-k cut, and top_k=0 disables both:
-    # "no top-k limit" is therefore a cut at the vocabulary size
-    if top_k == 0:
-        top_k = vocab_size
     penalty = defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty
-    return dataclasses.replace(defaults, temperature=temperature, top_p=top_p, top_k=top_k,
-                               repetition_penalty=penalty)
+    return defaults.replace(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=penalty,
+                            seed=body.seed).validate(vocab_size)
 
 
 def check_supported(body: ChatCompletionRequest, model_name: str) -> None:
@@ -256,10 +250,6 @@ class StrippedDeltas:
         return kept
 
 
-def finish_reason(turn: ChatStream) -> str:
-    return "stop" if turn.token_ids and turn.token_ids[-1] in turn.end_token_ids else "length"
-
-
 def usage_of(turn: ChatStream) -> Usage:
     completion = len(turn.token_ids)
     return Usage(prompt_tokens=turn.prompt_length, completion_tokens=completion,
@@ -269,52 +259,44 @@ def usage_of(turn: ChatStream) -> Usage:
 class CogVLMServer:
     """The routes' logic over one loaded model."""
 
-    def __init__(self, bundle: InferenceBundle, model_name: str, defaults: GenerationConfig, max_waiting: int):
-        self.bundle = bundle
+    def __init__(self, pipeline: InferencePipeline, model_name: str, defaults: GenerationConfig, max_waiting: int):
+        self.pipeline = pipeline
         self.model_name = model_name
         self.defaults = defaults
-        self.context_length = bundle.text_processor.max_target_length
+        self.context_length = pipeline.processor.max_length
         self.slot = ModelSlot(max_waiting)
         self.created = now()
 
     def prepare(self, body: ChatCompletionRequest) -> ChatStream:
         """Validate the request and build its chat turn (loads the image; no model compute yet)."""
         check_supported(body, self.model_name)
-        conversation = conversation_from_messages(body.messages)
-        config = sampling_config(body, self.defaults, self.bundle.model_args.vocab_size)
-        image = None
-        if conversation.image_url is not None:
-            pil_image = load_request_image(conversation.image_url)
-            image = (self.bundle.image_processor(pil_image), pil_image)
+        messages = parse_messages(body.messages)
+        config = sampling_config(body, self.defaults, self.pipeline.vocab_size)
+        image = load_request_image(messages.image_url) if messages.image_url is not None else None
+        conversation = self.pipeline.conversation(image)
+        conversation.history = messages.history
+        max_new = body.max_completion_tokens or body.max_tokens
         try:
-            turn = ChatStream(None, self.bundle.model, self.bundle.text_processor, self.bundle.image_processor,
-                              conversation.query, history=conversation.history, image=image, config=config)
+            turn = self.pipeline.chat(conversation, messages.query, config.replace(max_new_tokens=max_new))
         except PromptError:  # its message speaks to CLI users; say it in API terms
             raise APIError(400, f"the conversation (image included) fills the model's context of "
                            f"{self.context_length} tokens and leaves no room to answer; shorten the messages or "
                            "drop earlier turns", param="messages", code="context_length_exceeded") from None
-        max_new = body.max_completion_tokens or body.max_tokens
         room = self.context_length - turn.prompt_length
-        if max_new is None:
-            max_new = room
-        elif max_new > room:
+        if max_new is not None and max_new > room:
             raise APIError(400, f"max_tokens is {max_new} but the prompt is {turn.prompt_length} tokens (image "
                            f"included) of a {self.context_length}-token context; ask for at most {room}",
                            param="max_tokens", code="context_length_exceeded")
-        # the chat core's max_length is the total length: prompt + new tokens
-        turn.config = dataclasses.replace(config, max_length=turn.prompt_length + max_new)
         return turn
 
-    async def run(self, turn: ChatStream, request: Request, seed: Optional[int]) -> AsyncIterator[str]:
+    async def run(self, turn: ChatStream, request: Request) -> AsyncIterator[str]:
         """Generate in the model slot, one step per worker-thread call; yields the text deltas.
         Stops early (freeing the slot) when the client has disconnected."""
         async with self.slot.hold():
             if await request.is_disconnected():
                 return
-            if seed is not None:
-                torch.manual_seed(seed)
             deltas = iter(turn)
-            device = next(self.bundle.model.parameters()).device
+            device = next(self.pipeline.model.parameters()).device
 
             def step() -> Optional[str]:
                 if device.type == "cuda":  # the current CUDA device is per thread; steps run in pool threads
@@ -339,20 +321,19 @@ class CogVLMServer:
         turn = await anyio.to_thread.run_sync(self.prepare, body)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return ClosingStreamingResponse(self.sse(turn, request, body.seed, include_usage),
+            return ClosingStreamingResponse(self.sse(turn, request, include_usage),
                                             media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async with aclosing(self.run(turn, request, body.seed)) as deltas:
+        async with aclosing(self.run(turn, request)) as deltas:
             async for _ in deltas:
                 pass
         if turn.response is None:  # the client disconnected: nobody reads this
             return JSONResponse({}, status_code=499)
         return ChatCompletion(id=completion_id(), created=now(), model=self.model_name, usage=usage_of(turn),
                               choices=[Choice(message=AssistantMessage(content=turn.response),
-                                              finish_reason=finish_reason(turn))])
+                                              finish_reason=turn.finish_reason)])
 
-    async def sse(self, turn: ChatStream, request: Request, seed: Optional[int],
-                  include_usage: bool) -> AsyncIterator[str]:
+    async def sse(self, turn: ChatStream, request: Request, include_usage: bool) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
 
         def chunk(delta: Delta, reason=None, choices=True, usage=None) -> str:
@@ -367,7 +348,7 @@ class CogVLMServer:
         text = StrippedDeltas()
         try:
             # aclosing: when this generator is closed mid-stream, the run gives the model slot back at once
-            async with aclosing(self.run(turn, request, seed)) as deltas:
+            async with aclosing(self.run(turn, request)) as deltas:
                 async for delta in deltas:
                     delta = text.feed(delta)
                     if delta:
@@ -379,7 +360,7 @@ class CogVLMServer:
             return
         if turn.response is None:
             return  # the client is gone
-        yield chunk(Delta(), reason=finish_reason(turn))
+        yield chunk(Delta(), reason=turn.finish_reason)
         if include_usage:
             yield chunk(Delta(), choices=False, usage=usage_of(turn))
         yield "data: [DONE]\n\n"
@@ -414,16 +395,20 @@ def _validation_message(error: RequestValidationError) -> Tuple[str, Optional[st
     return (f"{param}: {first.get('msg')}" if param else f"request body: {first.get('msg')}"), param
 
 
-def create_app(bundle: InferenceBundle, model_name: str, defaults: Optional[GenerationConfig] = None,
+def create_app(pipeline: InferencePipeline, model_name: str, defaults: Optional[GenerationConfig] = None,
                api_key: Optional[str] = None, max_waiting: int = 64) -> FastAPI:
-    """The FastAPI app serving `bundle` under `model_name`."""
-    server = CogVLMServer(bundle, model_name, defaults or GenerationConfig(), max_waiting)
+    """The FastAPI app serving `pipeline` under `model_name`."""
+    server = CogVLMServer(pipeline, model_name, defaults or pipeline.defaults, max_waiting)
     app = FastAPI(title="CogVLM OpenAI-compatible API")
     app.state.server = server
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+
+    @app.exception_handler(SamplingError)
+    async def _sampling_error(request, exc: SamplingError):
+        return error_response(400, str(exc), param=exc.param)
 
     @app.exception_handler(CogVLMError)
     async def _input_error(request, exc: CogVLMError):
@@ -499,12 +484,12 @@ def main(argv=None) -> int:
     try:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise CogVLMError("the API server runs as one process; start it with python, not torchrun")
-        bundle = load_for_inference(args)
+        pipeline = load_pipeline(args)
     except CogVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     model_name = args.model_name or os.path.basename(os.path.normpath(args.from_pretrained))
-    app = create_app(bundle, model_name, defaults=generation_config(args), api_key=args.api_key,
+    app = create_app(pipeline, model_name, api_key=args.api_key,
                      max_waiting=args.max_waiting)
     logger.info("serving '%s' on http://%s:%d/v1%s", model_name, args.host, args.port,
                 " (API key required)" if args.api_key else "")

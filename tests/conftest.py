@@ -155,3 +155,18 @@ def running_server(command, ready_url, log_path, env=None, timeout_s=180):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def chat_turn(model, text_processor, image_path, query, history=(), config=None, image_size=56):
+    """A chat-core turn (utils.chat.ChatStream) from upstream-style parts: a text processor (whose tokenizer's
+    signal_type is the template), an image path or None, the history."""
+    from utils.chat import ChatStream
+    from utils.conversation import Conversation
+    from utils.processor import CogVLMProcessor
+    from utils.vision import load_image
+
+    processor = CogVLMProcessor(text_processor.tokenizer, image_size, text_processor.image_length,
+                                text_processor.max_target_length)
+    conversation = Conversation(text_processor.signal_type, load_image(image_path) if image_path else None,
+                                [tuple(turn) for turn in history])
+    return ChatStream(model, processor, conversation, query, config)

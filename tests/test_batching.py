@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from conftest import ALL_CASES
-from utils.chat import GenerationConfig, collate, generate_batch
+from utils.generation import GenerationConfig, collate, generate_batch
 from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor
 
@@ -31,8 +31,8 @@ def test_batch_of_all_golden_cases_gives_their_greedy_tokens(golden, golden_mode
     model, model_args = golden_model
     prompts, images = golden_prompts(golden, tokenizers, model_args)
     longest = max(p["input_ids"].shape[1] for p in prompts)
-    config = GenerationConfig(max_length=longest + NEW_TOKENS, top_k=1)
-    outputs = generate_batch(model, prompts, config, images, end_token_ids=[])
+    config = GenerationConfig(max_length=longest + NEW_TOKENS, top_k=1, end_token_ids=[])
+    outputs = generate_batch(model, prompts, config, images)
     for name, tokens, prompt in zip(ALL_CASES, outputs, prompts):
         assert len(tokens) == longest + NEW_TOKENS - prompt["input_ids"].shape[1]  # each row to its own limit
         assert tokens[:NEW_TOKENS] == golden[f"{name}.gen_ids"].tolist(), name
@@ -42,8 +42,8 @@ def test_rows_stop_independently_at_end_tokens(golden, golden_model, tokenizers)
     model, model_args = golden_model
     prompts, images = golden_prompts(golden, tokenizers, model_args)
     end_token = golden["chat.gen_ids"][3].item()  # the chat row's 4th token ends that row early
-    outputs = generate_batch(model, prompts, GenerationConfig(max_length=100, top_k=1), images,
-                             end_token_ids=[end_token])
+    outputs = generate_batch(model, prompts, GenerationConfig(max_length=100, top_k=1, end_token_ids=[end_token]),
+                             images)
     for name, tokens in zip(ALL_CASES, outputs):
         reference = golden[f"{name}.gen_ids"].tolist()
         if end_token in reference:

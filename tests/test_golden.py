@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ALL_CASES, IMAGE_CASES, assert_close_rel, inference_args
-from utils.chat import ChatStream, GenerationConfig
+from conftest import ALL_CASES, IMAGE_CASES, assert_close_rel, chat_turn, inference_args
+from utils.generation import GenerationConfig
 from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor
 
@@ -95,29 +95,29 @@ def test_teacher_forced_logits(golden, golden_model, name):
 @pytest.mark.parametrize("name", ALL_CASES)
 def test_greedy_tokens_through_chat_core(golden, golden_model, tokenizers, name, monkeypatch):
     """Greedy decoding with the KV cache gives the reference tokens, and each step's logits match."""
-    import utils.chat
+    from utils.generation import Sampler
 
     model, model_args = golden_model
     case = golden.case(name)
     processor = processor_for(golden, tokenizers, name, model_args)
     step_logits = []
-    original = utils.chat.pick_next_tokens
+    original = Sampler.next_tokens
 
-    def recording_pick(config, strategy, logits, tokens):
+    def recording_pick(self, logits, generated):
         step_logits.append(logits[0].clone())
-        return original(config, strategy, logits, tokens)
+        return original(self, logits, generated)
 
-    monkeypatch.setattr(utils.chat, "pick_next_tokens", recording_pick)
+    monkeypatch.setattr(Sampler, "next_tokens", recording_pick)
     image_path = None if name == "text_only" else golden.image_path
     query = "Hello, who are you?" if name == "text_only" else case["query"]
     history = [tuple(turn) for turn in case.get("history", [])]
     config = GenerationConfig(max_length=case["seq_len"] + NEW_TOKENS, top_k=1, end_token_ids=[])
-    stream = ChatStream(image_path, model, processor, get_image_processor(56), query, history=history, config=config)
+    stream = chat_turn(model, processor, image_path, query, history, config)
     assert stream.prompt_length == case["seq_len"]
     list(stream)
     assert stream.token_ids == golden[f"{name}.gen_ids"].tolist()
     assert_close_rel(torch.stack(step_logits), golden[f"{name}.step_logits"], what=f"{name}.step_logits")
-    assert stream.history[-1][0] == query
+    assert stream.conversation.history[-1][0] == query
 
 
 LORA_PREFIX = "lora.state_dict."

@@ -4,12 +4,17 @@ import logging
 import shutil
 import sys
 
+import json
+
 import pytest
 from PIL import Image
 
 import cli_demo
+import utils.pipeline
 import utils.grounding as grounding
-from utils.grounding import (GroundedBox, attach_phrases, draw_boxes, ground, is_grounding_checkpoint,
+from models.checkpoint import open_checkpoint
+from utils.chat import ChatStream
+from utils.grounding import (GroundedBox, attach_phrases, draw_boxes, ground,
                              load_noun_chunker, next_output_path, parse_boxes, strip_boxes, to_pixels)
 
 GREY = (128, 128, 128)
@@ -163,10 +168,24 @@ def test_grounded_response_drawn_at_the_parsed_pixels(nlp):
     assert px[200, 180] != GREY and px[200, 181] == GREY and px[200, 100] == GREY
 
 
-def test_grounding_checkpoint_names_and_output_paths(tmp_path):
-    assert is_grounding_checkpoint("cogvlm-grounding-generalist")
-    assert is_grounding_checkpoint("/models/cogvlm-grounding-base/")
-    assert not is_grounding_checkpoint("cogvlm-chat-v1.1") and not is_grounding_checkpoint("/grounding/chat")
+def grounding_copy(golden, path):
+    """The golden checkpoint with `"grounding": true` in its model_config.json."""
+    shutil.copytree(golden.checkpoint, path)
+    config = json.load(open(path / "model_config.json"))
+    json.dump({**config, "grounding": True}, open(path / "model_config.json", "w"))
+    return path
+
+
+def test_grounding_checkpoints_and_output_paths(golden, tmp_path, monkeypatch):
+    """Grounding mode comes from the checkpoint: its config says so, or it is a grounding release."""
+    assert open_checkpoint(str(grounding_copy(golden, tmp_path / "any-name"))).grounding
+    monkeypatch.setenv("SAT_HOME", str(tmp_path / "home"))
+    for name, grounds in [("cogvlm-grounding-generalist", True), ("cogvlm-chat-v1.1", False)]:
+        shutil.copytree(golden.checkpoint, tmp_path / "home" / name)
+        assert open_checkpoint(name).grounding == grounds, name
+    renamed = tmp_path / "my-grounding-experiment"  # a name is not a config: no grounding mode
+    shutil.copytree(golden.checkpoint, renamed)
+    assert not open_checkpoint(str(renamed)).grounding and not open_checkpoint(golden.checkpoint).grounding
     first = next_output_path(str(tmp_path / "out"))
     Image.new("RGB", (2, 2)).save(first)
     assert next_output_path(str(tmp_path / "out")) != first
@@ -177,7 +196,7 @@ def test_grounding_checkpoint_names_and_output_paths(tmp_path):
 GROUNDED_ANSWER = "A woman [[100,200,500,900]] holds a pear [[600,500,700,650]]."
 
 
-class GroundedAnswerStream(cli_demo.ChatStream):
+class GroundedAnswerStream(ChatStream):
     """The real chat turn (the tiny model answers noise), with a grounding answer put in its place."""
 
     def __iter__(self):
@@ -186,9 +205,8 @@ class GroundedAnswerStream(cli_demo.ChatStream):
 
 
 def test_cli_saves_the_grounding_picture_for_a_grounding_checkpoint(golden, monkeypatch, capsys, tmp_path):
-    checkpoint = tmp_path / "cogvlm-grounding-tiny"
-    shutil.copytree(golden.checkpoint, checkpoint)
-    monkeypatch.setattr(cli_demo, "ChatStream", GroundedAnswerStream)
+    checkpoint = grounding_copy(golden, tmp_path / "tiny-grounding")
+    monkeypatch.setattr(utils.pipeline, "ChatStream", GroundedAnswerStream)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{golden.image_path}\nWhere is the pear?\nstop\n"))
     rc = cli_demo.main(["--from_pretrained", str(checkpoint), "--local_tokenizer", golden.tokenizer_dir,
                         "--version", "base", "--max_length", "60", "--grounding_dir", str(tmp_path / "out")])
@@ -205,7 +223,7 @@ def test_cli_saves_the_grounding_picture_for_a_grounding_checkpoint(golden, monk
 
 
 def test_cli_does_not_draw_for_a_chat_checkpoint(golden, monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(cli_demo, "ChatStream", GroundedAnswerStream)
+    monkeypatch.setattr(utils.pipeline, "ChatStream", GroundedAnswerStream)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{golden.image_path}\nWhere is the pear?\nstop\n"))
     rc = cli_demo.main(["--from_pretrained", golden.checkpoint, "--local_tokenizer", golden.tokenizer_dir,
                         "--max_length", "60", "--grounding_dir", str(tmp_path / "out")])

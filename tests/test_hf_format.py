@@ -196,14 +196,15 @@ def test_lora_finetuning_starts_from_hf_directory(golden):
 
 
 def test_front_end_loading_gives_golden_greedy_tokens(golden, tokenizers):
-    """load_for_inference (what the CLI, web demo and API use) takes an HF directory as --from_pretrained."""
-    from utils.chat import ChatStream, GenerationConfig
+    """load_pipeline (what the CLI, web demo and API use) takes an HF directory as --from_pretrained."""
+    from conftest import chat_turn
+    from utils.generation import GenerationConfig
     from utils.language import llama2_text_processor_inference
-    from utils.loading import add_inference_args, load_for_inference
+    from utils.pipeline import add_inference_args, load_pipeline
 
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", HF_SHARDED_DIR, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu"])
-    bundle = load_for_inference(args)
+    bundle = load_pipeline(args)
     for name in ALL_CASES:
         case = golden.case(name)
         signal = case.get("signal_type", "chat")
@@ -212,8 +213,7 @@ def test_front_end_loading_gives_golden_greedy_tokens(golden, tokenizers):
         image = None if name == "text_only" else golden.image_path
         query = "Hello, who are you?" if name == "text_only" else case["query"]
         config = GenerationConfig(max_length=case["seq_len"] + NEW_TOKENS, top_k=1, end_token_ids=[])
-        stream = ChatStream(image, bundle.model, processor, bundle.image_processor, query,
-                            history=[tuple(turn) for turn in case.get("history", [])], config=config)
+        stream = chat_turn(bundle.model, processor, image, query, case.get("history", []), config)
         list(stream)
         assert stream.token_ids == golden[f"{name}.gen_ids"].tolist(), name
 

@@ -56,17 +56,16 @@ def tiny_forward_inputs(model_args):
 
 
 def greedy_tokens(model, model_args, golden, tokenizers, name):
+    from conftest import chat_turn
     from test_golden import processor_for
-    from utils.chat import ChatStream, GenerationConfig
-    from utils.vision import get_image_processor
+    from utils.generation import GenerationConfig
 
     case = golden.case(name)
     processor = processor_for(golden, tokenizers, name, model_args)
     image_path = None if name == "text_only" else golden.image_path
     query = "Hello, who are you?" if name == "text_only" else case["query"]
     config = GenerationConfig(max_length=case["seq_len"] + NEW_TOKENS, top_k=1, end_token_ids=[])
-    stream = ChatStream(image_path, model, processor, get_image_processor(56), query,
-                        history=[tuple(t) for t in case.get("history", [])], config=config)
+    stream = chat_turn(model, processor, image_path, query, case.get("history", []), config)
     list(stream)
     return torch.tensor(stream.token_ids)
 
@@ -248,12 +247,12 @@ def test_one_process_quantizes_a_two_way_checkpoint(golden, golden_model, golden
     import copy
 
     from test_golden import case_inputs
-    from utils.loading import add_inference_args, load_for_inference
+    from utils.pipeline import add_inference_args, load_pipeline
     from models.quantization import quantize_model
 
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", golden_mp2, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu", "--quant", "8"])
-    model = load_for_inference(args).model
+    model = load_pipeline(args).model
     reference = quantize_model(copy.deepcopy(golden_model[0]), 8)
     inputs = case_inputs(golden, "chat")
     assert torch.equal(model(**inputs)[0], reference(**inputs)[0])

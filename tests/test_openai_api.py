@@ -76,20 +76,21 @@ def wait_idle(server, timeout=10.0):
 def core(golden):
     """The chat core in this process, on the same checkpoint and flags as the server."""
     from openai_demo.openai_api import parse_args
-    from utils.loading import load_for_inference
+    from utils.pipeline import load_pipeline
 
-    return load_for_inference(parse_args(server_flags(golden)))
+    return load_pipeline(parse_args(server_flags(golden)))
 
 
 def core_turn(core, query, history=(), image_path=None, max_new=NEW_TOKENS, config=None):
     """The chat core's turn (greedy unless `config` says otherwise), capped at max_new tokens like the
     API's max_tokens."""
-    from utils.chat import ChatStream, GenerationConfig
+    from utils.generation import GenerationConfig
+    from utils.vision import load_image
 
     config = config or GenerationConfig(top_k=1)
-    turn = ChatStream(image_path, core.model, core.text_processor, core.image_processor, query,
-                      history=list(history), config=config)
-    turn.config = dataclasses.replace(config, max_length=turn.prompt_length + max_new)
+    conversation = core.conversation(load_image(image_path) if image_path else None)
+    conversation.history = list(history)
+    turn = core.chat(conversation, query, config.replace(max_new_tokens=max_new))
     for _ in turn:
         pass
     return turn
@@ -214,7 +215,7 @@ def test_sampling_settings_reach_the_chat_core(golden, core, client):
     """A seeded sampled answer is reproducible and equals the chat core's with the same settings."""
     from openai_demo.openai_api import parse_args, sampling_config
     from openai_demo.schemas import ChatCompletionRequest
-    from utils.loading import generation_config
+    from utils.pipeline import generation_config
 
     settings = dict(temperature=1.5, top_p=0.9, seed=1234, max_tokens=12)
     messages = [{"role": "user", "content": "Tell me a story."}]
@@ -222,9 +223,9 @@ def test_sampling_settings_reach_the_chat_core(golden, core, client):
                                               **settings).choices[0].message.content for _ in range(2)]
     assert replies[0] == replies[1]
     body = ChatCompletionRequest(model=MODEL, messages=messages, repetition_penalty=1.2, **settings)
-    config = sampling_config(body, generation_config(parse_args(server_flags(golden))), core.model_args.vocab_size)
-    assert (config.top_k, config.top_p, config.temperature, config.repetition_penalty) == (1000, 0.9, 1.5, 1.2)
-    torch.manual_seed(1234)
+    config = sampling_config(body, generation_config(parse_args(server_flags(golden))), core.vocab_size)
+    # top_k 0: no top-k cut, the whole vocabulary
+    assert (config.top_k, config.top_p, config.temperature, config.repetition_penalty) == (0, 0.9, 1.5, 1.2)
     expected = core_turn(core, "Tell me a story.", max_new=12, config=config)
     assert replies[0] == expected.response
     greedy = core_turn(core, "Tell me a story.", max_new=12).response
@@ -234,7 +235,7 @@ def test_sampling_settings_reach_the_chat_core(golden, core, client):
 def test_sampling_config_mapping(golden):
     from openai_demo.openai_api import parse_args, sampling_config
     from openai_demo.schemas import ChatCompletionRequest
-    from utils.loading import generation_config
+    from utils.pipeline import generation_config
 
     defaults = generation_config(parse_args(server_flags(golden) + ["--top_k", "5"]))
 
@@ -243,8 +244,8 @@ def test_sampling_config_mapping(golden):
                                                      **fields), defaults, 1000)
 
     assert dataclasses.astuple(config()) == dataclasses.astuple(defaults)  # nothing set: the server's flags
-    assert config(temperature=0).top_k == 1  # greedy
-    assert (config(temperature=0.7).top_k, config(temperature=0.7).top_p) == (1000, defaults.top_p)
+    assert config(temperature=0).greedy
+    assert (config(temperature=0.7).top_k, config(temperature=0.7).top_p) == (0, defaults.top_p)  # no top-k cut
     assert config(top_p=0.5, top_k=3).top_k == 3
 
 
@@ -386,10 +387,10 @@ def test_finish_reason_stop_when_the_model_ends(golden):
     from starlette.testclient import TestClient
 
     from openai_demo.openai_api import create_app, parse_args
-    from utils.loading import generation_config, load_for_inference
+    from utils.pipeline import load_pipeline
 
     args = parse_args(server_flags(golden))
-    bundle = load_for_inference(args)
+    bundle = load_pipeline(args)
     eos = bundle.tokenizer.eos_token_id
     gen_ids = golden["chat.gen_ids"].tolist()
     step = next(i for i in range(2, NEW_TOKENS) if gen_ids[i] not in gen_ids[:i])
@@ -399,7 +400,7 @@ def test_finish_reason_stop_when_the_model_ends(golden):
     expected = core_turn(bundle, golden.case("chat")["query"], image_path=golden.image_path, max_new=40)
     assert expected.token_ids == gen_ids[:step] + [eos]  # the set-up works as intended
 
-    app = create_app(bundle, MODEL, defaults=generation_config(args))
+    app = create_app(bundle, MODEL)
     messages = [user(golden.case("chat")["query"], data_uri(golden.image_path))]
     with TestClient(app) as http:
         reply = http.post("/v1/chat/completions", json={"model": MODEL, "temperature": 0, "max_tokens": 40,
@@ -424,7 +425,7 @@ def test_example_client_two_turn_chat(golden, core, server):
     from openai_demo.openai_api_request import DEFAULT_QUESTIONS
 
     first = core_turn(core, DEFAULT_QUESTIONS[0], image_path=golden.image_path, max_new=8)
-    second = core_turn(core, DEFAULT_QUESTIONS[1], history=first.history, image_path=golden.image_path, max_new=8)
+    second = core_turn(core, DEFAULT_QUESTIONS[1], history=first.conversation.history, image_path=golden.image_path, max_new=8)
     answers = [line.split("Assistant: ", 1)[1] for line in proc.stdout.splitlines() if "Assistant: " in line]
     assert answers == [first.response, second.response]
 

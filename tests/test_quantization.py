@@ -7,7 +7,7 @@ import torch
 
 from conftest import ALL_CASES, IMAGE_CASES
 from test_golden import case_inputs
-from utils.chat import GenerationConfig, generate_stream, vision_inputs_from
+from utils.generation import GenerationConfig, generate_stream
 from models.errors import CogVLMError
 from models.quantization import Int8DynamicLinear, Int8WeightOnlyLinear, quantize_int8, quantize_model
 
@@ -51,8 +51,8 @@ def test_greedy_tokens_mostly_agree(golden, quantized):
                   ("input_ids", "position_ids", "image_embed_mask", "vision_expert_mask"))}
         length = inputs["input_ids"].shape[1]
         inputs["attention_mask"] = torch.ones(1, 1, length, length).tril()
-        tokens = list(generate_stream(quantized, inputs, GenerationConfig(max_length=length + 16),
-                                      vision_inputs_from({"image": golden["image"]}, quantized)))
+        inputs["images"] = golden["image"]
+        tokens = list(generate_stream(quantized, inputs, GenerationConfig(max_length=length + 16, end_token_ids=[])))
         reference = golden[f"{name}.gen_ids"].tolist()
         # count agreement up to the first divergence (after it the contexts differ)
         prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
@@ -79,18 +79,18 @@ def test_weight_only_kernel_matches_dequantized_weights(golden_model):
 @pytest.mark.parametrize("source", ["sat", "hf"])
 @torch.no_grad()
 def test_quantizing_while_loading_equals_quantizing_the_loaded_model(golden, quantized, source, caplog):
-    """`--quant 8` on CPU (load_for_inference) swaps in empty int8 layers before the checkpoint loads,
+    """`--quant 8` on CPU (load_pipeline) swaps in empty int8 layers before the checkpoint loads,
     so the float weights never all sit in memory; the model must be the same as quantizing after."""
     import argparse
 
     from test_hf_format import HF_DIR
-    from utils.loading import add_inference_args, load_for_inference
+    from utils.pipeline import add_inference_args, load_pipeline
 
     checkpoint = golden.checkpoint if source == "sat" else HF_DIR
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu", "--quant", "8"])
     with caplog.at_level(logging.INFO, logger="models.quantization"):
-        model = load_for_inference(args).model
+        model = load_pipeline(args).model
     assert "prepared 33 linear layers to int8" in caplog.text  # before loading, not after
     layers = [m for m in model.modules() if isinstance(m, (Int8DynamicLinear, Int8WeightOnlyLinear))]
     assert len(layers) == 2 * 10 + 1 + 2 * 4 + 4 and all(layer.loaded for layer in layers)

@@ -5,7 +5,7 @@ from PIL import Image
 
 from conftest import inference_args
 from models import CogVLMModel
-from utils.chat import GenerationConfig, generate_stream, vision_inputs_from
+from utils.generation import GenerationConfig, Sampler, generate_stream
 from utils.language import llama2_text_processor_inference, position_ids_from_rope_mask
 from utils.vision import get_image_processor
 
@@ -72,9 +72,9 @@ def test_cached_decoding_equals_teacher_forced_forward(tiny, sampling):
     model, args = tiny
     inputs, image = image_inputs(args)
     length = inputs["input_ids"].shape[1]
-    torch.manual_seed(0)
-    config = GenerationConfig(max_length=length + 12, **sampling)
-    generated = list(generate_stream(model, inputs, config, vision_inputs_from(image, model)))
+    inputs = dict(inputs, images=image["image"])
+    config = GenerationConfig(max_length=length + 12, end_token_ids=[], seed=0, **sampling)
+    generated = list(generate_stream(model, inputs, config))
     assert len(generated) == 12
 
     full_ids = torch.cat([inputs["input_ids"], torch.tensor([generated])], dim=1)
@@ -87,20 +87,18 @@ def test_cached_decoding_equals_teacher_forced_forward(tiny, sampling):
     if sampling["top_k"] == 1:
         assert logits[0, length - 1:-1].argmax(-1).tolist() == generated
     # cached step logits == teacher-forced logits at the same positions
-    import utils.chat
     recorded = []
-    original = utils.chat.pick_next_tokens
+    original = Sampler.next_tokens
 
-    def record(config, strategy, step_logits, tokens):
+    def record(self, step_logits, generated_so_far):
         recorded.append(step_logits[0].clone())
-        return original(config, strategy, step_logits, tokens)
+        return original(self, step_logits, generated_so_far)
 
-    utils.chat.pick_next_tokens = record
+    Sampler.next_tokens = record
     try:
-        torch.manual_seed(0)
-        again = list(generate_stream(model, inputs, config, vision_inputs_from(image, model)))
+        again = list(generate_stream(model, inputs, config))  # the same seed: the same tokens
     finally:
-        utils.chat.pick_next_tokens = original
+        Sampler.next_tokens = original
     assert again == generated
     diff = (torch.stack(recorded) - logits[0, length - 1:-1]).abs().max().item()
     assert diff < 1e-4 * logits.abs().max().item()
@@ -110,12 +108,15 @@ def test_generation_stops_at_end_token_and_max_length(tiny):
     model, args = tiny
     inputs, image = image_inputs(args)
     length = inputs["input_ids"].shape[1]
-    first = next(generate_stream(model, inputs, GenerationConfig(max_length=length + 5), vision_inputs_from(image, model)))
-    stopped = list(generate_stream(model, inputs, GenerationConfig(max_length=length + 5),
-                                   vision_inputs_from(image, model), end_token_ids=[first]))
+    inputs = dict(inputs, images=image["image"])
+    first = next(generate_stream(model, inputs, GenerationConfig(max_length=length + 5, end_token_ids=[])))
+    stopped = list(generate_stream(model, inputs, GenerationConfig(max_length=length + 5, end_token_ids=[first])))
     assert stopped == [first]
-    assert len(list(generate_stream(model, inputs, GenerationConfig(max_length=length + 3),
-                                    vision_inputs_from(image, model)))) == 3
+    assert len(list(generate_stream(model, inputs, GenerationConfig(max_length=length + 3, end_token_ids=[])))) == 3
+    assert len(list(generate_stream(model, inputs, GenerationConfig(max_length=length + 5, max_new_tokens=2,
+                                                                    end_token_ids=[])))) == 2
+    # the default end token is the tokenizer's eos (GenerationConfig.end_token_ids None)
+    assert GenerationConfig().end_tokens(eos_token_id=7) == [7]
 
 
 def test_position_ids_share_one_position_per_image_run():
@@ -125,14 +126,14 @@ def test_position_ids_share_one_position_per_image_run():
 
 
 def test_greedy_pick_equals_sat_strategy_at_top_k_1(tiny):  # tiny: SAT initialised (model parallel group)
-    from utils.chat import GenerationConfig, pick_next_tokens
+    from sat.generation.sampling_strategies import BaseStrategy
 
     config = GenerationConfig(top_k=1)
-    assert config.greedy and not GenerationConfig(top_k=1, repetition_penalty=1.2).greedy
+    assert config.greedy and GenerationConfig(temperature=0, top_k=5).greedy and not GenerationConfig(top_k=5).greedy
     logits, tokens = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)), torch.zeros(4, 3, dtype=torch.long)
-    fast = pick_next_tokens(config, config.strategy([2]), logits, tokens)
-    sat = config.strategy([2]).forward(logits, tokens, None)[0]
-    assert fast.tolist() == sat.tolist() and fast.shape == (4, 4)
+    fast = Sampler([config] * 4, [None] * 4).next_tokens(logits, [[]] * 4)
+    sat = BaseStrategy(temperature=0.8, top_k=1, top_p=0.4, end_tokens=[2]).forward(logits, tokens, None)[0][:, -1]
+    assert fast.tolist() == sat.tolist() and fast.shape == (4,)
 
 
 def test_rotary_reuses_angles_only_for_the_same_unchanged_positions():

@@ -6,14 +6,17 @@ import sys
 import unicodedata
 
 import pytest
+
+import utils.pipeline
 import torch
 from PIL import Image
 
 import web_demo
 from conftest import ROOT, free_port, running_server
-from utils.chat import ChatStream, GenerationConfig, chat
+from utils.chat import ChatStream, chat
+from utils.generation import GenerationConfig
 from utils.grounding import to_pixels
-from utils.loading import load_for_inference
+from utils.pipeline import load_pipeline
 
 NEW_TOKENS = 16
 CHROMIUM = "/usr/bin/chromium"
@@ -48,7 +51,7 @@ def web_chat(golden):
 
     flags_for_golden = ["--from_pretrained", golden.checkpoint, "--local_tokenizer", golden.tokenizer_dir,
                         "--max_length", str(MAX_LENGTH)]
-    bundle = load_for_inference(web_demo.build_parser().parse_args(flags_for_golden))
+    bundle = load_pipeline(web_demo.build_parser().parse_args(flags_for_golden))
     return make
 
 
@@ -70,7 +73,7 @@ def test_multi_turn_streams_and_matches_the_chat_core(web_chat, golden, monkeypa
     # the random tiny model never says eos: stop each answer after 4 tokens with the golden 5th token
     stop_id = int(golden["chat.gen_ids"][4])
     monkeypatch.setattr(web, "_config", lambda t, p, k: GenerationConfig(max_length=MAX_LENGTH, end_token_ids=[stop_id]))
-    conversation = web_demo.Conversation()
+    conversation = web_demo.WebSession()
     updates = run_turn(web, golden.image_path, "What is in the image?", conversation)
     assert len(updates) >= 3, "the answer was not streamed"
     messages, conversation, question_box, error = updates[-1]
@@ -80,8 +83,8 @@ def test_multi_turn_streams_and_matches_the_chat_core(web_chat, golden, monkeypa
 
     messages, conversation, _, _ = run_turn(web, golden.image_path, "What color is the sky?", conversation)[-1]
     assert [m["role"] for m in messages] == ["user", "assistant"] * 2
-    expected, expected_history, _ = chat(golden.image_path, web.bundle.model, web.bundle.text_processor,
-                                         web.bundle.image_processor, "What color is the sky?",
+    expected, expected_history, _ = chat(golden.image_path, web.pipeline.model, web.pipeline.processor.text,
+                                         web.pipeline.processor.image, "What color is the sky?",
                                          history=conversation.history[:1], max_length=MAX_LENGTH, top_k=1,
                                          end_token_ids=[stop_id])
     assert conversation.history == expected_history and messages[-1]["content"] == expected
@@ -96,11 +99,11 @@ def test_bad_input_is_a_page_error_with_the_message(web_chat, tmp_path):
     import gradio as gr
 
     web = web_chat()
-    assert "type a question" in page_error(web, None, "  ", web_demo.Conversation())
+    assert "type a question" in page_error(web, None, "  ", web_demo.WebSession())
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    assert "not a readable image" in page_error(web, str(broken), "hi", web_demo.Conversation(image_path=str(broken)))
-    assert f"--max_length is {MAX_LENGTH}" in page_error(web, None, "hello " * 300, web_demo.Conversation())
+    assert "not a readable image" in page_error(web, str(broken), "hi", web_demo.WebSession(image_path=str(broken)))
+    assert f"--max_length is {MAX_LENGTH}" in page_error(web, None, "hello " * 300, web_demo.WebSession())
     with pytest.raises(gr.Error, match=r"list of \[question, answer\] pairs"):
         web.api_chat(None, "hi", [["only a question"]], 0.8, 0.4, 1)
     with pytest.raises(gr.Error, match="not a readable image"):
@@ -116,14 +119,14 @@ class GroundedAnswerStream(ChatStream):
     def __iter__(self):
         yield from super().__iter__()
         self.response = GROUNDED_ANSWER
-        self.history[-1] = (self.history[-1][0], GROUNDED_ANSWER)
+        self.conversation.history[-1] = (self.conversation.history[-1][0], GROUNDED_ANSWER)
 
 
 def test_grounding_checkpoint_shows_the_drawn_picture_in_the_chat(web_chat, golden, monkeypatch):
-    monkeypatch.setattr(web_demo, "ChatStream", GroundedAnswerStream)
+    monkeypatch.setattr(utils.pipeline, "ChatStream", GroundedAnswerStream)
     web = web_chat("--grounding")
     assert web.grounding  # the page's checkbox starts ticked
-    messages, conversation, _, _ = run_turn(web, golden.image_path, "Where is the pear?", web_demo.Conversation(),
+    messages, conversation, _, _ = run_turn(web, golden.image_path, "Where is the pear?", web_demo.WebSession(),
                                             grounding=True)[-1]
     assert [m["role"] for m in messages] == ["user", "assistant", "assistant"]
     picture = conversation.pictures[0]
@@ -131,7 +134,7 @@ def test_grounding_checkpoint_shows_the_drawn_picture_in_the_chat(web_chat, gold
     x0, y0, x1, y1 = to_pixels((600, 500, 700, 650), *original.size)
     assert picture.size == original.size and picture.getpixel((x0, (y0 + y1) // 2)) != original.getpixel((x0, (y0 + y1) // 2))
     # the same answer without grounding mode: no picture
-    messages, _, _, _ = run_turn(web, golden.image_path, "Where is the pear?", web_demo.Conversation())[-1]
+    messages, _, _, _ = run_turn(web, golden.image_path, "Where is the pear?", web_demo.WebSession())[-1]
     assert len(messages) == 2
 
 

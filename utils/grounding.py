@@ -195,11 +195,6 @@ def draw_boxes(image: Image.Image, boxes: Sequence[GroundedBox], line_width: Opt
     return picture
 
 
-def is_grounding_checkpoint(from_pretrained: str) -> bool:
-    """True for the grounding checkpoints (their name says so: cogvlm-grounding-*)."""
-    return "grounding" in os.path.basename(os.path.normpath(from_pretrained or "")).lower()
-
-
 def next_output_path(directory: str, stem: str = "grounding") -> str:
     """A new `directory/stem-NNN.png` that does not overwrite earlier pictures."""
     try:
@@ -221,6 +216,6 @@ def render_grounding(image: Image.Image, response: str, default_phrase: str = ""
 
 def add_grounding_args(parser):
     parser.add_argument("--grounding", action="store_true",
-                        help="draw the answer's [[x0,y0,x1,y1]] boxes on the image (automatic for "
-                             "cogvlm-grounding-* checkpoints)")
+                        help="draw the answer's [[x0,y0,x1,y1]] boxes on the image (automatic for the "
+                             "cogvlm-grounding-* releases and checkpoints whose config says \"grounding\": true)")
     return parser

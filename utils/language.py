@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from models.config import DEFAULT_TEMPLATE
 from models.errors import PromptError, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class PromptTemplate:
     answer_separator: Optional[str] = None
 
 
-# The prompt templates of `--version`, in one place.
+# The prompt templates of `--version`, in one place (their names: models.config.TEMPLATE_VERSIONS).
 PROMPT_TEMPLATES: Dict[str, PromptTemplate] = {
     "base": PromptTemplate(query="{query}"),
     "chat": PromptTemplate(query="Question: {query} Answer:", turn="Question: {query} Answer: {response}\n",
@@ -125,14 +126,11 @@ class llama2_text_processor_inference:  # noqa: N801 (upstream name, kept for po
     max_target_length is the total sequence budget (prompt + generated tokens), as `--max_length`.
     """
 
-    def __init__(self, tokenizer, max_target_length: int = 2048, image_length: int = 256, model=None,
-                 no_prompt: bool = False, english: bool = True):
+    def __init__(self, tokenizer, max_target_length: int = 2048, image_length: int = 256):
         self.tokenizer = tokenizer
         self.max_target_length = max_target_length
         self.image_length = image_length
-        self.signal_type = getattr(tokenizer, "signal_type", "chat")
-        self.invalid_slices: List[slice] = []
-        self.no_prompt = no_prompt
+        self.signal_type = getattr(tokenizer, "signal_type", DEFAULT_TEMPLATE)
 
     def history_to_prompt(self, query: str, history: Sequence[Tuple[str, str]] = ()) -> str:
         return history_to_prompt(self.signal_type, query, history, with_image=True)
@@ -170,4 +168,5 @@ class llama2_text_processor_inference:  # noqa: N801 (upstream name, kept for po
         }
 
     def process_response(self, response: str) -> str:
+        """The answer as shown: without `</s>`, stripped."""
         return response.replace("</s>", "").strip()

@@ -3,7 +3,7 @@ import io
 import logging
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
@@ -22,8 +22,7 @@ MAX_IMAGE_BYTES = 32 * 1024 * 1024
 class ImageProcessor:
     """PIL image -> ViT inputs: RGB, bicubic resize to (S, S), [0, 1], CLIP mean/std normalisation.
 
-    Returns {'image': (1, 3, S, S) float32} plus the ViT's dummy token inputs, as the upstream
-    processor did (the chat core prefixes every key with 'vision_').
+    Returns {'image': (1, 3, S, S) float32}.
     """
 
     def __init__(self, image_size: int):
@@ -44,13 +43,8 @@ class ImageProcessor:
         pixels = (pixels.astype(np.float32) / 255.0 - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
-    def __call__(self, image: Image.Image) -> Dict[str, Optional[torch.Tensor]]:
-        return {
-            "image": self.to_tensor(image).unsqueeze(0),
-            "input_ids": torch.zeros(1, 1, dtype=torch.long),
-            "position_ids": None,
-            "attention_mask": torch.ones(1, 1, dtype=torch.long),
-        }
+    def __call__(self, image: Image.Image) -> Dict[str, torch.Tensor]:
+        return {"image": self.to_tensor(image).unsqueeze(0)}
 
 
 def get_image_processor(image_size: int) -> ImageProcessor:

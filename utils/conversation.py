@@ -1,0 +1,36 @@
+"""A conversation: the prompt template, the image (CogVLM sees one, placed before all turns) and the turns so far.
+
+The CLI, the web demo and the API server all keep their chats as a `Conversation`; `utils.processor` turns
+one (plus the next question) into model inputs.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from PIL import Image
+
+from models.config import DEFAULT_TEMPLATE
+from utils.language import get_template, history_to_prompt
+
+History = List[Tuple[str, str]]
+
+
+@dataclass
+class Conversation:
+    """template: a `--version` name (utils.language.PROMPT_TEMPLATES). image: RGB, or None for text only.
+    history: earlier (question, answer) turns."""
+    template: str = DEFAULT_TEMPLATE
+    image: Optional[Image.Image] = None
+    history: History = field(default_factory=list)
+
+    def __post_init__(self):
+        get_template(self.template)  # an unknown name fails here, before any work
+
+    def prompt(self, query: str) -> str:
+        """The prompt text for the next question (the image marker first when there is an image)."""
+        return history_to_prompt(self.template, query, self.history, with_image=self.image is not None)
+
+    def add_turn(self, query: str, answer: str) -> None:
+        self.history.append((query, answer))
+
+    def clear(self) -> None:
+        self.image, self.history = None, []

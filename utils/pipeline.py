@@ -1,0 +1,177 @@
+"""What every front end shares: the upstream flags, and one loaded model with its processor and defaults.
+
+    parser = add_inference_args(argparse.ArgumentParser())
+    pipeline = load_pipeline(parser.parse_args())
+    conversation = pipeline.conversation(image)
+    for delta in pipeline.chat(conversation, "What is in the image?"):
+        ...
+
+The CLI, web demo, API server, evaluation, batch inference and the bench use it. Under torchrun each
+process holds its model-parallel share (models.checkpoint.load_model); sampling stays in step across ranks
+because every rank draws from a generator seeded alike.
+"""
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from models.checkpoint import Checkpoint, load_model, open_checkpoint
+from models.config import DEFAULT_TEMPLATE, TEMPLATE_VERSIONS
+from models.errors import CogVLMError
+from utils.chat import ChatStream
+from utils.conversation import Conversation
+from utils.generation import MAX_SEED, GenerationConfig, ensure_kv_cache
+from utils.language import DEFAULT_TOKENIZER, get_template, llama2_tokenizer
+from utils.processor import CogVLMProcessor
+
+logger = logging.getLogger(__name__)
+DEFAULTS = GenerationConfig()
+
+
+def add_precision_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--fp16 / --bf16 (exclusive, checked by `dtype_from_args`; neither: fp32)."""
+    parser.add_argument("--fp16", action="store_true", help="float16 weights")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights")
+    return parser
+
+
+def dtype_from_args(args) -> torch.dtype:
+    if args.fp16 and args.bf16:
+        raise CogVLMError("--fp16 and --bf16 are exclusive; pick one")
+    return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The upstream inference flags, declared once for every front end."""
+    parser.add_argument("--max_length", type=int, default=None,
+                        help=f"max length of the total sequence, prompt (image included) plus answer (default "
+                             f"{DEFAULTS.max_length}, or the model's position count if smaller)")
+    parser.add_argument("--top_p", type=float, default=DEFAULTS.top_p, help="top p for nucleus sampling, in (0, 1]")
+    parser.add_argument("--top_k", type=int, default=DEFAULTS.top_k,
+                        help="top k for top k sampling (1: greedy, 0: no cut)")
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
+                        help="temperature for sampling (0: greedy)")
+    parser.add_argument("--repetition_penalty", type=float, default=DEFAULTS.repetition_penalty,
+                        help="divide logits of repeated tokens (1: none)")
+    language = parser.add_mutually_exclusive_group()
+    language.add_argument("--english", dest="language", action="store_const", const="english",
+                          help="English interface texts (the default)")
+    language.add_argument("--chinese", dest="language", action="store_const", const="chinese",
+                          help="Chinese interface texts")
+    parser.set_defaults(language="english")
+    parser.add_argument("--version", type=str, default=None,
+                        help=f"prompt template: {', '.join(TEMPLATE_VERSIONS)} (default: the checkpoint's, else "
+                             f"{DEFAULT_TEMPLATE})")
+    parser.add_argument("--from_pretrained", type=str, default="cogvlm-chat-v1.1",
+                        help="checkpoint directory (SAT or HF format) or name under $SAT_HOME")
+    parser.add_argument("--local_tokenizer", type=str, default=None,
+                        help=f"tokenizer directory or hub name (default: the checkpoint's own tokenizer/ folder, "
+                             f"else {DEFAULT_TOKENIZER})")
+    parser.add_argument("--no_prompt", action="store_true", help="send the image with an empty query")
+    add_precision_args(parser)
+    parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    parser.add_argument("--quant", type=int, choices=[4, 8], default=None,
+                        help="quantize weights: 8 = int8 on CPU (quantized while loading), 4/8 with SAT's kernels on CUDA")
+    return parser
+
+
+def generation_config(args, **overrides) -> GenerationConfig:
+    """The flags' decoding settings (validated: a bad flag is a one-line error)."""
+    config = GenerationConfig(max_length=args.max_length or DEFAULTS.max_length, top_p=args.top_p,
+                              top_k=args.top_k, temperature=args.temperature,
+                              repetition_penalty=args.repetition_penalty)
+    return config.replace(**overrides).validate()
+
+
+@dataclass
+class InferencePipeline:
+    """A loaded checkpoint ready to answer: model, processor, template, decoding defaults, and this process's
+    place under torchrun (rank, world_size). `generator` draws sampled tokens unless a request brings a seed."""
+    model: torch.nn.Module
+    checkpoint: Checkpoint
+    processor: CogVLMProcessor
+    template: str
+    defaults: GenerationConfig
+    rank: int = 0
+    world_size: int = 1
+    generator: Optional[torch.Generator] = None
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def grounding(self) -> bool:
+        return self.checkpoint.grounding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def conversation(self, image: Optional[Image.Image] = None) -> Conversation:
+        return Conversation(self.template, image)
+
+    def chat(self, conversation: Conversation, query: str, config: Optional[GenerationConfig] = None) -> ChatStream:
+        """A turn of `conversation` (default settings: the flags'). Bad input raises CogVLMError here."""
+        config = config or self.defaults
+        generator = None if config.seed is not None else self.generator
+        return ChatStream(self.model, self.processor, conversation, query, config, generator)
+
+
+def _device(requested: Optional[str], local_rank: int) -> str:
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise CogVLMError(f"--device {requested} asked for, but no CUDA GPU is available; use --device cpu")
+        return requested
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+def _shared_seed(world_size: int) -> int:
+    """A seed drawn by rank 0 and known to every rank (all ranks must sample the same tokens)."""
+    seed = torch.randint(0, MAX_SEED, (1,))
+    if world_size > 1:
+        torch.distributed.broadcast(seed, src=0)
+    return int(seed.item())
+
+
+def load_pipeline(args) -> InferencePipeline:
+    """Load the checkpoint, tokenizer and processor the parsed flags name (the checkpoint's own tokenizer and
+    template when the flags leave them out)."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = _device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dtype = dtype_from_args(args)
+    if dtype == torch.float16 and device == "cpu":
+        logger.warning("--fp16 on CPU is slow and loses precision; --bf16 or fp32 (no flag) is better there")
+    defaults = generation_config(args)  # bad flags fail before the model loads
+    if args.version is not None:
+        get_template(args.version)
+    checkpoint = open_checkpoint(args.from_pretrained)
+    positions = checkpoint.config.max_sequence_length
+    if args.max_length is not None and args.max_length > positions:
+        raise CogVLMError(f"--max_length {args.max_length} exceeds the {positions} positions the model was built "
+                          f"for; use at most {positions}")
+    defaults = defaults.replace(max_length=args.max_length or min(DEFAULTS.max_length, positions))
+    template = args.version or checkpoint.template_version or DEFAULT_TEMPLATE
+    tokenizer_path = args.local_tokenizer or checkpoint.tokenizer_dir or DEFAULT_TOKENIZER
+    tokenizer = llama2_tokenizer(tokenizer_path, signal_type=template)
+    vocab_size = checkpoint.config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise CogVLMError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary "
+                          f"is {vocab_size}; pass the tokenizer that belongs to this checkpoint")
+    # under torchrun each process loads its model-parallel share, from a checkpoint saved for any split
+    model, _ = load_model(checkpoint, device=device, dtype=dtype, quant=args.quant, rank=rank, world_size=world_size)
+    ensure_kv_cache(model)
+    vision = checkpoint.config.vision
+    processor = CogVLMProcessor(tokenizer, vision.image_size, checkpoint.config.image_length, defaults.max_length)
+    generator = torch.Generator().manual_seed(_shared_seed(world_size))
+    logger.info("serving %s: template %s, tokenizer %s, max_length %d", checkpoint.path, template, tokenizer_path,
+                defaults.max_length)
+    return InferencePipeline(model, checkpoint, processor, template, defaults, rank, world_size, generator)
+
