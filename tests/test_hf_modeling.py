@@ -273,8 +273,9 @@ def test_second_config_equals_sat_model(tiny_checkpoint, tokenizer, tmp_path):
     vision_expert_mask[:, -1] = 0
     length = generated.shape[1]
     sat_logits = sat_model(input_ids=generated, position_ids=cogvlm_position_ids(token_types),
-                           attention_mask=torch.ones(1, 1, length, length).tril(), vision_expert_mask=vision_expert_mask,
-                           image_embed_mask=token_types, images=sample["images"][0][None])[0][0]
+                           attention_mask=torch.ones(1, 1, length, length).tril(),
+                           vision_expert_mask=vision_expert_mask, image_embed_mask=token_types,
+                           images=sample["images"][0][None])[0][0]
     hf_logits = model(input_ids=generated, token_type_ids=token_types, images=[sample["images"]]).logits[0]
     assert_close_rel(hf_logits, sat_logits, what="second config: HF vs SAT logits")
     assert sat_logits[prompt.shape[1] - 1:-1].argmax(-1).tolist() == generated[0, prompt.shape[1]:].tolist()

@@ -277,7 +277,8 @@ class CogVLMModel(CogVLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a cache only serves decoding; training forwards go without one
+            use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if token_type_ids is None:
