@@ -153,7 +153,7 @@ def test_add_remote_code_writes_a_self_contained_directory(hf_dir):
             source = f.read()
         imports = {line.split()[1].split(".")[0] for line in source.splitlines()
                    if line.startswith(("import ", "from ")) and not line.startswith("from .")}
-        assert imports <= {"json", "os", "struct", "typing", "numpy", "torch", "PIL", "transformers"}, (name, imports)
+        assert imports <= {"json", "os", "shutil", "struct", "typing", "numpy", "torch", "PIL", "transformers"}, (name, imports)
     assert not [n for n in os.listdir(hf_dir) if n.startswith(".")]  # no temporary file left behind
 
 
@@ -293,8 +293,9 @@ def test_bf16_on_cpu_tracks_fp32(hf_dir, golden):
 
 
 @torch.no_grad()
-def test_left_padded_batch_equals_one_by_one(hf_dir, hf_model, image):
-    processor = AutoProcessor.from_pretrained(hf_dir)
+def test_left_padded_batch_equals_one_by_one(hf_dir, hf_model, image, tmp_path):
+    AutoProcessor.from_pretrained(hf_dir).save_pretrained(str(tmp_path / "processor"))
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "processor"))  # a saved processor reloads alone
     flipped = image.transpose(Image.FLIP_LEFT_RIGHT)
     images = [image, None, flipped]
     texts = ["What color is the square?", "Hello, who are you?", "Where is it?"]

@@ -16,6 +16,7 @@ imports only the standard library, numpy, PIL, torch and transformers.
 """
 import json
 import os
+import shutil
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -130,6 +131,7 @@ class CogVLMProcessor:
     turns it into the prompt. A batch is left-padded. Returns a BatchFeature with `input_ids`,
     `token_type_ids`, `attention_mask` (B, L) and, when any text has an image, `images`
     (N, 3, S, S) for the N texts that have one, in batch order; it goes to `model.generate(**inputs)`.
+    Other HF keywords (`padding=`, ...) are accepted and have no effect: batches are always left-padded.
     """
 
     def __init__(self, tokenizer, image_size: int = 490, patch_size: int = 14, template_version: str = "chat"):
@@ -146,7 +148,8 @@ class CogVLMProcessor:
         path = str(pretrained_model_name_or_path)
         if os.path.isfile(os.path.join(path, PROCESSOR_CONFIG)):
             with open(os.path.join(path, PROCESSOR_CONFIG)) as f:
-                settings = json.load(f)
+                saved = json.load(f)
+            settings = {key: saved[key] for key in ("image_size", "patch_size", "template_version")}
         else:
             config, _ = PretrainedConfig.get_config_dict(path, **kwargs)
             vision = config.get("vision_config", {})
@@ -160,10 +163,17 @@ class CogVLMProcessor:
         cls._auto_class = auto_class
 
     def save_pretrained(self, save_directory: str) -> None:
+        """Tokenizer, settings and this file: AutoProcessor reloads it alone (trust_remote_code)."""
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
+        here = os.path.abspath(__file__)
+        if os.path.dirname(here) != os.path.abspath(save_directory):
+            shutil.copy(here, os.path.join(save_directory, os.path.basename(here)))
         with open(os.path.join(save_directory, PROCESSOR_CONFIG), "w") as f:
-            json.dump({"image_size": self.image_size, "patch_size": self.patch_size,
+            json.dump({"processor_class": type(self).__name__,
+                       "auto_map": {"AutoProcessor": f"{os.path.splitext(os.path.basename(here))[0]}."
+                                                     f"{type(self).__name__}"},
+                       "image_size": self.image_size, "patch_size": self.patch_size,
                        "template_version": self.template_version}, f, indent=2)
 
     def __call__(self, images=None, text: Union[str, List[str], None] = None, history=None,
