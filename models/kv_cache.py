@@ -23,8 +23,7 @@ class KVCache:
                  dtype: torch.dtype, device):
         # One allocation for all layers: glibc serves it with mmap and returns it to the OS when the
         # cache is freed. Per-layer tensors (a few MB each) came from the heap, and glibc kept the
-        # freed ones: every generation left its cache resident (0.44 GB after one batch-8 run of
-        # bench config M, against 0.04 GB with one buffer).
+        # freed ones: every generation left its cache resident (bench/RESULTS.md, "memory").
         self.buffer = torch.empty((num_layers, 2, batch_size, num_heads, max_length, head_dim), dtype=dtype,
                                   device=device)
         self.keys = list(self.buffer[:, 0].unbind(0))

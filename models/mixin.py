@@ -50,7 +50,7 @@ class RotaryEmbedding(nn.Module):
     def _cos_sin(self, position_ids: torch.Tensor, device):
         """(cos, sin) of every position and frequency, each (batch, 1, seq, head_dim) fp32, the sin
         negated on the first half. Every layer of a forward passes the same `position_ids` tensor, so
-        they are computed once per forward (decoding config M: rotary 1.0-1.8 -> 0.7-1.3 ms per step)."""
+        they are computed once per forward (bench/RESULTS.md has what that saves per decoding step)."""
         last = self._last
         if last is not None and last[0] is position_ids and last[1] == position_ids._version and last[2].device == device:
             return last[2], last[3]
@@ -86,7 +86,7 @@ def _route(hidden_states, vision_expert_mask, language_fn, vision_fn, out_featur
 
 def _gated(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """act(gate) * up. Without autograd, computed in gate's buffer: each fresh (tokens, inner) tensor
-    cost page faults on this CPU (silu + product: 51 ms of a 1 s config-M prefill)."""
+    cost page faults on this CPU (a large share of a prefill's SwiGLU time; bench/RESULTS.md)."""
     if torch.is_grad_enabled():
         return act(gate) * up
     hidden = F.silu(gate, inplace=True) if act is F.silu else act(gate)
