@@ -7,7 +7,6 @@ over, `stop` ends. Scriptable: answers can be piped on stdin; it exits cleanly a
 Under torchrun the model is split across processes; rank 0 reads input and prints answers.
 """
 import argparse
-import logging
 import os
 import sys
 from typing import Optional
@@ -16,7 +15,7 @@ import torch
 
 from models.errors import CogVLMError
 from utils.grounding import add_grounding_args, next_output_path, render_grounding
-from utils.pipeline import add_inference_args, load_pipeline
+from utils.pipeline import add_inference_args, load_pipeline, setup_logging
 from utils.vision import load_image
 
 TEXTS = {
@@ -151,8 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grounding_dir", type=str, default="grounding_output",
                         help="where --grounding saves the pictures with the boxes drawn")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("sat").propagate = False  # SAT logs through its own handler already
+    setup_logging()
     try:
         with torch.no_grad():
             return run(args)

@@ -17,7 +17,7 @@ import sys
 
 
 from models.checkpoint import open_checkpoint, reshard_checkpoint
-from utils.pipeline import add_precision_args, dtype_from_args
+from utils.pipeline import add_precision_args, dtype_from_args, setup_logging
 from models.errors import CogVLMError
 
 logger = logging.getLogger("merge_model")
@@ -48,8 +48,7 @@ def convert(args) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("sat").propagate = False  # SAT logs through its own handler already
+    setup_logging()
     rank = int(os.environ.get("RANK", 0))
     if rank != 0:
         logger.info("rank %d: nothing to do, rank 0 converts the checkpoint", rank)

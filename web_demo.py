@@ -31,7 +31,7 @@ from utils.chat import ChatStream
 from utils.conversation import Conversation, History
 from utils.generation import GenerationConfig
 from utils.grounding import add_grounding_args, render_grounding
-from utils.pipeline import InferencePipeline, add_inference_args, load_pipeline
+from utils.pipeline import InferencePipeline, add_inference_args, load_pipeline, setup_logging
 from utils.vision import MAX_IMAGE_BYTES, load_image
 
 logger = logging.getLogger(__name__)
@@ -246,8 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("sat").propagate = False  # SAT logs through its own handler already
+    setup_logging()
     try:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise CogVLMError("web_demo.py serves from one process; run it without torchrun "

@@ -7,11 +7,12 @@ The direction follows from the source: a SAT directory (model_config.json; a nam
 works too) becomes an HF directory (config.json + safetensors, sharded above --max_shard_size with
 model.safetensors.index.json); an HF directory becomes a SAT one (model_config.json, latest,
 1/mp_rank_00_model_states.pt). Model-parallel SAT shards are merged; LoRA must be merged first.
-Tensors keep their dtype and values bit for bit. The tokenizer is not part of either format: use
-lmsys/vicuna-7b-v1.5 (or --local_tokenizer) with both.
+Tensors keep their dtype and values bit for bit. An HF output also gets our transformers modeling code
+(models/hf_cogvlm, with `auto_map`) and a generation_config.json, and the tokenizer of --tokenizer (default:
+the checkpoint's own `tokenizer/` folder), so `AutoModelForCausalLM.from_pretrained(out,
+trust_remote_code=True)` works with transformers alone.
 """
 import argparse
-import logging
 import os
 import sys
 
@@ -21,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.checkpoint import convert_hf_to_sat, convert_sat_to_hf, open_checkpoint, parse_size  # noqa: E402
 from models.config import TEMPLATE_VERSIONS  # noqa: E402
 from models.errors import CogVLMError  # noqa: E402
+from models.hf_cogvlm import add_remote_code, tokenizer_files_of  # noqa: E402
+from utils.pipeline import setup_logging  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,15 +35,26 @@ def main(argv=None) -> int:
     parser.add_argument("--template_version", default=None, choices=TEMPLATE_VERSIONS,
                         help="SAT -> HF: config.json's template_version (chat for chat/vqa models, base for "
                              "base and grounding models; default: the checkpoint's own, else chat)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="SAT -> HF: tokenizer directory to copy into the output (default: the checkpoint's "
+                             "own tokenizer/ folder, if any)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         source = open_checkpoint(args.source)
         if source.format == "hf":
             path = convert_hf_to_sat(source, args.output)
             print(f"wrote SAT checkpoint {args.output} ({os.path.relpath(path, args.output)})")
         else:
-            files = convert_sat_to_hf(source, args.output, parse_size(args.max_shard_size), args.template_version)
+            tokenizer = args.tokenizer or source.tokenizer_dir
+            if tokenizer:
+                tokenizer_files_of(tokenizer)  # a bad directory fails before the long conversion
+
+            def remote_code(directory):
+                add_remote_code(directory, template_version=args.template_version, tokenizer_dir=tokenizer)
+
+            files = convert_sat_to_hf(source, args.output, parse_size(args.max_shard_size), args.template_version,
+                                      extra_files=remote_code)
             print(f"wrote HF checkpoint {args.output} ({len(files)} safetensors file(s))")
     except CogVLMError as e:
         print(f"error: {e}", file=sys.stderr)

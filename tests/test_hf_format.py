@@ -349,9 +349,17 @@ def test_convert_script(golden, tmp_path, capsys):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = str(tmp_path / "hf")
-    assert script.main([golden.checkpoint, out, "--max_shard_size", "1MB"]) == 0
+    assert script.main([golden.checkpoint, out, "--max_shard_size", "1MB", "--tokenizer", golden.tokenizer_dir]) == 0
     assert "wrote HF checkpoint" in capsys.readouterr().out
     assert_same_tensors(hf_tensors(out), hf_tensors(HF_DIR))
+    # ready for transformers alone: our modeling code with its auto_map, and the tokenizer
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_cogvlm.CogVLMForCausalLM"
+    for name in ("modeling_cogvlm.py", "configuration_cogvlm.py", "generation_config.json", "tokenizer.model"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert script.main([golden.checkpoint, str(tmp_path / "x"), "--tokenizer", str(tmp_path)]) == 1
+    assert "has no tokenizer.model or tokenizer.json" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
     assert script.main([out, str(tmp_path / "sat")]) == 0
     assert "wrote SAT checkpoint" in capsys.readouterr().out
     assert_same_tensors(sat_state(str(tmp_path / "sat")), sat_state(golden.checkpoint))

@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 DEFAULTS = GenerationConfig()
 
 
+def setup_logging() -> None:
+    """The front ends' log format (INFO, with time and logger); SAT logs through its own handler already."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("sat").propagate = False
+
+
 def add_precision_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--fp16 / --bf16 (exclusive, checked by `dtype_from_args`; neither: fp32)."""
     parser.add_argument("--fp16", action="store_true", help="float16 weights")

@@ -64,6 +64,15 @@ def _write_json(path: str, data: dict) -> None:
     _write_atomically(path, lambda f: f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
 
 
+def tokenizer_files_of(tokenizer_dir: str) -> List[str]:
+    """The tokenizer files in `tokenizer_dir` (TokenizerError when it has no vocabulary file)."""
+    files = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, name))]
+    if not {"tokenizer.model", "tokenizer.json"} & set(files):
+        raise TokenizerError(f"'{tokenizer_dir}' has no tokenizer.model or tokenizer.json; give the directory "
+                             "of the Vicuna tokenizer (e.g. a download of lmsys/vicuna-7b-v1.5)")
+    return files
+
+
 def add_remote_code(hf_dir: str, template_version: Optional[str] = None,
                     tokenizer_dir: Optional[str] = None) -> List[str]:
     """Make an HF-format CogVLM directory (config.json + safetensors) loadable with transformers alone.
@@ -80,12 +89,7 @@ def add_remote_code(hf_dir: str, template_version: Optional[str] = None,
     if template_version is not None and template_version not in TEMPLATE_VERSIONS:
         raise CheckpointError(f"unknown template version '{template_version}'; choose one of "
                               f"{', '.join(TEMPLATE_VERSIONS)}")
-    tokenizer_files = []
-    if tokenizer_dir is not None:
-        tokenizer_files = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, name))]
-        if not {"tokenizer.model", "tokenizer.json"} & set(tokenizer_files):
-            raise TokenizerError(f"'{tokenizer_dir}' has no tokenizer.model or tokenizer.json; give the directory "
-                                 "of the Vicuna tokenizer (e.g. a download of lmsys/vicuna-7b-v1.5)")
+    tokenizer_files = tokenizer_files_of(tokenizer_dir) if tokenizer_dir is not None else []
     try:
         with open(config_path) as f:
             config = json.load(f)
@@ -112,5 +116,5 @@ def add_remote_code(hf_dir: str, template_version: Optional[str] = None,
     return [*REMOTE_CODE_FILES, CONFIG_FILE, GENERATION_CONFIG_FILE, *tokenizer_files]
 
 
-__all__ = ["AUTO_MAP", "REMOTE_CODE_FILES", "CogVLMConfig", "CogVLMForCausalLM", "CogVLMModel", "CogVLMProcessor",
+__all__ = ["AUTO_MAP", "REMOTE_CODE_FILES", "tokenizer_files_of", "CogVLMConfig", "CogVLMForCausalLM", "CogVLMModel", "CogVLMProcessor",
            "add_remote_code"]
