@@ -17,6 +17,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from sat import mpu
+
 from models.config import EOS_ID
 from models.errors import SamplingError
 from models.kv_cache import KVCache, ensure_kv_cache_mixin
@@ -141,6 +143,15 @@ class Sampler:
         return torch.multinomial(probs.cpu(), 1, generator=self.generators[row]).to(logits.device)[0]
 
 
+def _same_on_every_rank(tokens: torch.Tensor) -> torch.Tensor:
+    """Under model parallelism every rank must feed the same tokens: rank 0's choice wins (as SAT's sampler
+    does). The ranks' logits and generators agree already; this keeps them in step whatever happens."""
+    if torch.distributed.is_initialized() and mpu.model_parallel_is_initialized() \
+            and mpu.get_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(tokens, mpu.get_model_parallel_src_rank(), group=mpu.get_model_parallel_group())
+    return tokens
+
+
 def ensure_kv_cache(model) -> None:
     """Prepare `model` for cached decoding (idempotent)."""
     ensure_kv_cache_mixin(model)
@@ -228,7 +239,7 @@ def generate_batch_stream(model, batch: Dict[str, torch.Tensor], configs, genera
     active = [True] * batch_size
     generated: List[List[int]] = [[] for _ in range(batch_size)]
     while True:
-        picked = sampler.next_tokens(logits[:, -1].float(), generated).tolist()
+        picked = _same_on_every_rank(sampler.next_tokens(logits[:, -1].float(), generated)).tolist()
         new = [token if alive else pad_token_id for token, alive in zip(picked, active)]
         for row in range(batch_size):
             if active[row]:

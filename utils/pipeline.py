@@ -138,10 +138,10 @@ def _device(requested: Optional[str], local_rank: int) -> str:
 
 def _shared_seed(world_size: int) -> int:
     """A seed drawn by rank 0 and known to every rank (all ranks must sample the same tokens)."""
-    seed = torch.randint(0, MAX_SEED, (1,))
+    seed = [int(torch.randint(0, MAX_SEED, (1,)).item())]
     if world_size > 1:
-        torch.distributed.broadcast(seed, src=0)
-    return int(seed.item())
+        torch.distributed.broadcast_object_list(seed, src=0)  # any backend (NCCL needs no CPU tensor)
+    return seed[0]
 
 
 def load_pipeline(args) -> InferencePipeline:
