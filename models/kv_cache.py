@@ -6,6 +6,8 @@ copies of the whole cache per decoded token, which dominates decode time once th
 Here every layer writes its new keys/values in place into a buffer sized for the whole sequence
 and attends over a view of the filled part: no copies.
 """
+from typing import List, Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -79,3 +81,120 @@ def ensure_kv_cache_mixin(model) -> None:
         model.del_mixin("auto-regressive")
     if "kv-cache" not in model.mixins:
         model.add_mixin("kv-cache", KVCacheMixin())
+
+
+class SlotKVCache:
+    """The KV memory of the serving engine: `num_slots` rows of `max_length` positions per layer, one
+    sequence per row, each at its own length (utils/engine.py keeps the running sequences in rows 0..n-1).
+
+    Buffers: keys/values of every layer, each (num_slots, heads, max_length, head_dim), one allocation as in
+    KVCache. `lengths[row]` is the row's filled positions. A prefill writes a group of new sequences into
+    free rows (`prefill`), a decode step appends one position to each of the first n rows at that row's own
+    length and attends over the filled part through a per-row mask (`decode`).
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, num_heads: int, max_length: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        self.buffer = torch.empty((num_layers, 2, num_slots, num_heads, max_length, head_dim), dtype=dtype,
+                                  device=device)
+        self.keys = list(self.buffer[:, 0].unbind(0))
+        self.values = list(self.buffer[:, 1].unbind(0))
+        self.num_slots, self.max_length = num_slots, max_length
+        self.lengths = [0] * num_slots
+        # Positions [0, finite[row]) of a row hold numbers (written once, by this row or an earlier
+        # sequence). A decode step reads every row up to the longest row; the masked tail of a shorter row
+        # gets weight 0, but 0 * NaN is NaN, so never-written memory is zeroed before it is first read.
+        # Zeroing lazily keeps untouched pages of the (large, mostly idle) buffer out of memory.
+        self._finite = [0] * num_slots
+
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+    def prefill(self, first_row: int, lengths: Sequence[int], padded_length: int) -> "SlotPrefill":
+        """A cache for the forward over a left-padded group of prompts (utils.generation.collate) that writes
+        prompt i (lengths[i] tokens, the last lengths[i] of padded_length columns) into row first_row + i."""
+        if first_row + len(lengths) > self.num_slots:
+            raise ValueError(f"{first_row + len(lengths)} rows needed, the cache has {self.num_slots}")
+        if max(lengths) > self.max_length:
+            raise ValueError(f"KV cache rows hold {self.max_length} positions; {max(lengths)} needed")
+        return SlotPrefill(self, first_row, list(lengths), padded_length)
+
+    def decode(self, num_rows: int) -> "SlotDecode":
+        """A cache for one decode step of rows 0..num_rows-1 (one new token each); its `mask` is the step's
+        attention mask (num_rows, 1, 1, span), span = the longest row's length after the step."""
+        return SlotDecode(self, num_rows)
+
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row `source`'s sequence into row `target` (to keep the running rows packed)."""
+        length = self.lengths[source]
+        self.buffer[:, :, target, :, :length] = self.buffer[:, :, source, :, :length]
+        self.lengths[target] = length
+        self._finite[target] = max(self._finite[target], length)
+        self.lengths[source] = 0
+
+    def release(self, row: int) -> None:
+        self.lengths[row] = 0
+
+    def _make_finite(self, num_rows: int, span: int) -> None:
+        for row in range(num_rows):
+            if self._finite[row] < span:
+                self.buffer[:, :, row, :, self._finite[row]:span].zero_()
+                self._finite[row] = span
+
+
+class SlotPrefill:
+    """`SlotKVCache.prefill`'s cache: the group attends over its own fresh keys/values (the prompts' mask
+    does the rest); each row's real positions are stored into its slot."""
+
+    def __init__(self, cache: SlotKVCache, first_row: int, lengths: List[int], padded_length: int):
+        self.cache, self.first_row, self.lengths, self.padded_length = cache, first_row, lengths, padded_length
+
+    def append(self, layer_id: int, key: torch.Tensor, value: torch.Tensor):
+        """key/value (group, heads, padded_length, head_dim) -> the same tensors (attention over the prompts)."""
+        for i, n in enumerate(self.lengths):
+            row, start = self.first_row + i, self.padded_length - n
+            self.cache.keys[layer_id][row, :, :n] = key[i, :, start:]
+            self.cache.values[layer_id][row, :, :n] = value[i, :, start:]
+        return key, value
+
+    def commit(self) -> None:
+        """After the forward: the rows hold their prompts."""
+        for i, n in enumerate(self.lengths):
+            row = self.first_row + i
+            self.cache.lengths[row] = n
+            self.cache._finite[row] = max(self.cache._finite[row], n)
+
+
+class SlotDecode:
+    """`SlotKVCache.decode`'s cache: every row writes its new position at its own length and attends over
+    views [0, span) of the first num_rows rows (no copy), its unfilled tail masked."""
+
+    def __init__(self, cache: SlotKVCache, num_rows: int):
+        self.cache, self.num_rows = cache, num_rows
+        lengths = cache.lengths[:num_rows]
+        self.span = max(lengths) + 1
+        if self.span > cache.max_length:
+            raise ValueError(f"KV cache rows hold {cache.max_length} positions; {self.span} needed")
+        device = cache.buffer.device
+        self.same_length = min(lengths) == max(lengths)
+        self.positions = torch.tensor(lengths, device=device)
+        self.rows = torch.arange(num_rows, device=device)
+        cache._make_finite(num_rows, self.span)
+        # (num_rows, 1, 1, span), 1 = attend: a row sees its filled positions and its new one
+        self.mask = (torch.arange(self.span, device=device)[None] <= self.positions[:, None])[:, None, None]
+
+    def append(self, layer_id: int, key: torch.Tensor, value: torch.Tensor):
+        """key/value (num_rows, heads, 1, head_dim) -> views (num_rows, heads, span, head_dim) of the rows."""
+        keys, values = self.cache.keys[layer_id], self.cache.values[layer_id]
+        if self.same_length:
+            position = self.span - 1
+            keys[:self.num_rows, :, position] = key[:, :, 0]
+            values[:self.num_rows, :, position] = value[:, :, 0]
+        else:
+            keys[self.rows, :, self.positions] = key[:, :, 0]
+            values[self.rows, :, self.positions] = value[:, :, 0]
+        return keys[:self.num_rows, :, :self.span], values[:self.num_rows, :, :self.span]
+
+    def commit(self) -> None:
+        for row in range(self.num_rows):
+            self.cache.lengths[row] += 1

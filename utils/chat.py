@@ -23,18 +23,22 @@ class ChatStream:
 
     Input errors (prompt length, settings) raise in the constructor, before any compute. generator: the
     random generator of sampled tokens (None: one seeded by config.seed, else by torch's global generator).
+    engine: a utils.engine.Engine to generate on (batched with other requests); None: generate here.
     """
 
     def __init__(self, model, processor: CogVLMProcessor, conversation: Conversation, query: str,
-                 config: Optional[GenerationConfig] = None, generator: Optional[torch.Generator] = None):
+                 config: Optional[GenerationConfig] = None, generator: Optional[torch.Generator] = None,
+                 engine=None):
         self.model, self.processor, self.conversation = model, processor, conversation
         self.query = query
         self.config = (config or GenerationConfig()).validate(len(processor.tokenizer))
         self.inputs = processor(conversation, query)
         self.end_token_ids = self.config.end_tokens(processor.eos_token_id)
         self.generator = generator
+        self.engine = engine
         self.token_ids: List[int] = []
         self.response: Optional[str] = None
+        self._deltas = TextDeltas(processor, self.end_token_ids)
 
     @property
     def prompt_length(self) -> int:
@@ -44,16 +48,38 @@ class ChatStream:
     def finish_reason(self) -> str:
         return "stop" if self.token_ids and self.token_ids[-1] in self.end_token_ids else "length"
 
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The turn's settings with its end tokens spelled out."""
+        return self.config.replace(end_token_ids=self.end_token_ids)
+
     def __iter__(self) -> Iterator[str]:
-        deltas = TextDeltas(self.processor, self.end_token_ids)
-        config = self.config.replace(end_token_ids=self.end_token_ids)
-        for token in generate_stream(self.model, self.inputs, config, self.generator):
-            self.token_ids.append(token)
-            delta = deltas.feed(token)
+        for token in self._tokens():
+            delta = self.add_token(token)
             if delta:
                 yield delta
+        self.finish()
+
+    def _tokens(self) -> Iterator[int]:
+        if self.engine is None:
+            yield from generate_stream(self.model, self.inputs, self.generation_config, self.generator)
+            return
+        request = self.engine.submit(self.inputs, self.generation_config, self.generator)
+        try:
+            yield from request
+        finally:  # the consumer stopped early: free the engine's row
+            request.cancel()
+
+    def add_token(self, token: int) -> str:
+        """Record one generated token (for callers that generate elsewhere); returns the text it adds."""
+        self.token_ids.append(token)
+        return self._deltas.feed(token)
+
+    def finish(self) -> str:
+        """End the turn: the answer text, also appended to the conversation."""
         self.response = self.processor.answer(self.token_ids, self.end_token_ids)
         self.conversation.add_turn(self.query, self.response)
+        return self.response
 
 
 def chat(image_path, model, text_processor, img_processor, query: str, history: Optional[History] = None,

@@ -121,11 +121,13 @@ class InferencePipeline:
     def conversation(self, image: Optional[Image.Image] = None) -> Conversation:
         return Conversation(self.template, image)
 
-    def chat(self, conversation: Conversation, query: str, config: Optional[GenerationConfig] = None) -> ChatStream:
-        """A turn of `conversation` (default settings: the flags'). Bad input raises CogVLMError here."""
+    def chat(self, conversation: Conversation, query: str, config: Optional[GenerationConfig] = None,
+             engine=None) -> ChatStream:
+        """A turn of `conversation` (default settings: the flags'), generated on `engine` (a utils.engine.Engine)
+        when given. Bad input raises CogVLMError here."""
         config = config or self.defaults
         generator = None if config.seed is not None else self.generator
-        return ChatStream(self.model, self.processor, conversation, query, config, generator)
+        return ChatStream(self.model, self.processor, conversation, query, config, generator, engine)
 
 
 def _device(requested: Optional[str], local_rank: int) -> str:
