@@ -23,6 +23,7 @@ from sat.mpu.layers import unscaled_init_method
 from models.eva_clip_model import EVA2CLIPModel
 from models.linear import apply_linear
 from models.mixin import LlamaVisionExpertAttnMixin, LlamaVisionExpertFCMixin
+from models.vision_expert_lora import VisionExpertLoraMixin
 from models.errors import CogVLMError
 
 logger = logging.getLogger(__name__)
@@ -165,8 +166,9 @@ class CogVLMModel(LLaMAModel):
 
 
 class FineTuneTrainCogVLMModel(CogVLMModel):
-    """CogVLM with the finetuning mixins the flags ask for: LoRA on the LLM attention (language expert)
-    and on the ViT attention, P-tuning v2 prefixes, or QLoRA (4-bit base weights, GPU only)."""
+    """CogVLM with the finetuning mixins the flags ask for: LoRA on the LLM attention (`--lora_experts`: the
+    language expert, the visual expert or both) and on the ViT attention, P-tuning v2 prefixes, or QLoRA
+    (4-bit base weights, GPU only)."""
 
     def __init__(self, args, transformer=None, **kwargs):
         super().__init__(args, transformer=transformer, **kwargs)
@@ -179,8 +181,13 @@ class FineTuneTrainCogVLMModel(CogVLMModel):
             raise CogVLMError("--use_qlora needs a CUDA GPU (bitsandbytes 4-bit layers); on CPU use --use_lora")
         if getattr(args, "use_lora", False) or getattr(args, "use_qlora", False):
             qlora = bool(getattr(args, "use_qlora", False))
-            self.add_mixin("lora", LoraMixin(args.num_layers, args.lora_rank, layer_range=layer_range, qlora=qlora),
-                           reinit=True)
+            experts = getattr(args, "lora_experts", "language")
+            if experts in ("language", "both"):
+                self.add_mixin("lora", LoraMixin(args.num_layers, args.lora_rank, layer_range=layer_range, qlora=qlora),
+                               reinit=True)
+            if experts in ("vision", "both"):
+                self.add_mixin("vision_lora", VisionExpertLoraMixin(args.num_layers, args.lora_rank,
+                                                                    layer_range=layer_range), reinit=True)
             vit = self.get_mixin("eva").vit_model
             vit.add_mixin("lora", LoraMixin(args.eva_args["num_layers"], args.lora_rank, layer_range=layer_range),
                           reinit=True)
@@ -194,6 +201,9 @@ class FineTuneTrainCogVLMModel(CogVLMModel):
         group.add_argument("--use_lora", action="store_true")
         group.add_argument("--use_qlora", action="store_true")
         group.add_argument("--layer_range", nargs="+", type=int, default=None)
+        group.add_argument("--lora_experts", choices=("language", "vision", "both"), default="language",
+                           help="whose LLM attention --use_lora adapts: the language expert (upstream), the "
+                                "visual expert or both")
         return super().add_model_specific_args(parser)
 
     def merge_lora(self):
@@ -201,6 +211,9 @@ class FineTuneTrainCogVLMModel(CogVLMModel):
         if "lora" in self.mixins:
             self.get_mixin("lora").merge_lora()
             self.del_mixin("lora")
+        if "vision_lora" in self.mixins:
+            self.get_mixin("vision_lora").merge_lora(self)
+            self.del_mixin("vision_lora")
         vit = self.get_mixin("eva").vit_model
         if "lora" in vit.mixins:
             vit.get_mixin("lora").merge_lora()

@@ -1,9 +1,12 @@
 """Every workaround for SwissArmyTransformer (SAT) 0.4.12 and the DeepSpeed it imports, in one place.
 
 Each entry names what it patches and why. Import this module before the first `import sat`
-(`models/__init__.py` does), because the first one acts at import time.
+(`models/__init__.py` does), because the first one acts at import time. The training entries are
+called by finetune_demo.py before SAT's `training_main`; they keep SAT's behaviour on GPUs.
 """
+import argparse
 import os
+import time
 
 import torch
 
@@ -11,3 +14,112 @@ import torch
 # the CPU; naming it up front keeps CLI output clean. Must run before the first `import sat`.
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"
+
+import deepspeed.ops  # noqa: E402  (after DS_ACCELERATOR)
+from sat.helpers import print_rank0  # noqa: E402
+from sat.training import deepspeed_training as sat_training  # noqa: E402
+
+
+# Training (finetune_demo.py) ------------------------------------------------------------------------
+
+class SATArgumentParser(argparse.ArgumentParser):
+    """SAT 0.4.12's parser, made usable on a machine without CUDA.
+
+    SAT 0.4.12 refuses to train when `args.device` ('cpu') differs from `args.local_rank` (0), and
+    defaults to the nccl backend, which has no CPU support. On CPU we align the two and default the
+    backend to gloo, so the same command runs on GPUs and on CPU.
+    """
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if not torch.cuda.is_available():
+            parsed.device = parsed.local_rank = "cpu"
+            if parsed.distributed_backend == "nccl":
+                parsed.distributed_backend = "gloo"
+        return parsed
+
+
+def skip_deepspeed_shm_op() -> None:
+    """DeepSpeed 0.19 compiles a shared-memory all-reduce op (minutes) the first time it starts on CPU;
+    gloo does the same job without it, so we mark the op unavailable (no effect with CUDA)."""
+    if torch.cuda.is_available():
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def make_sat_training_cpu_safe(args) -> None:
+    """SAT 0.4.12's training loop calls CUDA-only functions unconditionally: `torch.cuda.synchronize()`
+    in its step timers, `report_memory` (CUDA memory stats) and saving the CUDA RNG state with every
+    checkpoint. Without CUDA we swap in CPU-safe equivalents; the training itself (DeepSpeed engine,
+    gloo) is unchanged."""
+    if torch.cuda.is_available():
+        return
+    class CPUTimers(sat_training.Timers):
+        class Timer(sat_training.Timers.Timer):
+            def start(self):
+                assert not self.started_, "timer has already been started"
+                self.start_time = time.time()
+                self.started_ = True
+
+            def stop(self):
+                assert self.started_, "timer is not started"
+                self.elapsed_ += time.time() - self.start_time
+                self.started_ = False
+
+    sat_training.Timers = CPUTimers
+    sat_training.report_memory = lambda name: None
+    args.no_save_rng = True
+
+
+def save_optimizer_state_too() -> None:
+    """Make SAT 0.4.12's periodic checkpoints hold the optimizer state, so that a run can resume exactly.
+
+    SAT saves through the DeepSpeed engine's model-states file, which carries the optimizer state
+    without ZeRO, but it never writes ZeRO's partitioned optimizer files; and its EMA check reads
+    `optimizer.optimizer`, which a plain (ZeRO-0, fp32) torch optimizer lacks. We add the ZeRO files
+    and hand SAT the optimizer only when it is a DeepSpeed wrapper.
+    """
+    sat_save = sat_training.save_checkpoint
+
+    def save(iteration, model, optimizer, lr_scheduler, args):
+        sat_save(iteration, model, optimizer if hasattr(optimizer, "optimizer") else None, lr_scheduler, args)
+        if hasattr(model, "zero_optimization") and model.zero_optimization():
+            model._save_zero_checkpoint(args.save, str(iteration))
+            torch.distributed.barrier()
+
+    sat_training.save_checkpoint = save
+
+
+def enable_resume(resume_dir: str) -> None:
+    """Make SAT 0.4.12's training_main continue the run in `resume_dir`: weights, optimizer state, step, lr.
+
+    SAT's own `--load` restores model weights only (and restarts its lr schedule with a re-warmup),
+    and training_main has no hook after the DeepSpeed engine exists, so we wrap the two functions
+    it calls there: the engine loads its full checkpoint, and the lr schedule is rebuilt as the
+    interrupted run had it and advanced to the restored step.
+    """
+    setup = sat_training.setup_model_untrainable_params_and_optimizer
+    make_scheduler = sat_training.get_learning_rate_scheduler
+
+    def setup_and_load(args, model, config_params=None):
+        engine, optimizer = setup(args, model, config_params)
+        with open(os.path.join(resume_dir, "latest")) as f:
+            tag = f.read().strip()
+        # SAT's param groups hold lr *scales* (1.0) that its scheduler multiplies; the saved optimizer
+        # state holds the absolute lr of the last step, which must not become the new scale
+        lr_scales = [group["lr"] for group in optimizer.param_groups]
+        _, client_state = engine.load_checkpoint(resume_dir, tag=tag, load_lr_scheduler_states=False)
+        for group, scale in zip(optimizer.param_groups, lr_scales):
+            group["lr"] = scale
+        args.iteration = int(client_state["iteration"])
+        args.save = resume_dir  # keep writing into the interrupted run
+        print_rank0(f"resumed {resume_dir} at iteration {args.iteration} (model and optimizer state)")
+        return engine, optimizer
+
+    def scheduler_at_restored_step(optimizer, iteration, args, **kwargs):
+        scheduler = make_scheduler(optimizer, 0, args, **kwargs)
+        scheduler.step(iteration + 1)
+        return scheduler
+
+    sat_training.setup_model_untrainable_params_and_optimizer = setup_and_load
+    sat_training.get_learning_rate_scheduler = scheduler_at_restored_step

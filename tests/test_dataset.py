@@ -12,8 +12,8 @@ import torch
 from conftest import ROOT
 from scripts.make_captcha_dataset import CHARSET, make_dataset, render_captcha
 from scripts.split_dataset import SplitError, split_dataset
-from utils.dataset import (CAPTCHA_QUERY, IGNORE_INDEX, CaptchaDataset, collate_captchas, exact_match,
-                           llama2_text_processor)
+from utils.dataset import CAPTCHA_QUERY, IGNORE_INDEX, CaptchaDataset, collate_captchas, llama2_text_processor
+from utils.evaluation import exact_match
 from models.errors import CogVLMError
 from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor
@@ -67,7 +67,7 @@ def test_collate_pads_with_ignored_labels(processors):
     assert length == samples[1]["input_ids"].shape[0] > short
     assert (batch["labels"][0, short:] == IGNORE_INDEX).all() and (batch["input_ids"][0, short:] == 0).all()
     assert batch["attention_mask"].shape == (1, 1, length, length)
-    assert batch["vision_image"].shape == (2, 3, 28, 28)
+    assert batch["images"].shape == (2, 3, 28, 28)
     assert batch["position_ids"][0].diff()[short - 1:].eq(1).all()
 
 

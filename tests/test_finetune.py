@@ -13,6 +13,7 @@ from conftest import GOLDEN_DIR, ROOT, assert_close_rel, randomize_, tiny_args
 from models.cogvlm_model import FineTuneTrainCogVLMModel
 from scripts.make_captcha_dataset import make_dataset
 from utils.dataset import CaptchaDataset, collate_captchas, llama2_text_processor
+from utils import training
 from utils.vision import get_image_processor
 
 TOKENIZER = os.path.join(GOLDEN_DIR, "tokenizer")
@@ -38,22 +39,17 @@ def captcha_batch(tmp_path_factory, tokenizers):
 
 
 def loss_of(model, batch):
-    import finetune_demo
-
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "context_length")}
-    return finetune_demo.next_token_loss(model(**inputs)[0], batch["labels"])
+    return training.next_token_loss(model(**training.model_inputs(batch))[0], batch["labels"])
 
 
 @pytest.mark.parametrize("method", ["use_lora", "use_ptuning"])
 def test_a_few_steps_lower_the_loss_and_train_only_the_adapters(method, captcha_batch):
-    import finetune_demo
-
     torch.manual_seed(0)
     args = finetune_args(**{method: True})
     model = randomize_(FineTuneTrainCogVLMModel(args), seed=3)
     if method == "use_lora":  # B starts at zero; make the adapters start from a non-trivial point too
         assert any("matrix_B" in n for n, _ in model.named_parameters())
-    trainable = finetune_demo.select_trainable_parameters(model, args)
+    trainable = training.select_trainable_parameters(model, args)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     marker = "matrix_" if method == "use_lora" else "ptuning"
     assert names and all(marker in n for n in names)
@@ -81,7 +77,7 @@ def test_a_few_steps_lower_the_loss_and_train_only_the_adapters(method, captcha_
 def test_merged_lora_model_equals_unmerged(captcha_batch):
     args = finetune_args(use_lora=True)
     model = randomize_(FineTuneTrainCogVLMModel(args), seed=5).eval()  # non-zero A and B everywhere
-    inputs = {k: v for k, v in captcha_batch.items() if k not in ("labels", "context_length")}
+    inputs = training.model_inputs(captcha_batch)
     unmerged = model(**inputs)[0]
     model.merge_lora()
     assert not any("matrix_" in n for n, _ in model.named_parameters())

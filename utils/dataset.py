@@ -1,68 +1,237 @@
-"""Finetuning data: captcha images labelled by their file name, the training text processor, the
-collate function, and exact-match scoring shared by training-time evaluation and evaluate_demo.py.
+"""Finetuning data: conversations -> training samples, the two data sources (a folder of captchas
+named by their label, a JSONL file of conversations about images), and the collate function.
 
-A training sample (image_length = L patches, answer of n tokens):
+A training sample of a conversation (image_length = L patches, `--version chat`):
 
-    [bos] [boi] [patch x L] [eoi] CAPTCHA:  answer_1 .. answer_n  [eos]
-    labels: -100 on everything up to and including "CAPTCHA:", then the answer ids and eos
+    [bos] [boi] [patch x L] [eoi] Question: q1 Answer: a1 \\n Question: q2 Answer: a2 [eos]
+    labels: -100 everywhere except on a1, a2 and the token after each answer, whose label is eos
 
-so the loss is the next-token cross-entropy of the answer only. Prompt, masks and positions come
-from `llama2_text_processor_inference` (the same layout the chat core feeds at inference time).
+The input is exactly what the chat core feeds when it answers the last question with the earlier
+turns as history (`llama2_text_processor_inference` lays out prompt, masks and positions), so every
+assistant turn trains in one sequence and the loss covers assistant tokens only. At the end of an
+earlier answer the input continues with the template's turn separator, but its label is eos: at
+inference that turn ended there. A template that does not show history (`base`) makes one sample
+per turn instead.
+
+JSONL records (one per line; `image` relative to the JSONL file; LLaVA's `from`/`value` with
+`human`/`gpt` accepted too; `<image>` in a user turn is dropped: the image always comes first):
+
+    {"image": "images/1.png", "conversations": [{"role": "user", "content": "What colour is the circle?"},
+     {"role": "assistant", "content": "red"}], "type": "colour"}
 """
+import json
 import logging
 import os
-from typing import Dict, List, Sequence
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
 
 from models.errors import CogVLMError
-from utils.language import history_to_prompt, llama2_text_processor_inference
+from utils.language import IMAGE_MARKER, get_template, history_to_prompt, llama2_text_processor_inference
 
 logger = logging.getLogger(__name__)
 
 CAPTCHA_QUERY = "CAPTCHA:"
 IGNORE_INDEX = -100
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_BAD_FRACTION = 0.05
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+Turns = Sequence[Tuple[str, str]]
 
 
-class llama2_text_processor(llama2_text_processor_inference):  # noqa: N801 (upstream name)
-    """(answer, query) -> one training sample, tensors of shape (L,) (masks, positions, labels).
+class DatasetError(CogVLMError):
+    """Training or evaluation data that cannot be used."""
 
-    The prompt is the `--version` template of `query` with the image first; the answer follows it,
-    then eos. Returns None when the sample does not fit in `max_target_length`.
+
+class SampleError(DatasetError):
+    """One record that cannot become a training sample (the reason says why)."""
+
+
+class TrainingSampleBuilder:
+    """Conversation turns [(query, answer), ...] -> training samples, tensors of shape (L,).
+
+    Composes the inference text processor (same prompt layout, masks and positions as the chat
+    core). `samples(turns)` returns one sample, or one per turn for a template without history;
+    `builder(answer, query)` is the one-turn form (None when it does not fit `max_target_length`).
     """
 
-    def __call__(self, answer: str, query: str = CAPTCHA_QUERY):
-        prompt_inputs = super().__call__(history_to_prompt(self.signal_type, query, with_image=True))
-        answer_ids = self.encode(answer) + [self.tokenizer.eos_token_id]
-        prompt_length = prompt_inputs["input_ids"].shape[1]
-        if prompt_length + len(answer_ids) > self.max_target_length:
+    def __init__(self, text_processor: llama2_text_processor_inference):
+        self.text_processor = text_processor
+        self.tokenizer = text_processor.tokenizer
+        self.signal_type = text_processor.signal_type
+        self.max_target_length = text_processor.max_target_length
+        self.image_length = text_processor.image_length
+
+    def __call__(self, answer: str, query: str = CAPTCHA_QUERY) -> Optional[Dict[str, torch.Tensor]]:
+        try:
+            return self.conversation([(query, answer)])
+        except SampleError:
             return None
+
+    def samples(self, turns: Turns) -> List[Dict[str, torch.Tensor]]:
+        if get_template(self.signal_type).turn is None:
+            return [self.conversation([turn]) for turn in turns]
+        return [self.conversation(turns)]
+
+    def conversation(self, turns: Turns) -> Dict[str, torch.Tensor]:
+        """One sequence that trains every answer of `turns`; raises SampleError if it cannot."""
+        *history, (query, answer) = turns
+        prompt_text = history_to_prompt(self.signal_type, query, history, with_image=True)
+        try:
+            prompt = self.text_processor(prompt_text)
+        except CogVLMError:
+            raise SampleError(f"the prompt does not fit --max_length {self.max_target_length}") from None
+        answer_ids = self.text_processor.encode(answer) + [self.tokenizer.eos_token_id]
+        prompt_length = prompt["input_ids"].shape[1]
         n = len(answer_ids)
+        if prompt_length + n > self.max_target_length:
+            raise SampleError(f"prompt and answer ({prompt_length + n} tokens) do not fit --max_length "
+                              f"{self.max_target_length}")
+        input_ids = torch.cat([prompt["input_ids"][0], torch.tensor(answer_ids)])
+        labels = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), torch.tensor(answer_ids)])
+        if history:
+            self._label_history_answers(labels, prompt_text, prompt["input_ids"][0], history)
         zeros = torch.zeros(n, dtype=torch.long)
-        sample = {
-            "input_ids": torch.cat([prompt_inputs["input_ids"][0], torch.tensor(answer_ids)]),
-            "labels": torch.cat([torch.full((prompt_length,), IGNORE_INDEX), torch.tensor(answer_ids)]),
-            "position_ids": torch.cat([prompt_inputs["position_ids"][0],
-                                       prompt_inputs["position_ids"][0, -1] + torch.arange(1, n + 1)]),
-        }
+        sample = {"input_ids": input_ids, "labels": labels,
+                  "position_ids": torch.cat([prompt["position_ids"][0],
+                                             prompt["position_ids"][0, -1] + torch.arange(1, n + 1)])}
         for mask in ("image_embed_mask", "vision_expert_mask", "image_rope_mask"):
-            sample[mask] = torch.cat([prompt_inputs[mask][0], zeros])
+            sample[mask] = torch.cat([prompt[mask][0], zeros])
         sample["context_length"] = torch.tensor(prompt_length)
         return sample
+
+    def _label_history_answers(self, labels: torch.Tensor, prompt_text: str, prompt_ids: torch.Tensor,
+                               history: Turns) -> None:
+        """Put the earlier answers (and eos after each) into `labels`, in place.
+
+        Answer k spans the tokens between the inference prompt of turn k (history < k, query k) and
+        the rendered text up to the end of answer k; both must tokenize as prefixes of the whole.
+        """
+        template = get_template(self.signal_type)
+        text = prompt_text.partition(IMAGE_MARKER)[2]
+        text_ids = self.text_processor.encode(text)
+        offset = prompt_ids.shape[0] - len(text_ids)  # bos + image block
+        rendered = ""
+        for k, (query, answer) in enumerate(history):
+            turn_prompt = rendered + template.query.format(query=query)
+            turn = template.turn.format(query=query, response=answer)
+            answer_start = template.turn.format(query=query, response="\x00").index("\x00")
+            answer_end = len(rendered) + answer_start + len(answer)
+            start_ids = self.text_processor.encode(turn_prompt)
+            end_ids = self.text_processor.encode(text[:answer_end])
+            if text_ids[:len(start_ids)] != start_ids or text_ids[:len(end_ids)] != end_ids \
+                    or len(end_ids) >= len(text_ids):
+                raise SampleError(f"answer {k + 1} does not tokenize apart from the text around it in the "
+                                  f"'{self.signal_type}' template")
+            start, end = offset + len(start_ids), offset + len(end_ids)
+            labels[start:end] = prompt_ids[start:end]
+            labels[end] = self.tokenizer.eos_token_id
+            rendered += turn
+
+
+def llama2_text_processor(tokenizer, max_target_length: int = 2048, image_length: int = 256) -> TrainingSampleBuilder:
+    """The upstream name: a TrainingSampleBuilder over a fresh inference text processor."""
+    return TrainingSampleBuilder(llama2_text_processor_inference(tokenizer, max_target_length, image_length))
+
+
+# Records ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Record:
+    """One image with its conversation: `turns` [(query, answer), ...], `line` 1-based (0 for folders)."""
+    image: str
+    turns: Tuple[Tuple[str, str], ...]
+    type: Optional[str] = None
+    line: int = 0
+
+
+def parse_record(obj, base_dir: str, line: int = 0) -> Record:
+    """A JSONL object -> Record; raises SampleError naming what is wrong with it."""
+    if not isinstance(obj, dict):
+        raise SampleError("not a JSON object")
+    image = obj.get("image")
+    if not isinstance(image, str) or not image:
+        raise SampleError("no 'image' path")
+    path = image if os.path.isabs(image) else os.path.join(base_dir, image)
+    if not os.path.isfile(path):
+        raise SampleError(f"image '{image}' not found")
+    messages = obj.get("conversations")
+    if not isinstance(messages, list) or not messages:
+        raise SampleError("no 'conversations' list")
+    roles, contents = [], []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise SampleError("a conversation entry is not an object")
+        role = message.get("role", message.get("from"))
+        content = message.get("content", message.get("value"))
+        if role not in ROLES or not isinstance(content, str):
+            raise SampleError(f"wrong role {role!r}: use user/assistant (or human/gpt) with a text content")
+        roles.append(ROLES[role])
+        contents.append(content)
+    expected = ["user", "assistant"] * (len(roles) // 2)
+    if roles != expected or len(roles) % 2:
+        raise SampleError(f"wrong roles {'/'.join(roles)}: turns must alternate user, assistant, ..., assistant")
+    turns = []
+    for k in range(0, len(contents), 2):
+        query = contents[k].replace("<image>", "").strip()
+        answer = contents[k + 1].strip()
+        if not answer:
+            raise SampleError(f"empty answer in turn {k // 2 + 1}")
+        turns.append((query, answer))
+    kind = obj.get("type")
+    return Record(path, tuple(turns), kind if isinstance(kind, str) else None, line)
+
+
+def read_jsonl(path: str, max_bad_fraction: float = MAX_BAD_FRACTION) -> List[Record]:
+    """Every usable record of a JSONL file. A bad line is skipped with a warning naming its line
+    number; when more than `max_bad_fraction` of the records are bad, DatasetError summarises them."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"data file '{path}' does not exist; pass --train_data/--valid_data a JSONL file or a "
+                           "folder of images (scripts/make_scene_dataset.py writes a JSONL example)")
+    base_dir = os.path.dirname(os.path.abspath(path))
+    records, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(parse_record(json.loads(line), base_dir, number))
+            except (ValueError, SampleError) as e:
+                reason = str(e) if isinstance(e, SampleError) else "not valid JSON"
+                bad.append((number, reason))
+    check_bad_records(path, len(records), bad, max_bad_fraction)
+    if not records:
+        raise DatasetError(f"no records in '{path}'; each line must be a JSON object with 'image' and 'conversations'")
+    return records
+
+
+def check_bad_records(source: str, good: int, bad: Sequence[Tuple[int, str]], max_bad_fraction: float) -> None:
+    """Warn about each bad record (line, reason); raise DatasetError when there are too many."""
+    for number, reason in bad[:20]:
+        logger.warning("%s line %d skipped: %s", source, number, reason)
+    if len(bad) > 20:
+        logger.warning("%s: %d more bad records", source, len(bad) - 20)
+    total = good + len(bad)
+    if total and len(bad) > max_bad_fraction * total:
+        reasons = Counter(reason.split(":")[0].split(" '")[0] for _, reason in bad)
+        summary = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(5))
+        raise DatasetError(f"{len(bad)} of {total} records in '{source}' are bad (more than "
+                           f"{max_bad_fraction:.0%}): {summary}; first bad lines {[n for n, _ in bad[:5]]}")
 
 
 def find_images(data_dir: str) -> List[str]:
     """All image files under `data_dir` (recursively), sorted."""
     if not os.path.isdir(data_dir):
-        raise CogVLMError(f"data folder '{data_dir}' does not exist; run scripts/split_dataset.py (or "
-                          "scripts/make_captcha_dataset.py) first, or pass the right --train-data/--valid-data")
+        raise DatasetError(f"data folder '{data_dir}' does not exist; run scripts/split_dataset.py (or "
+                           "scripts/make_captcha_dataset.py) first, or pass the right --train_data/--valid_data")
     found = []
     for root, _, names in os.walk(data_dir):
         found.extend(os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_SUFFIXES))
     if not found:
-        raise CogVLMError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in '{data_dir}'")
+        raise DatasetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in '{data_dir}'")
     return sorted(found)
 
 
@@ -71,74 +240,102 @@ def label_of(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-class CaptchaDataset(torch.utils.data.Dataset):
-    """Images in a folder whose file name is the label, as training samples.
+def captcha_records(data_dir: str, query: str = CAPTCHA_QUERY) -> List[Record]:
+    """A folder of images named by their label as one-turn records `query` -> label."""
+    return [Record(path, ((query, label_of(path)),), "captcha") for path in find_images(data_dir)]
 
-    An unreadable or corrupt image is skipped with a warning (the next readable file stands in
-    for it), so one bad file never stops an epoch. With `cache=True` every sample is decoded once
-    and kept in memory (the resized image as uint8: 3*S*S bytes each), which makes later epochs
-    cost no data time; it pays off when the model step is as cheap as the decoding (tiny models)
-    and the data loader runs in the training process (`--num-workers 0`).
+
+def load_records(path: str) -> List[Record]:
+    """Records of a JSONL file or of a captcha folder (file name = label)."""
+    return captcha_records(path) if os.path.isdir(path) else read_jsonl(path)
+
+
+# Datasets ---------------------------------------------------------------------------------
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Records as training samples, each with its image tensor (3, S, S) under 'image'.
+
+    Text samples are built when the dataset is made (a record that does not fit --max_length or
+    does not tokenize is skipped with its line number). Images are read when a sample is asked for;
+    an unreadable one is skipped with a warning (the next readable sample stands in), so one bad
+    file never stops an epoch. With `cache=True` every image is decoded once and kept in memory
+    (resized, uint8: 3*S*S bytes each): later epochs cost no data time, which pays off when the
+    model step is as cheap as the decoding (tiny models) and the loader runs in the training
+    process (`--num-workers 0`). Each sample carries `record_index` (its record in `records`).
     """
 
-    def __init__(self, data_dir: str, image_processor, text_processor: llama2_text_processor,
-                 query: str = CAPTCHA_QUERY, cache: bool = False):
-        self.files = find_images(data_dir)
+    def __init__(self, records: Sequence[Record], image_processor, builder: TrainingSampleBuilder,
+                 cache: bool = False, source: str = "", max_bad_fraction: float = MAX_BAD_FRACTION):
+        self.records = list(records)
         self.image_processor = image_processor
-        self.text_processor = text_processor
-        self.query = query
+        self.builder = builder
+        self.items: List[Tuple[int, Dict[str, torch.Tensor]]] = []
+        bad = []
+        for index, record in enumerate(self.records):
+            try:
+                self.items.extend((index, sample) for sample in builder.samples(record.turns))
+            except SampleError as e:
+                bad.append((record.line, f"{os.path.basename(record.image)}: {e}"))
+        check_bad_records(source, len(self.records) - len(bad), bad, max_bad_fraction)
+        if not self.items:
+            raise DatasetError(f"no usable sample in '{source}'")
         self._warned = set()
-        self._cache = {} if cache else None
-        logger.info("found %d images in %s", len(self.files), data_dir)
+        self._images = {} if cache else None
+        logger.info("%d samples of %d records from %s", len(self.items), len(self.records), source)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
 
-    def _warn_once(self, path: str, reason: str):
-        if path not in self._warned:
-            self._warned.add(path)
-            logger.warning("skipping %s: %s", path, reason)
-
-    def load(self, index: int):
-        """The sample of file `index`, or None (with a warning) if it cannot be used."""
-        if self._cache is None:
-            return self._decode(index, self.image_processor.to_tensor)
-        if index not in self._cache:
-            self._cache[index] = self._decode(index, self.image_processor.resize)
-        cached = self._cache[index]
-        if cached is None:
-            return None
-        return {**cached, "image": self.image_processor.normalize(cached["image"])}
-
-    def _decode(self, index: int, image_fn):
-        path = self.files[index]
+    def _image(self, path: str):
+        """The image tensor of `path`, or None (with one warning per file) if it cannot be read."""
+        if self._images is not None and path in self._images:
+            cached = self._images[path]
+            return None if cached is None else self.image_processor.normalize(cached)
         try:
             with Image.open(path) as image:
                 image = image.convert("RGB")
         except Exception as e:  # PIL raises many types for truncated/corrupt files
-            self._warn_once(path, f"not a readable image ({type(e).__name__})")
+            if path not in self._warned:
+                self._warned.add(path)
+                logger.warning("skipping %s: not a readable image (%s)", path, type(e).__name__)
+            image = None
+        if self._images is None:
+            return None if image is None else self.image_processor.to_tensor(image)
+        self._images[path] = None if image is None else self.image_processor.resize(image)
+        return self._image(path)
+
+    def load(self, index: int) -> Optional[Dict[str, torch.Tensor]]:
+        """Sample `index` with its image, or None if its image cannot be read."""
+        record_index, sample = self.items[index]
+        image = self._image(self.records[record_index].image)
+        if image is None:
             return None
-        sample = self.text_processor(label_of(path), self.query)
-        if sample is None:
-            self._warn_once(path, "label too long for --max_length")
-            return None
-        sample["image"] = image_fn(image)
-        return sample
+        return {**sample, "image": image, "record_index": torch.tensor(record_index)}
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        for offset in range(len(self.files)):
-            sample = self.load((index + offset) % len(self.files))
+        for offset in range(len(self.items)):
+            sample = self.load((index + offset) % len(self.items))
             if sample is not None:
                 return sample
-        raise CogVLMError("no usable image in the dataset: every file was unreadable or its label too long")
+        raise DatasetError("no usable image in the dataset: every image was unreadable")
 
 
-def collate_captchas(samples: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
+class CaptchaDataset(ConversationDataset):
+    """Images in a folder whose file name is the label, prompt `query` (upstream's captcha data)."""
+
+    def __init__(self, data_dir: str, image_processor, text_processor: TrainingSampleBuilder,
+                 query: str = CAPTCHA_QUERY, cache: bool = False):
+        super().__init__(captcha_records(data_dir, query), image_processor, text_processor, cache=cache,
+                         source=data_dir, max_bad_fraction=1.0)
+        self.files = [record.image for record in self.records]
+
+
+def collate_samples(samples: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
     """Stack samples into a batch, right-padding to the longest one.
 
-    Returns (B, L) input_ids / labels / position_ids / masks, context_length (B,), a shared causal
-    attention_mask (1, 1, L, L) (padding sits after every real token, so it is never attended to by
-    them, and its labels are -100), and vision_image (B, 3, S, S).
+    Returns (B, L) input_ids / labels / position_ids / masks, context_length (B,), record_index (B,)
+    when the samples have it, a shared causal attention_mask (1, 1, L, L) (padding sits after every
+    real token, so no real token attends to it, and its labels are -100), and images (B, 3, S, S).
     """
     length = max(s["input_ids"].shape[0] for s in samples)
     pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX, "image_embed_mask": 0,
@@ -152,29 +349,11 @@ def collate_captchas(samples: Sequence[Dict[str, torch.Tensor]], pad_token_id: i
         torch.cat([s["position_ids"], s["position_ids"][-1] + torch.arange(1, length - s["position_ids"].shape[0] + 1)])
         for s in samples])
     batch["context_length"] = torch.stack([s["context_length"] for s in samples])
+    if all("record_index" in s for s in samples):
+        batch["record_index"] = torch.stack([s["record_index"] for s in samples])
     batch["attention_mask"] = torch.ones(1, 1, length, length).tril()
-    batch["vision_image"] = torch.stack([s["image"] for s in samples])
+    batch["images"] = torch.stack([s["image"] for s in samples])
     return batch
 
 
-def exact_match(predictions: Sequence[str], labels: Sequence[str]) -> Dict[str, float]:
-    """Exact-match accuracy, case-sensitive ('acc') and not ('acc_w/o_case'), as upstream reports it."""
-    if not labels:
-        return {"acc": 0.0, "acc_w/o_case": 0.0}
-    pairs = list(zip(predictions, labels))
-    return {"acc": sum(p == t for p, t in pairs) / len(pairs),
-            "acc_w/o_case": sum(p.lower() == t.lower() for p, t in pairs) / len(pairs)}
-
-
-@torch.no_grad()
-def read_captcha(model, text_processor, image: torch.Tensor, query: str = CAPTCHA_QUERY,
-                 max_new_tokens: int = 16) -> str:
-    """Greedy answer of the chat core for one image tensor (3, S, S) (already processed)."""
-    from utils.chat import GenerationConfig, generate_stream, vision_inputs_from
-
-    inputs = text_processor(history_to_prompt(text_processor.signal_type, query, with_image=True))
-    config = GenerationConfig(max_length=inputs["input_ids"].shape[1] + max_new_tokens, top_k=1)
-    eos = text_processor.tokenizer.eos_token_id
-    ids = [t for t in generate_stream(model, inputs, config, vision_inputs_from({"image": image[None]}, model), [eos])
-           if t != eos]
-    return text_processor.process_response(text_processor.tokenizer.decode(ids, skip_special_tokens=True))
+collate_captchas = collate_samples  # the earlier name
