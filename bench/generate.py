@@ -1,9 +1,11 @@
 """Generation benchmark: prefill latency, decode tokens/s, peak RSS, and the decode roofline.
 
-    python bench/generate.py                      # config M, fp32 and bf16, batch 1 and 8, ours vs upstream
-    python bench/generate.py --config tiny --dtype fp32 --batch 1
+    python bench/generate.py       # config M: fp32 and bf16, float / int8 / int4 weights, batch 1 and 8, + upstream
+    python bench/generate.py --config tiny --dtype fp32 --quant 0 4 --batch 1
 
-Random weights (speed does not depend on their values). Each (dtype, path) runs in its own
+Ends with the ratios the speed targets are stated in (each variant against fp32 of the same run).
+
+Random weights (speed does not depend on their values). Each row runs in its own
 subprocess so that peak RSS is that run's own; "base" is the RSS after importing torch, SAT and our
 modules, before the model exists, so RSS - base is what the model and its generation cost. The
 roofline: decoding one token must read every language-expert weight once (plus the KV cache), so
@@ -35,11 +37,11 @@ CONFIGS = {
 
 
 def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None):
-    """A random-weight model of config `name`. quant 8 (CPU): linear layers are swapped for int8 ones
-    before any weight is written, as `--quant 8` loading does, so the float weights never exist."""
+    """A random-weight model of config `name`. quant 8 or 4 (CPU): linear layers are swapped for empty
+    quantized ones before any weight is written, as `--quant` loading does, so the float weights never exist."""
     import torch
     from models import CogVLMModel
-    from models.quantization import Int8Linear, quantize_model
+    from models.quantization import QuantizedLinear, quantize_model
 
     cfg = CONFIGS[name]
     eva = cfg["eva"]
@@ -65,7 +67,7 @@ def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None):
         for param in model.parameters():
             param.normal_(0, 0.02, generator=generator)
         for layer in model.modules():
-            if isinstance(layer, Int8Linear):
+            if isinstance(layer, QuantizedLinear):
                 layer.quantize_(torch.empty(layer.out_features, layer.in_features).normal_(0, 0.02, generator=generator))
     return model, args
 
@@ -77,7 +79,7 @@ def _decode_reads(name: str) -> bool:
 
 
 def weight_bytes(model, decode_only: bool = False) -> int:
-    """Bytes of weights, int8-quantized layers included (their packed weights are not parameters)."""
+    """Bytes of weights, quantized layers included (their packed weights are not parameters)."""
     total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not decode_only or _decode_reads(n))
     for name, module in model.named_modules():
         if hasattr(module, "weight_bytes") and (not decode_only or _decode_reads(name + ".")):
@@ -194,7 +196,8 @@ def child(options):
     import torch
 
     torch.set_num_threads(options.threads)
-    options.dtype, options.path, options.batch = options.dtype[0], options.path[0], options.batch[0]
+    options.dtype, options.path, options.batch, options.quant = (options.dtype[0], options.path[0], options.batch[0],
+                                                                  options.quant[0])
     import models  # noqa: F401  (torch, SAT, DeepSpeed, transformers: the baseline every process pays)
     import utils.chat  # noqa: F401
     baseline_rss = proc_status_bytes("VmRSS")
@@ -245,7 +248,8 @@ def main():
     parser.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--path", nargs="+", default=["ours", "upstream"], choices=["ours", "upstream"])
-    parser.add_argument("--quant", type=int, choices=[8], default=None, help="int8 linear layers (ours only)")
+    parser.add_argument("--quant", nargs="+", type=int, choices=[0, 8, 4], default=[0, 8, 4],
+                        help="0 = float weights, 8 = int8, 4 = int4 linear layers (quantized: ours only)")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
@@ -262,32 +266,62 @@ def main():
           + ("; memory columns = peak GPU memory" if options.device == "cuda" else ""))
     print(f"{'path':9} {'dtype':5} {'quant':5} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'(range)':>15} {'GB/s':>5} "
           f"{'roofline':>8} {'of roof':>7} {'RSS GB':>7} {'base GB':>7} {'model GB':>8} {'RSS-base / model+cache':>22}")
+    results = {}
     for dtype in options.dtype:
-        for path in options.path:
-            for batch in options.batch:
-                if path == "upstream" and batch != 1:
-                    continue
-                cmd = [sys.executable, __file__, "--child", "--config", options.config, "--dtype", dtype,
-                       "--batch", str(batch), "--path", path, "--new_tokens", str(options.new_tokens),
-                       "--threads", str(options.threads), "--device", options.device] + (
-                           ["--quant", str(options.quant)] if options.quant else [])
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                if out.returncode != 0:
-                    print(f"{path} {dtype} batch {batch} failed:\n{out.stderr[-2000:]}")
-                    continue
-                r = json.loads(out.stdout.strip().splitlines()[-1])
-                # one step reads the weights once for the whole batch, plus every row's cache
-                step_bytes = r["weight_bytes_per_token"] + batch * r["kv_bytes_per_row"]
-                roofline = r["copy_bandwidth_gbs"] * 1e9 / step_bytes * batch
-                spread = f"({min(r['tokens_per_s_runs']):.1f}-{max(r['tokens_per_s_runs']):.1f})"
-                print(f"{path:9} {dtype:5} {str(options.quant or '-'):5} {batch:5d} {r['prefill_s']:9.2f} "
-                      f"{r['tokens_per_s']:8.1f} {spread:>15} {r['copy_bandwidth_gbs']:5.1f} {roofline:8.1f} "
-                      f"{r['tokens_per_s'] / roofline:7.0%} "
-                      f"{r['peak_rss_bytes'] / 1e9:7.2f} {r['baseline_rss_bytes'] / 1e9:7.2f} "
-                      f"{r['model_bytes'] / 1e9:8.2f} "
-                      f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / (r['model_bytes'] + r['cache_bytes']):21.2f}x",
-                      flush=True)
+        for quant in options.quant:
+            for path in options.path:
+                for batch in options.batch:
+                    if path == "upstream" and (batch != 1 or quant):
+                        continue
+                    r = run_child(options, dtype, quant, path, batch)
+                    if r is not None:
+                        results[(path, dtype, quant, batch)] = r
+                        print_row(path, dtype, quant, batch, r)
+    print_ratios(results, options.batch)
 
+
+def run_child(options, dtype: str, quant: int, path: str, batch: int):
+    """One row, measured in a fresh process: its JSON result, or None (the failure printed)."""
+    cmd = [sys.executable, __file__, "--child", "--config", options.config, "--dtype", dtype, "--quant", str(quant),
+           "--batch", str(batch), "--path", path, "--new_tokens", str(options.new_tokens),
+           "--threads", str(options.threads), "--repeats", str(options.repeats), "--device", options.device]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        print(f"{path} {dtype} quant {quant} batch {batch} failed:\n{out.stderr[-2000:]}")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_row(path: str, dtype: str, quant: int, batch: int, r: dict) -> None:
+    # one step reads the weights once for the whole batch, plus every row's cache
+    step_bytes = r["weight_bytes_per_token"] + batch * r["kv_bytes_per_row"]
+    roofline = r["copy_bandwidth_gbs"] * 1e9 / step_bytes * batch
+    spread = f"({min(r['tokens_per_s_runs']):.1f}-{max(r['tokens_per_s_runs']):.1f})"
+    print(f"{path:9} {dtype:5} {str(quant or '-'):5} {batch:5d} {r['prefill_s']:9.2f} "
+          f"{r['tokens_per_s']:8.1f} {spread:>15} {r['copy_bandwidth_gbs']:5.1f} {roofline:8.1f} "
+          f"{r['tokens_per_s'] / roofline:7.0%} "
+          f"{r['peak_rss_bytes'] / 1e9:7.2f} {r['baseline_rss_bytes'] / 1e9:7.2f} "
+          f"{r['model_bytes'] / 1e9:8.2f} "
+          f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / (r['model_bytes'] + r['cache_bytes']):21.2f}x",
+          flush=True)
+
+
+def print_ratios(results: dict, batches) -> None:
+    """Each of our rows against our fp32 rows of this run: decode tokens/s and prefill time at the smallest
+    batch, and the largest batch's tokens/s over the smallest's."""
+    small, large = min(batches), max(batches)
+    reference = results.get(("ours", "fp32", 0, small))
+    variants = list(dict.fromkeys((d, q) for (p, d, q, _) in results if p == "ours"))  # in the order run
+    if reference is None or not variants:
+        return
+    print(f"\nratios (ours): decode b{small} / fp32 b{small}, prefill / fp32 prefill (b{small}), b{large} / b{small}")
+    for dtype, quant in variants:
+        row, wide = results.get(("ours", dtype, quant, small)), results.get(("ours", dtype, quant, large))
+        if row is None:
+            continue
+        scale = f"{wide['tokens_per_s'] / row['tokens_per_s']:6.2f}x" if wide and large != small else "     -"
+        print(f"{dtype:5} {str(quant or '-'):5} decode {row['tokens_per_s'] / reference['tokens_per_s']:5.2f}x  "
+              f"prefill {row['prefill_s'] / reference['prefill_s']:5.2f}x  b{large}/b{small} {scale}")
 
 if __name__ == "__main__":
     main()

@@ -1,15 +1,22 @@
 """Weight quantization for inference (`--quant 8 | 4`).
 
-CPU: every linear layer keeps its weight as int8 with one scale per output channel (symmetric,
-absmax/127). Decoding on a CPU is bound by reading weights, so a 4x smaller weight (vs fp32) is
-what speeds it up. Two of torch's own kernels can multiply by it:
-  - x86 (fbgemm): `quantized.linear_dynamic`, which also quantizes each call's activations to int8
-    (per tensor, dynamic range) and runs an int8 GEMM. Measured on this 2-core machine, 1 thread, 1024x2816:
-    2.7x faster than fp32 at batch 1 and 4.8x at batch 8.
-  - elsewhere: `_weight_int8pack_mm` (weight-only; activations stay fp32/bf16). On the x86 machine
-    above it was slower than plain fp32 (and ~50x slower for a prefill), hence not the default there.
+CPU: every linear layer (language model, visual expert, ViT, adapter, LM head) is replaced by a
+quantized one. Decoding on a CPU is bound by reading weights, so smaller weights are what speed it up.
+The kernels are torch's own (bench/linear.py times them against torchao, oneDNN and inductor):
+  - int8 (`Int8DynamicLinear`, x86): fbgemm's `quantized.linear_dynamic`: int8 weights with one scale
+    per output channel; each call quantizes its activations to int8 (per tensor) and runs an int8 GEMM.
+    Streams its weights near the memory bandwidth for 1-16 rows and is the fastest prefill product.
+    Elsewhere (`Int8WeightOnlyLinear`): `_weight_int8pack_mm`, activations stay in float.
+  - int4 (`Int4WeightOnlyLinear`): 4-bit weights with a bf16 scale and zero point per group of
+    `group_size` inputs, multiplied by `_weight_int4pack_mm_for_cpu` with bf16 activations for up to
+    INT4_KERNEL_MAX_ROWS rows; longer inputs (prefill) dequantize the layer to bf16 for the call and use
+    the bf16 GEMM, which is faster there than the int4 kernel.
+Every quantized layer can be built empty and quantize the float tensors `load_state_dict` hands it,
+so loading a checkpoint with `quantize_model(model, bits, weights_loaded=False)` never holds the float
+weights of more than the layers being read.
 GPU: SAT's cpm_kernels quantization, as upstream (`sat.quantization.kernels.quantize`).
 """
+import functools
 import logging
 
 import torch
@@ -25,14 +32,13 @@ logger = logging.getLogger(__name__)
 _LINEAR_TYPES = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
 
 
-class Int8Linear(nn.Module):
-    """A linear layer whose weight (out, in) is stored as int8 with one scale per output channel
-    (symmetric, absmax/127), plus an optional float bias. (..., in) -> (..., out), in the input's dtype.
+class QuantizedLinear(nn.Module):
+    """A linear layer (..., in) -> (..., out) whose weight (out, in) is kept quantized, plus an optional
+    float bias; outputs are in the input's dtype.
 
-    Built either from a loaded float linear (`from_linear`) or empty and filled when the checkpoint
-    loads: `load_state_dict` hands it the float `weight` (and `bias`) of the layer it replaces, and
-    it keeps only the quantized form. Loading a model quantized this way never holds its float
-    weights, only the checkpoint's tensor of the layer being read.
+    Built either from a loaded float linear (`from_linear`) or empty (`like`) and filled when the
+    checkpoint loads: `load_state_dict` hands it the float `weight` (and `bias`) of the layer it
+    replaces, and it keeps only the quantized form.
     """
 
     def __init__(self, in_features: int, out_features: int, has_bias: bool, dtype: torch.dtype = torch.float32):
@@ -42,24 +48,21 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None)
 
     @classmethod
-    def like(cls, linear: nn.Module) -> "Int8Linear":
-        """An empty int8 layer of `linear`'s shape, bias and dtype (its weights are not read)."""
+    def like(cls, linear: nn.Module) -> "QuantizedLinear":
+        """An empty quantized layer of `linear`'s shape, bias and dtype (its weights are not read)."""
         out_features, in_features = linear.weight.shape
         return cls(in_features, out_features, getattr(linear, "bias", None) is not None, linear.weight.dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Module) -> "QuantizedLinear":
         layer = cls.like(linear)
         layer.quantize_(linear.weight.detach(), getattr(linear, "bias", None))
         return layer
 
     @torch.no_grad()
     def quantize_(self, weight: torch.Tensor, bias: torch.Tensor = None) -> None:
-        """Store `weight` (out, in), any float dtype, as int8 + scales, and `bias` (out,) as it is."""
-        weight = weight.float()
-        # few full-size temporaries: on a CPU they fragment the heap between the int8 layers kept
-        scales = torch.linalg.vector_norm(weight, ord=float("inf"), dim=1).clamp(min=1e-12) / 127.0
-        self._store(weight, scales)
+        """Store `weight` (out, in), any float dtype, quantized, and `bias` (out,) as it is."""
+        self._store(weight)
         self.loaded = True
         if bias is not None:
             self.set_bias_(bias)
@@ -68,15 +71,20 @@ class Int8Linear(nn.Module):
     def set_bias_(self, bias: torch.Tensor) -> None:
         self.register_buffer("bias", bias.detach().to(self.dtype).clone())
 
-    def _store(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
-        """Keep the int8 form of `weight` (out, in) fp32 with per-row `scales` (out,) fp32."""
+    def _store(self, weight: torch.Tensor) -> None:
+        """Keep the quantized form of the float `weight` (out, in)."""
         raise NotImplementedError
 
-    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
     def weight_bytes(self) -> int:
-        return self.in_features * self.out_features  # one byte per weight (+ out_features scales)
+        """Bytes of the quantized weight (what one product reads), scales included."""
+        raise NotImplementedError
+
+    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(rows, out) product -> the input's dtype and shape, bias added."""
+        out = out.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -103,16 +111,33 @@ class Int8Linear(nn.Module):
 
     def _check_loaded(self):
         if not self.loaded:
-            raise RuntimeError("int8 layer used before its weights were loaded")
+            raise RuntimeError(f"{type(self).__name__} used before its weights were loaded")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
 
 
+class Int8Linear(QuantizedLinear):
+    """int8 weights with one scale per output channel (symmetric, absmax/127)."""
+
+    def _store(self, weight):
+        weight = weight.float()
+        # few full-size temporaries: on a CPU they fragment the heap between the int8 layers kept
+        scales = torch.linalg.vector_norm(weight, ord=float("inf"), dim=1).clamp(min=1e-12) / 127.0
+        self._store_int8(weight, scales)
+
+    def _store_int8(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        """Keep the int8 form of `weight` (out, in) fp32 with per-row `scales` (out,) fp32."""
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features  # one byte per weight (+ out_features scales)
+
+
 class Int8WeightOnlyLinear(Int8Linear):
     """int8 weights, float activations: torch's `_weight_int8pack_mm` on CPU."""
 
-    def _store(self, weight, scales):
+    def _store_int8(self, weight, scales):
         self.register_buffer("weight_int8", (weight / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(self.dtype))
 
@@ -123,13 +148,13 @@ class Int8WeightOnlyLinear(Int8Linear):
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scales.to(x.dtype))
         else:  # no fused kernel here: dequantise on the fly
             out = F.linear(flat, self.weight_int8.to(x.dtype) * self.scales.to(x.dtype)[:, None])
-        return self._add_bias(out).reshape(*x.shape[:-1], self.out_features)
+        return self._finish(out, x)
 
 
 class Int8DynamicLinear(Int8Linear):
     """int8 per-channel weights packed for fbgemm; activations are quantized to int8 per call."""
 
-    def _store(self, weight, scales):
+    def _store_int8(self, weight, scales):
         qweight = torch.quantize_per_channel(weight, scales.double(), torch.zeros(len(scales), dtype=torch.long),
                                              axis=0, dtype=torch.qint8)
         self._packed = torch.ops.quantized.linear_prepack(qweight, None)  # the bias is added after, in float
@@ -137,8 +162,100 @@ class Int8DynamicLinear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
         flat = x.reshape(-1, self.in_features).float()
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, _REDUCE_RANGE)
-        return self._add_bias(out.to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+        return self._finish(torch.ops.quantized.linear_dynamic(flat, self._packed, _REDUCE_RANGE), x)
+
+
+# Up to this many rows `_weight_int4pack_mm_for_cpu` is faster than dequantizing the layer to bf16 and a
+# bf16 GEMM (bench/linear.py): the kernel dequantizes the weight again for every few rows, the bf16 GEMM
+# pays the dequantization once.
+INT4_KERNEL_MAX_ROWS = 128
+INT4_GROUP_SIZE = 32
+_INT4_ROW_BLOCK = 64  # weights are padded to whole blocks of rows of torch's int4 packing
+_INT4_PACK_ROWS = 1024  # rows packed at a time (bounds the int32 temporaries of a large layer)
+
+
+@functools.lru_cache(maxsize=None)
+def _int4_block_rows():
+    """Rows per block of `_convert_weight_to_int4pack_for_cpu`'s layout on this CPU, or None when it is
+    not the one `_unpack_int4_t` reads (then every product uses the int4 kernel).
+
+    The layout depends on the CPU's vector width (ATen packs blocks of 64 rows with AVX-512, 32 with
+    AVX2): in a block, the k-th group of bytes holds row j's k-th nibble low and row j + rows/2's high.
+    """
+    q = torch.randint(0, 16, (2 * _INT4_ROW_BLOCK, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (_INT4_ROW_BLOCK, _INT4_ROW_BLOCK // 2):
+        if torch.equal(_unpack_int4_t(packed, block, *q.shape).to(torch.int32), q.t()):
+            return block
+    return None
+
+
+def _unpack_int4_t(packed: torch.Tensor, block: int, rows: int, cols: int) -> torch.Tensor:
+    """torch's CPU int4 packing of a (rows, cols) matrix -> its transpose (cols, rows), uint8 values 0..15."""
+    grouped = packed.reshape(rows // block, cols, block // 2)
+    return torch.cat([grouped & 15, grouped >> 4], dim=-1).transpose(0, 1).reshape(cols, rows)
+
+
+class Int4WeightOnlyLinear(QuantizedLinear):
+    """4-bit weights, asymmetric with a bf16 scale and zero point per `INT4_GROUP_SIZE` inputs of a row:
+    w = (q - 8) * scale + zero, q in 0..15. Activations go to the kernel in bf16.
+
+    The weight is padded with zeros to whole groups of inputs and whole 64-row blocks of outputs (torch's
+    kernel needs both; real CogVLM shapes need no padding).
+    """
+
+    group_size = INT4_GROUP_SIZE
+
+    def __init__(self, in_features, out_features, has_bias, dtype=torch.float32):
+        super().__init__(in_features, out_features, has_bias, dtype)
+        self.padded_in = -(-in_features // self.group_size) * self.group_size
+        self.padded_out = -(-out_features // _INT4_ROW_BLOCK) * _INT4_ROW_BLOCK
+
+    def _store(self, weight):
+        groups = self.padded_in // self.group_size
+        packed, scales_and_zeros = [], torch.empty(groups, self.padded_out, 2, dtype=torch.bfloat16)
+        for start in range(0, self.padded_out, _INT4_PACK_ROWS):
+            stop = min(start + _INT4_PACK_ROWS, self.padded_out)
+            chunk = weight[start:min(stop, self.out_features)].float()
+            chunk = F.pad(chunk, (0, self.padded_in - self.in_features, 0, stop - start - len(chunk)))
+            chunk = chunk.reshape(stop - start, groups, self.group_size)
+            low, high = chunk.amin(-1, keepdim=True), chunk.amax(-1, keepdim=True)
+            scale = ((high - low) / 15).clamp_(min=1e-12).bfloat16().float()
+            zero = (low + 8 * scale).bfloat16().float()
+            # rounded against the bf16 scale and zero that the kernel will use
+            q = chunk.sub_(zero).div_(scale).add_(8).round_().clamp_(0, 15).to(torch.int32)
+            packed.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(stop - start, -1), 1))
+            scales_and_zeros[:, start:stop, 0] = scale.squeeze(-1).t()
+            scales_and_zeros[:, start:stop, 1] = zero.squeeze(-1).t()
+        self.register_buffer("weight_int4", torch.cat(packed))
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+    def weight_bytes(self) -> int:
+        return self.weight_int4.numel() + self.scales_and_zeros.numel() * 2
+
+    @torch.no_grad()
+    def dequantized_t(self) -> torch.Tensor:
+        """The transposed bf16 weight (padded in, padded out) this layer multiplies by."""
+        block = _int4_block_rows()
+        if block is None:
+            raise RuntimeError("torch's int4 packing on this CPU has a layout this layer cannot read")
+        q = _unpack_int4_t(self.weight_int4, block, self.padded_out, self.padded_in)
+        q = q.reshape(-1, self.group_size, self.padded_out).to(torch.bfloat16)  # (groups, group_size, out)
+        scale = self.scales_and_zeros[..., 0].contiguous()  # contiguous: a strided operand is far slower
+        offset = self.scales_and_zeros[..., 1] - 8 * scale
+        return q.mul_(scale.unsqueeze(1)).add_(offset.unsqueeze(1)).reshape(self.padded_in, self.padded_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_loaded()
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.padded_in != self.in_features:
+            flat = F.pad(flat, (0, self.padded_in - self.in_features))
+        if len(flat) <= INT4_KERNEL_MAX_ROWS or _int4_block_rows() is None:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.weight_int4, self.group_size,
+                                                             self.scales_and_zeros)
+        else:
+            out = torch.mm(flat, self.dequantized_t())
+        return self._finish(out[:, :self.out_features], x)
 
 
 def _cpu_has_vnni() -> bool:
@@ -163,28 +280,32 @@ def _int8_linear_class():
     return Int8WeightOnlyLinear
 
 
-def quantize_int8(model: nn.Module, weights_loaded: bool = True) -> int:
-    """Replace every linear layer of `model` in place by an int8 one; returns how many were replaced.
+def quantize_linears(model: nn.Module, layer_class, weights_loaded: bool = True) -> int:
+    """Replace every linear layer of `model` in place by a `layer_class` one; returns how many.
 
     weights_loaded False: `model` was built but not loaded yet; its linear weights are never read
-    and the int8 layers quantize the checkpoint's tensors as `load_state_dict` passes them.
+    and the quantized layers quantize the checkpoint's tensors as `load_state_dict` passes them.
     """
     if get_model_parallel_world_size() > 1:
         raise CogVLMError("--quant on CPU needs model_parallel_size 1; merge the checkpoint first (merge_model.py)")
-    int8_linear = _int8_linear_class()
     targets = [(name, module) for name, module in model.named_modules() if type(module) in _LINEAR_TYPES]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, int8_linear.from_linear(module) if weights_loaded else int8_linear.like(module))
+        setattr(parent, child, layer_class.from_linear(module) if weights_loaded else layer_class.like(module))
     return len(targets)
 
 
+def quantize_int8(model: nn.Module, weights_loaded: bool = True) -> int:
+    """`quantize_linears` with this machine's int8 layer."""
+    return quantize_linears(model, _int8_linear_class(), weights_loaded)
+
+
 def quantize_model(model: nn.Module, bits: int, weights_loaded: bool = True) -> nn.Module:
-    """Quantize for inference: int8 weights on CPU; SAT's 4/8-bit kernels on CUDA.
+    """Quantize for inference: int8 or int4 weights on CPU; SAT's 4/8-bit kernels on CUDA.
 
     weights_loaded False (CPU only): prepare a freshly built model so that loading its checkpoint
-    quantizes layer by layer (see `Int8Linear`).
+    quantizes layer by layer (see `QuantizedLinear`).
     """
     if bits not in (4, 8):
         raise CogVLMError(f"--quant {bits} is not supported; use --quant 8 or --quant 4")
@@ -195,8 +316,7 @@ def quantize_model(model: nn.Module, bits: int, weights_loaded: bool = True) -> 
         from sat.quantization.kernels import quantize
 
         return quantize(model, bits)
-    if bits == 4:
-        raise CogVLMError("--quant 4 needs a CUDA GPU (cpm_kernels); on CPU use --quant 8")
-    count = quantize_int8(model, weights_loaded)
-    logger.info("%s %d linear layers to int8", "quantized" if weights_loaded else "prepared", count)
+    layer_class = _int8_linear_class() if bits == 8 else Int4WeightOnlyLinear
+    count = quantize_linears(model, layer_class, weights_loaded)
+    logger.info("%s %d linear layers to int%d", "quantized" if weights_loaded else "prepared", count, bits)
     return model

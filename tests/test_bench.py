@@ -1,4 +1,4 @@
-"""bench/generate.py keeps working: one small run of every path, int8 included (numbers not judged)."""
+"""bench/generate.py keeps working: one small run of every path, int8 and int4 included (numbers not judged)."""
 import os
 import subprocess
 import sys
@@ -12,17 +12,25 @@ def run_bench(*flags):
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "failed" not in out.stdout, out.stdout
-    return [line.split() for line in out.stdout.splitlines() if line.startswith(("ours", "upstream"))]
+    return out.stdout
+
+
+def rows_of(stdout):
+    return [line.split() for line in stdout.splitlines() if line.startswith(("ours", "upstream"))]
 
 
 def test_bench_prints_a_row_per_path_dtype_and_batch():
-    rows = run_bench("--dtype", "fp32", "--path", "ours", "upstream", "--batch", "1", "2")
+    rows = rows_of(run_bench("--dtype", "fp32", "--quant", "0", "--path", "ours", "upstream", "--batch", "1", "2"))
     assert [(r[0], r[3]) for r in rows] == [("ours", "1"), ("ours", "2"), ("upstream", "1")]
     for row in rows:
         prefill_s, tokens_per_s = float(row[4]), float(row[5])
         assert prefill_s >= 0 and tokens_per_s > 0  # the tiny prefill may print as 0.00 s
 
 
-def test_bench_int8_row():
-    (row,) = run_bench("--dtype", "fp32", "--path", "ours", "--batch", "1", "--quant", "8")
-    assert row[2] == "8" and float(row[5]) > 0
+def test_bench_quantized_rows_and_ratios():
+    stdout = run_bench("--dtype", "fp32", "--path", "ours", "--batch", "1", "--quant", "0", "8", "4")
+    rows = rows_of(stdout)
+    assert [row[2] for row in rows] == ["-", "8", "4"] and all(float(row[5]) > 0 for row in rows)
+    ratios = [line.split() for line in stdout.splitlines()[-3:]]
+    assert [r[:2] for r in ratios] == [["fp32", "-"], ["fp32", "8"], ["fp32", "4"]]
+    assert ratios[0][3] == "1.00x"  # fp32 against itself

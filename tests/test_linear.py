@@ -1,10 +1,10 @@
-"""models.linear: the few-row fp32 product used while decoding equals F.linear."""
+"""models.linear: the few-row fp32 and bf16 products used while decoding equal F.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models import linear as linear_module
-from models.linear import MAX_TRANSPOSED_ROWS, MIN_TRANSPOSED_ROWS, apply_linear, linear
+from models.linear import MAX_BF16_GEMV_ROWS, MAX_TRANSPOSED_ROWS, MIN_TRANSPOSED_ROWS, apply_linear, linear
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 64), (MIN_TRANSPOSED_ROWS, 1, 64), (MAX_TRANSPOSED_ROWS, 64), (2, 40, 64)])
@@ -37,3 +37,30 @@ def test_apply_linear_leaves_other_layers_alone():
     layer = torch.nn.Linear(4, 3)  # not a SAT parallel linear (LoRA, quantized layers are not either)
     x = torch.randn(2, 4)
     torch.testing.assert_close(apply_linear(layer, x), layer(x))
+
+
+@pytest.mark.parametrize("rows", [1, MAX_BF16_GEMV_ROWS, MAX_BF16_GEMV_ROWS + 1])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_linear_equals_f_linear(rows, with_bias):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 1, 256, generator=generator).bfloat16()
+    weight = torch.randn(96, 256, generator=generator).bfloat16()
+    bias = torch.randn(96, generator=generator).bfloat16() if with_bias else None
+    out = linear(x, weight, bias)
+    assert out.shape == (rows, 1, 96) and out.dtype == torch.bfloat16
+    # both accumulate in fp32 and round once to bf16: at most a bf16 rounding step apart
+    torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=1 / 128, atol=1e-2)
+
+
+def test_bf16_gemv_runs_with_onednn_off_and_restores_it(monkeypatch):
+    seen = []
+    real_linear = F.linear
+    monkeypatch.setattr(linear_module.F, "linear", lambda *a: seen.append(torch._C._get_mkldnn_enabled())
+                        or real_linear(*a))
+    weight = torch.randn(8, 4).bfloat16()
+    linear(torch.randn(MAX_BF16_GEMV_ROWS, 4).bfloat16(), weight)
+    linear(torch.randn(MAX_BF16_GEMV_ROWS + 1, 4).bfloat16(), weight)
+    assert seen == [False, True] and torch._C._get_mkldnn_enabled()
+    with pytest.raises(RuntimeError):  # shapes that do not multiply: the switch is restored all the same
+        linear(torch.randn(1, 5).bfloat16(), weight)
+    assert torch._C._get_mkldnn_enabled()

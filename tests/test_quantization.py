@@ -1,4 +1,5 @@
-"""int8 quantization (--quant 8 on CPU): memory, logit error and greedy agreement on the bundle."""
+"""int8 and int4 quantization (--quant 8 / --quant 4 on CPU): memory, logit error and greedy agreement on the
+bundle, quantizing while loading, and the int4 layer against the weights it dequantizes to."""
 import copy
 import logging
 
@@ -9,7 +10,12 @@ from conftest import ALL_CASES, IMAGE_CASES
 from test_golden import case_inputs
 from utils.generation import GenerationConfig, generate_stream
 from models.errors import CogVLMError
-from models.quantization import Int8DynamicLinear, Int8WeightOnlyLinear, quantize_int8, quantize_model
+from models import quantization
+from models.quantization import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizedLinear,
+                                 quantize_model)
+
+# per LLM layer 5 language + 5 visual-expert linears; lm_head; 4 per ViT layer; 4 in the GLU adapter
+GOLDEN_LINEARS = 2 * 10 + 1 + 2 * 4 + 4
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +24,41 @@ def quantized(golden_model):
     return quantize_model(copy.deepcopy(model), 8)
 
 
-def linear_bytes(model):
-    return sum(m.weight_bytes() for m in model.modules() if isinstance(m, (Int8DynamicLinear, Int8WeightOnlyLinear)))
-
-
-def test_every_linear_is_int8_and_weights_shrink(golden_model, quantized):
+@pytest.fixture(scope="module")
+def quantized4(golden_model):
     model, _ = golden_model
-    replaced = [m for m in quantized.modules() if isinstance(m, (Int8DynamicLinear, Int8WeightOnlyLinear))]
-    # per LLM layer 5 language + 5 visual-expert linears; lm_head; 4 per ViT layer; 4 in the GLU adapter
-    assert len(replaced) == 2 * 10 + 1 + 2 * 4 + 4
+    return quantize_model(copy.deepcopy(model), 4)
+
+
+@pytest.fixture(scope="module")
+def dequantized4(golden_model, quantized4):
+    """The fp32 model whose every linear weight is what its int4 layer multiplies by."""
+    model = copy.deepcopy(golden_model[0])
+    layers = dict(quantized4.named_modules())
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(layers.get(name), Int4WeightOnlyLinear):
+                int4 = layers[name]
+                module.weight.copy_(int4.dequantized_t().t()[:int4.out_features, :int4.in_features])
+    return model
+
+
+def linear_bytes(model):
+    return sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+@pytest.mark.parametrize("bits, layer_class, byte_ratio", [(8, (Int8DynamicLinear, Int8WeightOnlyLinear), 0.3),
+                                                           (4, Int4WeightOnlyLinear, 0.2)])
+def test_every_linear_is_quantized_and_weights_shrink(golden_model, quantized, quantized4, bits, layer_class,
+                                                      byte_ratio):
+    model, _ = golden_model
+    replaced = [m for m in (quantized if bits == 8 else quantized4).modules() if isinstance(m, layer_class)]
+    assert len(replaced) == GOLDEN_LINEARS
     float_linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if hasattr(m, "weight")
                              and isinstance(getattr(m, "weight"), torch.Tensor) and m.weight.dim() == 2
                              and type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear", "Linear"))
-    assert linear_bytes(quantized) < 0.3 * float_linear_bytes
+    # int4: half a byte per weight + a bf16 scale and zero per 32 (0.156) and the padding to 64 rows: 0.165
+    assert sum(m.weight_bytes() for m in replaced) < byte_ratio * float_linear_bytes
 
 
 @pytest.mark.parametrize("name", ALL_CASES)
@@ -43,26 +71,59 @@ def test_logits_close_to_fp32_reference(golden, quantized, name):
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
 
 
-@torch.no_grad()
+def greedy_tokens(golden, model, name):
+    inputs = {k: v[None] for k, v in ((k, golden[f"{name}.{k}"]) for k in
+              ("input_ids", "position_ids", "image_embed_mask", "vision_expert_mask"))}
+    length = inputs["input_ids"].shape[1]
+    inputs["attention_mask"] = torch.ones(1, 1, length, length).tril()
+    inputs["images"] = golden["image"]
+    with torch.no_grad():
+        return list(generate_stream(model, inputs, GenerationConfig(max_length=length + 16, end_token_ids=[])))
+
+
+def agreeing_prefix(tokens, reference):
+    """Tokens equal up to the first divergence (after it the contexts differ)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
+
+
 def test_greedy_tokens_mostly_agree(golden, quantized):
     agree = total = 0
     for name in IMAGE_CASES:
-        inputs = {k: v[None] for k, v in ((k, golden[f"{name}.{k}"]) for k in
-                  ("input_ids", "position_ids", "image_embed_mask", "vision_expert_mask"))}
-        length = inputs["input_ids"].shape[1]
-        inputs["attention_mask"] = torch.ones(1, 1, length, length).tril()
-        inputs["images"] = golden["image"]
-        tokens = list(generate_stream(quantized, inputs, GenerationConfig(max_length=length + 16, end_token_ids=[])))
         reference = golden[f"{name}.gen_ids"].tolist()
-        # count agreement up to the first divergence (after it the contexts differ)
-        prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), len(reference))
-        agree, total = agree + prefix, total + len(reference)
+        agree, total = agree + agreeing_prefix(greedy_tokens(golden, quantized, name), reference), total + len(reference)
     assert agree / total >= 0.75, agree / total  # measured: all 64 tokens agree
 
 
-def test_4bit_on_cpu_is_a_clear_error(golden_model):
-    with pytest.raises(CogVLMError, match="--quant 4 needs a CUDA GPU"):
-        quantize_model(copy.deepcopy(golden_model[0]), 4)
+@pytest.mark.parametrize("name", ALL_CASES)
+@torch.no_grad()
+def test_int4_logits_near_fp32_and_equal_to_its_dequantized_weights(golden, quantized4, dequantized4, name):
+    """The bundle's model has random weights (no redundancy): 4-bit rounding moves its logits far more
+    than int8's. Against the fp32 model with the very weights int4 dequantizes to, only the kernel's bf16
+    activations differ."""
+    logits = quantized4(**case_inputs(golden, name))[0][0]
+    expected = golden[f"{name}.logits"]
+    relative = ((logits - expected).abs().max() / expected.abs().max()).item()
+    assert relative < 0.45, relative  # measured: 0.37 image cases, 0.19 text-only
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.35  # measured: >= 0.46
+    same_weights = dequantized4(**case_inputs(golden, name))[0][0]
+    relative = ((logits - same_weights).abs().max() / same_weights.abs().max()).item()
+    assert relative < 0.08, relative  # measured: 0.042 image cases, 0.015 text-only
+
+
+def test_int4_greedy_tokens_are_those_of_its_weights(golden, quantized4, dequantized4):
+    """int4 keeps the greedy tokens its 4-bit weights allow: as many golden tokens as the fp32 model with
+    the dequantized weights keeps (measured 1, 2, 3, 5 of 16 per image case; that model keeps 0, 2, 3, 5)."""
+    kept = kept_by_weights = 0
+    for name in IMAGE_CASES:
+        reference = golden[f"{name}.gen_ids"].tolist()
+        kept += agreeing_prefix(greedy_tokens(golden, quantized4, name), reference)
+        kept_by_weights += agreeing_prefix(greedy_tokens(golden, dequantized4, name), reference)
+    assert kept >= kept_by_weights - 1 and kept >= 8, (kept, kept_by_weights)
+
+
+def test_unsupported_bits_are_a_clear_error(golden_model):
+    with pytest.raises(CogVLMError, match="--quant 3 is not supported"):
+        quantize_model(copy.deepcopy(golden_model[0]), 3)
 
 
 @torch.no_grad()
@@ -76,10 +137,12 @@ def test_weight_only_kernel_matches_dequantized_weights(golden_model):
     assert (dequantized - linear.weight).abs().max() <= int8.scales.max() / 2 + 1e-6
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("source", ["sat", "hf"])
 @torch.no_grad()
-def test_quantizing_while_loading_equals_quantizing_the_loaded_model(golden, quantized, source, caplog):
-    """`--quant 8` on CPU (load_pipeline) swaps in empty int8 layers before the checkpoint loads,
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(golden, quantized, quantized4, source, bits,
+                                                                     caplog):
+    """`--quant 8|4` on CPU (load_pipeline) swaps in empty quantized layers before the checkpoint loads,
     so the float weights never all sit in memory; the model must be the same as quantizing after."""
     import argparse
 
@@ -88,35 +151,74 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(golden, qua
 
     checkpoint = golden.checkpoint if source == "sat" else HF_DIR
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
-        ["--from_pretrained", checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu", "--quant", "8"])
+        ["--from_pretrained", checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu",
+         "--quant", str(bits)])
     with caplog.at_level(logging.INFO, logger="models.quantization"):
         model = load_pipeline(args).model
-    assert "prepared 33 linear layers to int8" in caplog.text  # before loading, not after
-    layers = [m for m in model.modules() if isinstance(m, (Int8DynamicLinear, Int8WeightOnlyLinear))]
-    assert len(layers) == 2 * 10 + 1 + 2 * 4 + 4 and all(layer.loaded for layer in layers)
+    assert f"prepared {GOLDEN_LINEARS} linear layers to int{bits}" in caplog.text  # before loading, not after
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == GOLDEN_LINEARS and all(layer.loaded for layer in layers)
+    reference = quantized if bits == 8 else quantized4
     for name in ALL_CASES:
         inputs = case_inputs(golden, name)
-        assert torch.equal(model(**inputs)[0], quantized(**inputs)[0]), name
+        assert torch.equal(model(**inputs)[0], reference(**inputs)[0]), name
 
 
-def test_int8_layer_refuses_a_checkpoint_of_another_shape(golden_model):
+@pytest.mark.parametrize("layer_class", [Int8WeightOnlyLinear, Int4WeightOnlyLinear])
+def test_quantized_layer_refuses_a_checkpoint_of_another_shape(golden_model, layer_class):
     linear = golden_model[0].transformer.layers[0].attention.query_key_value
-    layer = Int8WeightOnlyLinear.like(linear)
+    layer = layer_class.like(linear)
     with pytest.raises(RuntimeError, match="size mismatch for weight"):
         layer.load_state_dict({"weight": torch.zeros(3, 5)})
     with pytest.raises(RuntimeError, match="before its weights were loaded"):
         layer(torch.zeros(1, linear.weight.shape[1]))
 
 
-@pytest.mark.parametrize("int8_class", [Int8DynamicLinear, Int8WeightOnlyLinear])
+@pytest.mark.parametrize("layer_class, tolerance", [(Int8DynamicLinear, 0.05), (Int8WeightOnlyLinear, 0.05),
+                                                     (Int4WeightOnlyLinear, 0.2)])
 @torch.no_grad()
-def test_weight_and_bias_may_load_in_separate_calls(golden_model, int8_class):
+def test_weight_and_bias_may_load_in_separate_calls(golden_model, layer_class, tolerance):
     """HF checkpoints load in groups of tensors: a layer's weight and bias can arrive apart."""
     linear = golden_model[0].get_mixin("eva").vit_model.transformer.layers[0].attention.query_key_value
     assert linear.bias is not None
-    layer = int8_class.like(linear)
+    layer = layer_class.like(linear)
     assert layer.load_state_dict({"bias": linear.bias}, strict=False).missing_keys == ["weight"]
     assert layer.load_state_dict({"weight": linear.weight}, strict=False).missing_keys == ["bias"]
     x = torch.randn(2, linear.weight.shape[1])
-    assert torch.equal(layer(x), int8_class.from_linear(linear)(x))
-    assert (layer(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
+    assert torch.equal(layer(x), layer_class.from_linear(linear)(x))
+    assert (layer(x) - linear(x)).abs().max() < tolerance * linear(x).abs().max()
+
+
+def test_int4_packing_layout_is_read_back_exactly():
+    """The prefill path dequantizes from torch's packed layout, which it must read right on this CPU."""
+    assert quantization._int4_block_rows() in (64, 32)  # AVX-512 / AVX2 builds of ATen
+    q = torch.randint(0, 16, (192, 96), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    unpacked = quantization._unpack_int4_t(packed, quantization._int4_block_rows(), *q.shape)
+    assert torch.equal(unpacked.to(torch.int32), q.t())
+
+
+@pytest.mark.parametrize("in_features, out_features", [(64, 192), (172, 100)])  # the second needs padding
+@torch.no_grad()
+def test_int4_kernel_and_prefill_paths_multiply_by_the_same_weights(in_features, out_features, monkeypatch):
+    """Few rows go through torch's int4 kernel, many through the dequantized bf16 weight: the same product
+    (up to bf16 rounding), and both that of the group-wise 4-bit weights."""
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features)
+    torch.nn.init.normal_(linear.weight, std=0.02, generator=generator)
+    layer = Int4WeightOnlyLinear.from_linear(linear)
+    weight = layer.dequantized_t().t()[:out_features, :in_features].float()
+    # 4-bit rounding: half a step (a 15th of its group's range) from the float weight at most, on average a
+    # quarter step; the bf16 scale, zero point and dequantized product add up to a few % of a step
+    groups = torch.nn.functional.pad(linear.weight, (0, layer.padded_in - in_features)).reshape(out_features, -1, 32)
+    half_steps = ((groups.amax(-1) - groups.amin(-1)) / 30).repeat_interleave(32, dim=1)[:, :in_features]
+    error_in_half_steps = (weight - linear.weight).abs() / half_steps
+    assert error_in_half_steps.max() < 1.25 and error_in_half_steps.mean() < 0.55  # measured: 1.09-1.14, 0.47
+    monkeypatch.setattr(quantization, "INT4_KERNEL_MAX_ROWS", 4)
+    for rows in (1, 4, 5, 40):
+        x = torch.randn(2, rows, in_features, generator=generator)
+        out = layer(x)
+        expected = x.bfloat16().float() @ weight.T + linear.bias
+        assert out.shape == (2, rows, out_features) and out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+        assert layer(x.bfloat16()).dtype == torch.bfloat16
