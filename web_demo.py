@@ -7,8 +7,9 @@ Upload an image (or none, for a text-only chat), ask, and the answer streams int
 questions continue the conversation about the same image. A new image starts a new conversation.
 With a grounding checkpoint (or --grounding) the boxes of the answer are drawn into the chat.
 
-Each browser session has its own conversation (gr.State); one model serves them all, one
-generation at a time. The same chat is an API for `gradio_client` (api_name="chat"):
+Each browser session has its own conversation (gr.State); their generations share batches on one
+serving engine (utils/engine.py: up to --max_batch_size at once). The same chat is an API for
+`gradio_client` (api_name="chat"):
 
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
@@ -29,6 +30,7 @@ import gradio as gr
 from models.errors import CogVLMError, PromptError, SamplingError
 from utils.chat import ChatStream
 from utils.conversation import Conversation, History
+from utils.engine import Engine, add_engine_args, check_engine_args, engine_for
 from utils.generation import GenerationConfig
 from utils.grounding import add_grounding_args, render_grounding
 from utils.pipeline import InferencePipeline, add_inference_args, load_pipeline, setup_logging
@@ -38,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 ERROR_CSS = ".error-box { color: #b91c1c; border: 1px solid #fca5a5; border-radius: 6px; padding: 4px 10px; }"
-MODEL_QUEUE = "model"  # every event that runs the model shares this concurrency group: one at a time
+MODEL_QUEUE = "model"  # every event that runs the model shares this concurrency group (--max_batch_size)
 
 TEXTS = {
     "english": {
@@ -93,10 +95,12 @@ class WebSession:
 
 
 class WebChat:
-    """The chat handlers of the page and the API, on one loaded model."""
+    """The chat handlers of the page and the API, on one loaded model and its serving engine (default: a
+    new one sized by the flags)."""
 
-    def __init__(self, pipeline: InferencePipeline, args):
+    def __init__(self, pipeline: InferencePipeline, args, engine: Optional[Engine] = None):
         self.pipeline, self.args = pipeline, args
+        self.engine = engine or engine_for(pipeline, args)
         self.grounding = args.grounding or pipeline.grounding
         self.texts = TEXTS[args.language]
 
@@ -117,7 +121,7 @@ class WebChat:
             raise PromptError(self.texts["empty"])
         if conversation is None:
             conversation = self.pipeline.conversation(load_image(image_path) if image_path else None)
-        return self.pipeline.chat(conversation, "" if self.args.no_prompt else question, config)
+        return self.pipeline.chat(conversation, "" if self.args.no_prompt else question, config, self.engine)
 
     def respond(self, image_path, question, session: WebSession, temperature, top_p, top_k, grounding):
         """The page's Generate: stream the answer into the chat.
@@ -212,11 +216,12 @@ def build_demo(chat: WebChat) -> gr.Blocks:
 
         generate_inputs = [image, question, conversation, temperature, top_p, top_k, grounding]
         generate_outputs = [chatbot, conversation, question, error]
+        # as many generating events at once as the engine batches; the others wait in gradio's queue
+        model_events = dict(concurrency_id=MODEL_QUEUE, concurrency_limit=args.max_batch_size)
         # the page's own events stay callable by clients (per client session), but undocumented
         generate.click(chat.respond, generate_inputs, generate_outputs, api_name="generate",
-                       api_visibility="undocumented", concurrency_id=MODEL_QUEUE, concurrency_limit=1)
-        question.submit(chat.respond, generate_inputs, generate_outputs, api_visibility="private",
-                        concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+                       api_visibility="undocumented", **model_events)
+        question.submit(chat.respond, generate_inputs, generate_outputs, api_visibility="private", **model_events)
         clear.click(new_conversation, None, [chatbot, conversation, error], api_name="clear",
                     api_visibility="undocumented", queue=False)
         image.change(new_conversation, None, [chatbot, conversation, error], api_visibility="private", queue=False)
@@ -229,8 +234,7 @@ def build_demo(chat: WebChat) -> gr.Blocks:
                           gr.Number(value=args.top_p, label="top_p"),
                           gr.Number(value=args.top_k, precision=0, label="top_k")]
             api_outputs = [gr.Textbox(label="answer"), gr.JSON(label="history")]
-        gr.Button(visible=False).click(chat.api_chat, api_inputs, api_outputs, api_name="chat",
-                                       concurrency_id=MODEL_QUEUE, concurrency_limit=1)
+        gr.Button(visible=False).click(chat.api_chat, api_inputs, api_outputs, api_name="chat", **model_events)
     return demo
 
 
@@ -238,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="CogVLM web demo (gradio)")
     add_inference_args(parser)
     add_grounding_args(parser)
+    add_engine_args(parser, timeout=False)
     parser.add_argument("--host", type=str, default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
@@ -251,11 +256,12 @@ def main(argv=None) -> int:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise CogVLMError("web_demo.py serves from one process; run it without torchrun "
                               "(the CLI, cli_demo.py, splits the model across GPUs)")
+        check_engine_args(args)
         demo = build_demo(WebChat(load_pipeline(args), args))
     except CogVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share,
+    demo.queue(max_size=args.max_waiting).launch(server_name=args.host, server_port=args.port, share=args.share,
                         max_file_size=MAX_IMAGE_BYTES, allowed_paths=[ASSETS], css=ERROR_CSS,
                         show_error=True)  # an unexpected failure reaches API clients with its message
     return 0

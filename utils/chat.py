@@ -5,6 +5,7 @@
         print(delta, end="")
     turn.response, turn.token_ids, turn.finish_reason   # conversation now holds the turn too
 """
+from contextlib import closing
 from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
@@ -54,10 +55,11 @@ class ChatStream:
         return self.config.replace(end_token_ids=self.end_token_ids)
 
     def __iter__(self) -> Iterator[str]:
-        for token in self._tokens():
-            delta = self.add_token(token)
-            if delta:
-                yield delta
+        with closing(self._tokens()) as tokens:  # closed at once when the consumer stops early
+            for token in tokens:
+                delta = self.add_token(token)
+                if delta:
+                    yield delta
         self.finish()
 
     def _tokens(self) -> Iterator[int]:

@@ -54,7 +54,8 @@ class Request:
     Iterate (blocking) or `await get()` (asyncio) for the token ids, end token included. `cancel()` is safe
     from any thread: the engine drops the request at its next step boundary. After the end: `token_ids`,
     `finish_reason` ("stop": an end token, "length": max_new_tokens or max_length, "cancelled", "timeout":
-    the deadline passed, "error": see `error`), `first_token_time` (time.monotonic() of the first token).
+    the deadline passed, "error": see `error`); `submit_time`, `first_token_time`, `finish_time`
+    (time.monotonic()).
     """
 
     def __init__(self, inputs: Dict[str, torch.Tensor], config: GenerationConfig, generator, deadline,
@@ -64,6 +65,7 @@ class Request:
         self.prompt_length = inputs["input_ids"].shape[1]
         self.submit_time = time.monotonic()
         self.first_token_time: Optional[float] = None
+        self.finish_time: Optional[float] = None
         self.token_ids: List[int] = []
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
@@ -141,7 +143,7 @@ class Request:
 
     def _finish(self, reason: str, error: Optional[BaseException] = None) -> bool:
         if self.finish_reason is None:
-            self.finish_reason, self.error = reason, error
+            self.finish_reason, self.error, self.finish_time = reason, error, time.monotonic()
             self._push(_END)
         return True
 
@@ -196,7 +198,7 @@ class Engine:
     def queue_full(self) -> bool:
         """Whether a new request would be refused: max_waiting requests wait beyond the free rows (those
         are taken at the next step)."""
-        return len(self._waiting) - (self.max_batch_size - len(self._rows)) >= self.max_waiting
+        return len(self._waiting) + 1 - (self.max_batch_size - len(self._rows)) > self.max_waiting
 
     def submit(self, inputs: Dict[str, torch.Tensor], config: GenerationConfig,
                generator: Optional[torch.Generator] = None, timeout: Optional[float] = None) -> Request:
@@ -207,6 +209,25 @@ class Engine:
         timeout: seconds from now after which it is dropped, waiting or running. Raises QueueFull when
         max_waiting requests wait already, PromptError when the prompt leaves no room to answer.
         """
+        return self.submit_many([(inputs, config, generator)], timeout)[0]
+
+    def submit_many(self, items, timeout: Optional[float] = None) -> List[Request]:
+        """Queue several (inputs, config, generator) at once: all or none (QueueFull); those that fit into
+        free rows are prefilled together."""
+        requests = [self._request(inputs, config, generator, timeout) for inputs, config, generator in items]
+        with self._lock:
+            if self._closed:
+                raise EngineError("the engine has stopped")
+            free_rows = self.max_batch_size - len(self._rows)  # taken at the next step: not waiting
+            if len(self._waiting) + len(requests) - free_rows > self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting for the model; retry later")
+            self._waiting.extend(requests)
+            self._lock.notify()
+        return requests
+
+    def _request(self, inputs, config: GenerationConfig, generator, timeout) -> Request:
+        if bool(inputs["image_embed_mask"].any()) != (inputs.get("images") is not None):
+            raise ValueError("a prompt with an image block needs its `images` (and one without, none)")
         length = inputs["input_ids"].shape[1]
         max_length = min(config.max_length, self.max_length)
         budget = min(max_length - length, config.max_new_tokens or max_length)
@@ -216,15 +237,7 @@ class Engine:
         if generator is None and not config.greedy:
             generator = new_generator(config.seed)
         deadline = None if timeout is None else time.monotonic() + timeout
-        request = Request(inputs, config, generator, deadline, config.end_tokens(self.eos_token_id), budget)
-        with self._lock:
-            if self._closed:
-                raise EngineError("the engine has stopped")
-            if self.queue_full:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting for the model; retry later")
-            self._waiting.append(request)
-            self._lock.notify()
-        return request
+        return Request(inputs, config, generator, deadline, config.end_tokens(self.eos_token_id), budget)
 
     def close(self, timeout: float = 30) -> None:
         """Stop the loop after its current step; unfinished requests end as cancelled."""
@@ -335,14 +348,15 @@ class Engine:
         self._remove_rows(list(range(len(self._rows))))
 
 
-def add_engine_args(parser):
-    """--max_batch_size, --max_waiting, --request_timeout: the serving engine's flags."""
+def add_engine_args(parser, timeout: bool = True):
+    """--max_batch_size, --max_waiting (and --request_timeout, with `timeout`): the serving engine's flags."""
     parser.add_argument("--max_batch_size", type=int, default=8,
                         help="requests generated at once (KV memory for this many x --max_length positions)")
     parser.add_argument("--max_waiting", type=int, default=64,
                         help="requests that may wait for a free batch row; more are refused (HTTP 429)")
-    parser.add_argument("--request_timeout", type=float, default=None,
-                        help="seconds a request may take from arrival, waiting included (default: no limit)")
+    if timeout:
+        parser.add_argument("--request_timeout", type=float, default=None,
+                            help="seconds a request may take from arrival, waiting included (default: no limit)")
     return parser
 
 
@@ -357,7 +371,7 @@ def _check_sizes(max_batch_size: int, max_waiting: int, timeout: Optional[float]
 
 def check_engine_args(args) -> None:
     """Fail on bad engine flags with one CogVLMError line (before any model loads)."""
-    _check_sizes(args.max_batch_size, args.max_waiting, args.request_timeout)
+    _check_sizes(args.max_batch_size, args.max_waiting, getattr(args, "request_timeout", None))
 
 
 def engine_for(pipeline, args) -> Engine:
