@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from scripts.make_captcha_dataset import STYLES, make_dataset  # noqa: E402
-from utils.dataset import CAPTCHA_QUERY, exact_match, label_of  # noqa: E402
+from utils.dataset import CAPTCHA_QUERY, label_of  # noqa: E402
+from utils.evaluation import exact_match  # noqa: E402
 
 SHIPPED = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-captcha")
 ANSWER_PREFIX = "Model: "

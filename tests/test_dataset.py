@@ -1,6 +1,8 @@
 """Finetuning data: label masking, token layout of a training sample, bad images, batching,
-the captcha renderer and the deterministic train/valid/test split."""
+the captcha renderer, the deterministic train/valid/test split, and JSONL conversations (both
+styles, multi-turn masking, bad records with their line numbers)."""
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -12,10 +14,11 @@ import torch
 from conftest import ROOT
 from scripts.make_captcha_dataset import CHARSET, make_dataset, render_captcha
 from scripts.split_dataset import SplitError, split_dataset
-from utils.dataset import CAPTCHA_QUERY, IGNORE_INDEX, CaptchaDataset, collate_captchas, llama2_text_processor
+from utils.dataset import (CAPTCHA_QUERY, IGNORE_INDEX, CaptchaDataset, ConversationDataset, DatasetError, Record,
+                           TrainingSampleBuilder, collate_captchas, llama2_text_processor, read_jsonl)
 from utils.evaluation import exact_match
 from models.errors import CogVLMError
-from utils.language import llama2_text_processor_inference
+from utils.language import history_to_prompt, llama2_text_processor_inference
 from utils.vision import get_image_processor
 
 IMAGE_LENGTH = 4  # a 28px image with patch 14
@@ -171,3 +174,106 @@ def test_split_refuses_non_empty_destination_and_bad_ratios(tmp_path):
                              str(tmp_path / "dst")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "not empty" in result.stderr
     assert (tmp_path / "dst" / "keep.txt").read_text() == "earlier work"
+
+
+# JSONL conversations ------------------------------------------------------------------------
+
+def _write_jsonl(folder, lines):
+    path = folder / "data.jsonl"
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.fixture()
+def scene_folder(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (28, 28), (200, 30, 30)).save(tmp_path / "images" / "a.png")
+    return tmp_path
+
+
+def _turns(*pairs):
+    return [message for q, a in pairs for message in ({"role": "user", "content": q},
+                                                      {"role": "assistant", "content": a})]
+
+
+def test_jsonl_reads_both_conversation_styles(scene_folder):
+    llava = [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": " red "},
+             {"from": "human", "value": "Where is it?"}, {"from": "gpt", "value": "[[100,200,300,400]]"}]
+    path = _write_jsonl(scene_folder, [
+        {"image": "images/a.png", "conversations": _turns(("What colour is it?", "red"),
+                                                          ("Where is it?", "[[100,200,300,400]]")), "type": "colour"},
+        {"image": "images/a.png", "conversations": llava}])
+    ours, theirs = read_jsonl(path)
+    assert ours.turns == theirs.turns == (("What colour is it?", "red"), ("Where is it?", "[[100,200,300,400]]"))
+    assert ours.image == theirs.image == str(scene_folder / "images" / "a.png")  # relative to the JSONL file
+    assert (ours.type, theirs.type, ours.line, theirs.line) == ("colour", None, 1, 2)
+
+
+def test_multi_turn_sample_trains_every_answer_and_only_answers(tokenizers):
+    tokenizer = tokenizers["chat"]
+    inference = llama2_text_processor_inference(tokenizer, 200, IMAGE_LENGTH)
+    builder = TrainingSampleBuilder(inference)
+    turns = [("What colour is the circle?", "red"), ("Where is it?", "[[080,776,285,982]]"), ("How many?", "3")]
+    (sample,) = builder.samples(turns)
+    ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+    eos = tokenizer.eos_token_id
+
+    # the input up to each answer is what the chat core feeds for that turn (earlier turns as history)
+    for k in range(len(turns)):
+        prompt = inference(history_to_prompt("chat", turns[k][0], turns[:k]))
+        n = prompt["input_ids"].shape[1]
+        assert ids[:n] == prompt["input_ids"][0].tolist(), k
+        for key in ("position_ids", "image_embed_mask", "vision_expert_mask", "image_rope_mask"):
+            assert sample[key][:n].tolist() == prompt[key][0].tolist(), (k, key)
+        answer = tokenizer.encode(turns[k][1], add_special_tokens=False)
+        assert labels[n:n + len(answer)] == ids[n:n + len(answer)]  # the answer is learned ...
+        assert labels[n + len(answer)] == eos  # ... and then the end of the turn
+        assert all(label == IGNORE_INDEX for label in labels[:n][-3:])  # "Answer:" is not
+    # labels exist on the three answers and their ends only: everything a user wrote is masked
+    learned = [t for t in labels if t != IGNORE_INDEX]
+    expected = []
+    for _, answer in turns:
+        expected += tokenizer.encode(answer, add_special_tokens=False) + [eos]
+    assert learned == expected
+    assert int(sample["context_length"]) == len(ids) - len(tokenizer.encode("3", add_special_tokens=False)) - 1
+
+
+def test_template_without_history_makes_one_sample_per_turn(tokenizers):
+    builder = llama2_text_processor(tokenizers["base"], 64, IMAGE_LENGTH)
+    samples = builder.samples([("Colour?", "red"), ("Shape?", "circle")])
+    assert len(samples) == 2
+    assert [builder(answer, query)["input_ids"].tolist() for query, answer in (("Colour?", "red"), ("Shape?", "circle"))] \
+        == [s["input_ids"].tolist() for s in samples]
+
+
+def test_bad_records_are_skipped_with_their_line_numbers(scene_folder, caplog):
+    good = {"image": "images/a.png", "conversations": _turns(("Q?", "yes"))}
+    bad = [{"image": "images/missing.png", "conversations": _turns(("Q?", "yes"))},
+           {"image": "images/a.png", "conversations": [{"role": "assistant", "content": "x"}]},
+           {"image": "images/a.png", "conversations": _turns(("Q?", "  "))},
+           "{not json"]
+    path = _write_jsonl(scene_folder, [good] * 3 + [bad[0]] + [good] * 20)
+    with caplog.at_level("WARNING"):
+        records = read_jsonl(path)
+    assert len(records) == 23 and 4 not in [r.line for r in records]
+    assert "line 4 skipped: image 'images/missing.png' not found" in caplog.text
+    path = _write_jsonl(scene_folder, [good] * 10 + bad)
+    with pytest.raises(DatasetError) as error:
+        read_jsonl(path)
+    message = str(error.value)
+    assert "4 of 14 records" in message and "[11, 12, 13, 14]" in message
+    for reason in ("1 missing image", "1 wrong roles", "1 empty answer", "1 not valid JSON"):
+        assert reason in message, reason
+
+
+def test_conversation_dataset_skips_records_that_do_not_fit(scene_folder, tokenizers, caplog):
+    builder = llama2_text_processor(tokenizers["chat"], 40, IMAGE_LENGTH)
+    records = [Record(str(scene_folder / "images" / "a.png"), (("Q?", "yes"),), line=n) for n in range(1, 40)]
+    records.append(Record(records[0].image, (("Q?", "a long answer " * 10),), line=40))
+    with caplog.at_level("WARNING"):
+        dataset = ConversationDataset(records, get_image_processor(28), builder, source="x.jsonl")
+    assert len(dataset) == 39 and "x.jsonl line 40 skipped" in caplog.text
+    sample = dataset[0]
+    assert sample["image"].shape == (3, 28, 28) and int(sample["record_index"]) == 0

@@ -47,7 +47,12 @@ class DatasetError(CogVLMError):
 
 
 class SampleError(DatasetError):
-    """One record that cannot become a training sample (the reason says why)."""
+    """One record that cannot become a training sample. `kind` names the problem for summaries
+    ('missing image', 'wrong roles', 'empty answer', 'too long', ...); the message says more."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 class TrainingSampleBuilder:
@@ -83,12 +88,12 @@ class TrainingSampleBuilder:
         try:
             prompt = self.text_processor(prompt_text)
         except CogVLMError:
-            raise SampleError(f"the prompt does not fit --max_length {self.max_target_length}") from None
+            raise SampleError("too long", f"the prompt does not fit --max_length {self.max_target_length}") from None
         answer_ids = self.text_processor.encode(answer) + [self.tokenizer.eos_token_id]
         prompt_length = prompt["input_ids"].shape[1]
         n = len(answer_ids)
         if prompt_length + n > self.max_target_length:
-            raise SampleError(f"prompt and answer ({prompt_length + n} tokens) do not fit --max_length "
+            raise SampleError("too long", f"prompt and answer ({prompt_length + n} tokens) do not fit --max_length "
                               f"{self.max_target_length}")
         input_ids = torch.cat([prompt["input_ids"][0], torch.tensor(answer_ids)])
         labels = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), torch.tensor(answer_ids)])
@@ -124,7 +129,7 @@ class TrainingSampleBuilder:
             end_ids = self.text_processor.encode(text[:answer_end])
             if text_ids[:len(start_ids)] != start_ids or text_ids[:len(end_ids)] != end_ids \
                     or len(end_ids) >= len(text_ids):
-                raise SampleError(f"answer {k + 1} does not tokenize apart from the text around it in the "
+                raise SampleError("tokenization", f"answer {k + 1} does not tokenize apart from the text around it in the "
                                   f"'{self.signal_type}' template")
             start, end = offset + len(start_ids), offset + len(end_ids)
             labels[start:end] = prompt_ids[start:end]
@@ -151,35 +156,35 @@ class Record:
 def parse_record(obj, base_dir: str, line: int = 0) -> Record:
     """A JSONL object -> Record; raises SampleError naming what is wrong with it."""
     if not isinstance(obj, dict):
-        raise SampleError("not a JSON object")
+        raise SampleError("not an object", "not a JSON object")
     image = obj.get("image")
     if not isinstance(image, str) or not image:
-        raise SampleError("no 'image' path")
+        raise SampleError("no image path", "no 'image' path")
     path = image if os.path.isabs(image) else os.path.join(base_dir, image)
     if not os.path.isfile(path):
-        raise SampleError(f"image '{image}' not found")
+        raise SampleError("missing image", f"image '{image}' not found")
     messages = obj.get("conversations")
     if not isinstance(messages, list) or not messages:
-        raise SampleError("no 'conversations' list")
+        raise SampleError("no conversations", "no 'conversations' list")
     roles, contents = [], []
     for message in messages:
         if not isinstance(message, dict):
-            raise SampleError("a conversation entry is not an object")
+            raise SampleError("wrong roles", "a conversation entry is not an object")
         role = message.get("role", message.get("from"))
         content = message.get("content", message.get("value"))
         if role not in ROLES or not isinstance(content, str):
-            raise SampleError(f"wrong role {role!r}: use user/assistant (or human/gpt) with a text content")
+            raise SampleError("wrong roles", f"wrong role {role!r}: use user/assistant (or human/gpt) with a text content")
         roles.append(ROLES[role])
         contents.append(content)
     expected = ["user", "assistant"] * (len(roles) // 2)
     if roles != expected or len(roles) % 2:
-        raise SampleError(f"wrong roles {'/'.join(roles)}: turns must alternate user, assistant, ..., assistant")
+        raise SampleError("wrong roles", f"wrong roles {'/'.join(roles)}: turns must alternate user, assistant, ..., assistant")
     turns = []
     for k in range(0, len(contents), 2):
         query = contents[k].replace("<image>", "").strip()
         answer = contents[k + 1].strip()
         if not answer:
-            raise SampleError(f"empty answer in turn {k // 2 + 1}")
+            raise SampleError("empty answer", f"empty answer in turn {k // 2 + 1}")
         turns.append((query, answer))
     kind = obj.get("type")
     return Record(path, tuple(turns), kind if isinstance(kind, str) else None, line)
@@ -199,27 +204,28 @@ def read_jsonl(path: str, max_bad_fraction: float = MAX_BAD_FRACTION) -> List[Re
                 continue
             try:
                 records.append(parse_record(json.loads(line), base_dir, number))
-            except (ValueError, SampleError) as e:
-                reason = str(e) if isinstance(e, SampleError) else "not valid JSON"
-                bad.append((number, reason))
+            except ValueError:
+                bad.append((number, "not valid JSON", "not valid JSON"))
+            except SampleError as e:
+                bad.append((number, e.kind, str(e)))
     check_bad_records(path, len(records), bad, max_bad_fraction)
     if not records:
         raise DatasetError(f"no records in '{path}'; each line must be a JSON object with 'image' and 'conversations'")
     return records
 
 
-def check_bad_records(source: str, good: int, bad: Sequence[Tuple[int, str]], max_bad_fraction: float) -> None:
-    """Warn about each bad record (line, reason); raise DatasetError when there are too many."""
-    for number, reason in bad[:20]:
-        logger.warning("%s line %d skipped: %s", source, number, reason)
+def check_bad_records(source: str, good: int, bad: Sequence[Tuple[int, str, str]], max_bad_fraction: float) -> None:
+    """Warn about each bad record (line, kind, message); raise DatasetError when there are too many."""
+    for number, _, message in bad[:20]:
+        logger.warning("%s line %d skipped: %s", source, number, message)
     if len(bad) > 20:
         logger.warning("%s: %d more bad records", source, len(bad) - 20)
     total = good + len(bad)
     if total and len(bad) > max_bad_fraction * total:
-        reasons = Counter(reason.split(":")[0].split(" '")[0] for _, reason in bad)
-        summary = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common(5))
-        raise DatasetError(f"{len(bad)} of {total} records in '{source}' are bad (more than "
-                           f"{max_bad_fraction:.0%}): {summary}; first bad lines {[n for n, _ in bad[:5]]}")
+        kinds = Counter(kind for _, kind, _ in bad)
+        summary = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+        raise DatasetError(f"{len(bad)} of {total} records in '{source}' are bad (more than {max_bad_fraction:.0%}): "
+                           f"{summary}; first bad lines {[n for n, _, _ in bad[:5]]}; fix or remove them")
 
 
 def find_images(data_dir: str) -> List[str]:
@@ -275,7 +281,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             try:
                 self.items.extend((index, sample) for sample in builder.samples(record.turns))
             except SampleError as e:
-                bad.append((record.line, f"{os.path.basename(record.image)}: {e}"))
+                bad.append((record.line, e.kind, f"{os.path.basename(record.image)}: {e}"))
         check_bad_records(source, len(self.records) - len(bad), bad, max_bad_fraction)
         if not self.items:
             raise DatasetError(f"no usable sample in '{source}'")
