@@ -1,5 +1,7 @@
-"""Finetuning: LoRA / P-tuning steps lower the loss, merged LoRA == unmerged, a killed run resumes
-with its step count, optimizer state and lr schedule, and QLoRA on CPU is a clear error."""
+"""Finetuning: LoRA / P-tuning steps lower the loss (captchas and JSONL conversations), merged LoRA ==
+unmerged (the visual-expert LoRA too), --freeze_vit, activation checkpointing, a killed run resumes
+with its step count, optimizer state and lr schedule, finetune_demo.py on JSONL data, and QLoRA on
+CPU is a clear error."""
 import json
 import os
 import re
@@ -12,7 +14,8 @@ import torch
 from conftest import GOLDEN_DIR, ROOT, assert_close_rel, randomize_, tiny_args
 from models.cogvlm_model import FineTuneTrainCogVLMModel
 from scripts.make_captcha_dataset import make_dataset
-from utils.dataset import CaptchaDataset, collate_captchas, llama2_text_processor
+from utils.dataset import (CaptchaDataset, ConversationDataset, collate_captchas, collate_samples,
+                           llama2_text_processor, read_jsonl)
 from utils import training
 from utils.vision import get_image_processor
 
@@ -23,7 +26,7 @@ SHIPPED = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-captcha")
 def finetune_args(**flags):
     args = tiny_args(mode="finetune", hidden_dropout=0.0, attention_dropout=0.0)
     defaults = dict(use_lora=False, use_ptuning=False, use_qlora=False, lora_rank=4, layer_range=None, pre_seq_len=4,
-                    full_finetune=False, vit_mlp_layers=[46, 54])
+                    full_finetune=False, vit_mlp_layers=[46, 54], lora_experts="language", freeze_vit=False)
     for name, value in {**defaults, **flags}.items():
         setattr(args, name, value)
     return args
@@ -181,3 +184,120 @@ def test_tiny_captcha_tokenizer_reads_one_character_per_token(tmp_path):
         assert ids == made.encode(label, add_special_tokens=False)
     text = "Question: Wie heißt das? 3bnyf [[12,34,56,78]]"
     assert shipped.decode(shipped.encode(text), skip_special_tokens=True) == text  # bytes cover the rest
+
+
+# JSONL conversations, the visual-expert LoRA, lean-memory options ----------------------------
+
+@pytest.fixture(scope="module")
+def scene_data(tmp_path_factory):
+    from scripts.make_scene_dataset import make_scene_dataset
+
+    folder = tmp_path_factory.mktemp("scenes")
+    return (make_scene_dataset(str(folder / "train"), 8, seed=21, progress=False),
+            make_scene_dataset(str(folder / "valid"), 4, seed=22, progress=False))
+
+
+@pytest.fixture(scope="module")
+def scene_batch(scene_data, tokenizers):
+    builder = llama2_text_processor(tokenizers["chat"], 300, image_length=9)
+    dataset = ConversationDataset(read_jsonl(scene_data[0]), get_image_processor(42), builder, source="train")
+    return collate_samples([dataset[i] for i in range(len(dataset))])
+
+
+def _train_steps(model, batch, steps=8, lr=3e-2):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = loss_of(model, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("experts", ["vision", "both"])
+def test_lora_steps_on_jsonl_conversations_lower_the_loss(experts, scene_batch):
+    torch.manual_seed(0)
+    args = finetune_args(use_lora=True, lora_experts=experts)
+    model = randomize_(FineTuneTrainCogVLMModel(args), seed=3)
+    training.select_trainable_parameters(model, args)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    vision_expert = [n for n in names if n.startswith("mixins.rotary.vision_")]
+    language_expert = [n for n in names if n.startswith("transformer.layers.")]
+    assert vision_expert and all("matrix_" in n for n in names)
+    assert bool(language_expert) == (experts == "both")
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses = _train_steps(model, scene_batch)
+    assert losses[-1] < losses[0] - 0.1, losses
+    for name, param in model.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(param, frozen_before[name]), f"{name} is frozen but changed"
+
+
+@torch.no_grad()
+def test_merged_vision_expert_lora_equals_unmerged(scene_batch):
+    model = randomize_(FineTuneTrainCogVLMModel(finetune_args(use_lora=True, lora_experts="both")), seed=5).eval()
+    inputs = training.model_inputs(scene_batch)
+    unmerged = model(**inputs)[0]
+    model.merge_lora()
+    state = model.state_dict()
+    assert not any("matrix_" in k or ".original." in k for k in state)
+    assert "mixins.rotary.vision_query_key_value_list.0.weight" in state
+    assert_close_rel(model(**inputs)[0], unmerged, rel=1e-4, what="merged vs unmerged visual-expert LoRA logits")
+    plain = randomize_(FineTuneTrainCogVLMModel(finetune_args(use_lora=True, lora_experts="language")), seed=5).eval()
+    plain.merge_lora()
+    assert (plain(**inputs)[0] - unmerged).abs().max() > 1e-3  # the visual-expert LoRA weights did matter
+
+
+def test_freeze_vit_trains_no_vit_parameter():
+    args = finetune_args(use_lora=True, vit_mlp_layers=[0, 0], freeze_vit=True)
+    model = FineTuneTrainCogVLMModel(args)
+    training.select_trainable_parameters(model, args)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(".vit_model." in n for n in trainable)
+    args.freeze_vit = False
+    training.select_trainable_parameters(model, args)
+    assert any(".vit_model." in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(scene_batch):
+    results = []
+    for checkpointing in (False, True):
+        args = finetune_args(use_lora=True, lora_experts="both", checkpoint_activations=checkpointing,
+                             checkpoint_num_layers=1)
+        model = randomize_(FineTuneTrainCogVLMModel(args), seed=3).train()
+        training.select_trainable_parameters(model, args)
+        loss = loss_of(model, scene_batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_plain, grads_plain), (loss_checkpointed, grads_checkpointed) = results
+    assert loss_plain == pytest.approx(loss_checkpointed, rel=1e-6)
+    assert grads_plain.keys() == grads_checkpointed.keys()
+    for name, grad in grads_plain.items():
+        assert_close_rel(grads_checkpointed[name], grad, rel=1e-5, what=name)
+
+
+def test_finetune_demo_on_jsonl_with_lean_memory_options(tmp_path, tiny_checkpoint, scene_data):
+    config = json.load(open(os.path.join(ROOT, "scripts", "ds_config_cpu.json")))
+    config["train_micro_batch_size_per_gpu"] = 4
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    train, valid = scene_data
+    result = run_finetune(
+        "--from_pretrained", tiny_checkpoint, "--use_lora", "--lora_rank", "4", "--lora_experts", "both",
+        "--freeze_vit", "--checkpoint-activations", "--local_tokenizer", TOKENIZER, "--version", "chat",
+        "--max_length", "300", "--mode", "pretrain", "--train-iters", "4", "--lr", "1e-3", "--train_data", train,
+        "--valid_data", valid, "--eval-interval", "4", "--eval-iters", "1", "--eval-batch-size", "4",
+        "--eval_max_new_tokens", "4", "--split", "1.", "--deepspeed_config", str(tmp_path / "ds.json"),
+        "--num-workers", "0", "--log-interval", "2", "--save", str(tmp_path / "runs"), "--save-interval", "4",
+        "--experiment-name", "jsonl", "--final_save", str(tmp_path / "final"), "--seed", "1",
+        "--summary-dir", str(tmp_path / "summary"))
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    trainable = int(re.search(r"Total trainable parameters: (\d+)", log).group(1))
+    assert trainable > 0 and re.search(r"peak memory: \d+ MiB \(peak RSS\)", log)
+    assert re.search(r"acc_w/o_case", log) and re.search(r" score ", log)
+    final = json.load(open(tmp_path / "final" / "model_config.json"))
+    assert final["template_version"] == "chat" and final["grounding"] is True  # the scenes have box answers
+    assert not final.get("use_lora")
