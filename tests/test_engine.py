@@ -359,3 +359,69 @@ def test_api_request_timeout(pipeline):
         assert 10 < len(events) < 1000
         assert not others[1].done
         others[1].cancel()
+
+
+# scripts/batch_infer.py -----------------------------------------------------------------------
+
+def image_folder(tmp_path, golden):
+    import shutil
+
+    from conftest import ROOT
+
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(golden.image_path, folder / "a.png")
+    shutil.copy(f"{ROOT}/assets/shapes.png", folder / "b.png")
+    shutil.copy(f"{ROOT}/assets/house.png", folder / "sub" / "c.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (folder / "notes.txt").write_text("not an image: skipped")
+    return folder
+
+
+def batch_infer(golden, folder, output, *extra):
+    from scripts.batch_infer import main
+
+    return main(["--from_pretrained", golden.checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--version", "chat",
+                 "--device", "cpu", "--images", str(folder), "--query", "What is in the image?", "--batch_size", "2",
+                 "--max_new_tokens", "6", "--output", str(output), *extra])
+
+
+def read_lines(output):
+    import json
+
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def test_batch_infer_answers_every_image_and_records_unreadable_ones(golden, pipeline, tmp_path):
+    folder, output = image_folder(tmp_path, golden), tmp_path / "results.jsonl"
+    assert batch_infer(golden, folder, output) == 0
+    lines = read_lines(output)
+    assert [line["file"] for line in lines] == ["a.png", "b.png", "broken.jpg", "sub/c.png"]
+    assert "not a readable image" in lines[2]["error"] and "answer" not in lines[2]
+    for line in lines[:2] + lines[3:]:
+        alone = turn(pipeline, "What is in the image?", load_image(str(folder / line["file"])), max_new=6)
+        for _ in alone:
+            pass
+        assert (line["answer"], line["tokens"], line["finish_reason"]) == (alone.response, 6, "length"), line
+    assert lines[0]["answer"] == pipeline.processor.answer(golden["chat.gen_ids"].tolist()[:6])
+
+
+def test_batch_infer_resumes_after_a_kill(golden, tmp_path):
+    """A rerun skips the files already in the output, drops a half-written last line, appends the rest."""
+    import json
+
+    folder, output = image_folder(tmp_path, golden), tmp_path / "results.jsonl"
+    earlier = {"file": "a.png", "answer": "written by the killed run", "tokens": 3, "finish_reason": "length"}
+    output.write_text(json.dumps(earlier) + "\n" + '{"file": "b.png", "answ')
+    assert batch_infer(golden, folder, output) == 0
+    lines = read_lines(output)
+    assert lines[0] == earlier  # not redone
+    assert sorted(line["file"] for line in lines) == ["a.png", "b.png", "broken.jpg", "sub/c.png"]
+    assert batch_infer(golden, folder, output) == 0  # nothing left to do
+    assert read_lines(output) == lines
+
+
+def test_batch_infer_bad_folder_is_one_error_line(golden, tmp_path, capsys):
+    assert batch_infer(golden, tmp_path / "missing", tmp_path / "out.jsonl") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --images") and "Traceback" not in err
