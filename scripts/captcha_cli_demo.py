@@ -24,12 +24,13 @@ SHIPPED = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-captcha")
 ANSWER_PREFIX = "Model: "
 
 
-def read_with_cli(paths, checkpoint: str, tokenizer: str):
-    """Run cli_demo.py once over all `paths`; returns its answers in order."""
+def read_with_cli(paths, checkpoint: str, tokenizer=None):
+    """Run cli_demo.py once over all `paths`; returns its answers in order. The CLI takes the tokenizer
+    and the template (`base`) from the checkpoint directory unless `tokenizer` is given."""
     script = "".join(f"{path}\n{CAPTCHA_QUERY}\nclear\n" for path in paths) + "stop\n"
+    flags = ["--local_tokenizer", tokenizer] if tokenizer else []
     result = subprocess.run([sys.executable, os.path.join(ROOT, "cli_demo.py"), "--from_pretrained", checkpoint,
-                             "--local_tokenizer", tokenizer, "--version", "base", "--english", "--max_length", "96"],
-                            input=script, capture_output=True, text=True, cwd=ROOT)
+                             *flags, "--max_length", "96"], input=script, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-2000:])
         raise SystemExit(f"error: cli_demo.py exited with {result.returncode}")
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--style", choices=STYLES, default="clean")
     parser.add_argument("--seed", type=int, default=2024, help="render seed (the training data uses seed 0)")
     parser.add_argument("--from_pretrained", default=SHIPPED)
-    parser.add_argument("--local_tokenizer", default=os.path.join(SHIPPED, "tokenizer"))
+    parser.add_argument("--local_tokenizer", default=None, help="default: the checkpoint's tokenizer/ folder")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         paths = make_dataset(folder, args.count, args.style, args.seed)
