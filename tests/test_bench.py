@@ -34,3 +34,14 @@ def test_bench_quantized_rows_and_ratios():
     ratios = [line.split() for line in stdout.splitlines()[-3:]]
     assert [r[:2] for r in ratios] == [["fp32", "-"], ["fp32", "8"], ["fp32", "4"]]
     assert ratios[0][3] == "1.00x"  # fp32 against itself
+
+
+def test_big_model_bench_writes_loads_and_deletes_its_checkpoint(tmp_path):
+    """bench/big_model.py's steps on the tiny shape: write shard by shard, load with --quant 8 and 4, delete."""
+    directory = tmp_path / "checkpoint"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "big_model.py"), "--dir", str(directory),
+                          "--shape", "tiny", "--threads", "1", "--new_tokens", "2", "--repeats", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and "failed" not in out.stdout, out.stderr[-2000:] + out.stdout
+    assert out.stdout.count("prefill") == 2 and "--quant 8: base" in out.stdout and "--quant 4: base" in out.stdout
+    assert not directory.exists()
