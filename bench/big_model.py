@@ -170,6 +170,7 @@ def main():
     parser.add_argument("--shape", default="17B", choices=sorted(SHAPES))
     parser.add_argument("--quant", nargs="+", type=int, choices=[8, 4], default=[8, 4])
     parser.add_argument("--keep", action="store_true", help="do not delete the checkpoint afterwards")
+    parser.add_argument("--write_only", action="store_true", help="write the checkpoint and stop (implies --keep)")
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="prefill + decode runs per load")
     parser.add_argument("--threads", type=int, default=2)
@@ -189,6 +190,8 @@ def main():
         start = time.perf_counter()
         write_checkpoint(options.dir, options.shape)
         print(f"wrote {size / GB:.1f} GB to {options.dir} in {time.perf_counter() - start:.0f} s", flush=True)
+    if options.write_only:
+        return
     try:
         for bits in options.quant:
             with open("/proc/meminfo") as f:

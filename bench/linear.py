@@ -1,85 +1,197 @@
-"""Few-row fp32 linear layers on CPU: `F.linear(x, W)` against `models.linear.linear` (W @ x^T).
+"""One linear layer on CPU, every kernel torch offers for it side by side: fp32, bf16, int8, int4.
 
-    python bench/linear.py                 # 2 threads, config M's MLP shape (1024 -> 2816)
-    python bench/linear.py --threads 1 --rows 1 2 4 8 16 32
-    python bench/linear.py --rows 1 8 --others          # + oneDNN and MKL-packed kernels
-    python bench/linear.py --rows 1 8 --weights_mb 12   # one weight, cache-resident: compute only
+    python bench/linear.py                          # 2 threads, config M's MLP shape (1024 -> 2816), 1..283 rows
+    python bench/linear.py --rows 1 8 --kernels bf16 int4
+    python bench/linear.py --in_features 4096 --out_features 11008 --weights_mb 2048   # CogVLM-17B's MLP
+    python bench/linear.py --torchao --compile      # + torchao's configs and an inductor-generated GEMV (slow to build)
 
-Cycles through enough distinct weights (> last-level cache) that every product streams its weight
-from memory, as decoding does. Prints ms per product and the weight-read bandwidth of each form.
+Cycles through enough distinct weights (> last-level cache) that every product streams its weight from memory,
+as decoding does. Prints ms per product and the bandwidth at which it reads its weight (bytes of the weight in
+that format, scales included, / time). "<- used" marks what models.linear / models.quantization run for that
+row count. Decoding is 1-8 rows, a prefill's text and image tokens tens to hundreds.
 """
 import argparse
 import os
 import sys
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+GB = 1e9
+
+
+def candidates(options):
+    """{name: (family, x dtype, build(float weights, rows) -> (fn(x, i), bytes per product), used(rows))}."""
+    import torch
+    import torch.nn.functional as F
+
+    from models import quantization
+    from models.linear import MAX_BF16_GEMV_ROWS, MAX_TRANSPOSED_ROWS, MIN_TRANSPOSED_ROWS, _without_onednn
+
+    f32, bf16 = torch.float32, torch.bfloat16
+
+    def plain(dtype, product):
+        def build(weights, rows):
+            ws = [w.to(dtype) for w in weights]
+            return (lambda x, i: product(x, ws[i])), ws[0].numel() * ws[0].element_size()
+        return build
+
+    def quantized(layer_class, weights):
+        built = []
+        for w in weights:
+            layer = layer_class(w.shape[1], w.shape[0], False)
+            layer.quantize_(w)
+            built.append(layer)
+        return built
+
+    def layers(layer_class):
+        def build(weights, rows):
+            built = quantized(layer_class, weights)
+            return (lambda x, i: built[i](x)), built[0].weight_bytes()
+        return build
+
+    def onednn_prepacked(weights, rows):
+        ws = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), rows) for w in weights]
+        return (lambda x, i: torch.ops.mkldnn._linear_pointwise(x, ws[i], None, "none", [], "")), weights[0].numel() * 2
+
+    def fbgemm_fp16(weights, rows):
+        # fp16 weights (bf16 values are exact in fp16 within its range), fp32 activations
+        ws = [torch.ops.quantized.linear_prepack_fp16(w.bfloat16().float(), None) for w in weights]
+        return (lambda x, i: torch.ops.quantized.linear_dynamic_fp16(x.float(), ws[i]).bfloat16()), \
+            weights[0].numel() * 2
+
+    def int8pack(weights, rows):
+        scales = [w.abs().amax(1) / 127 for w in weights]
+        qs = [(w / s[:, None]).round().to(torch.int8) for w, s in zip(weights, scales)]
+        sb = [s.bfloat16() for s in scales]
+        return (lambda x, i: torch.ops.aten._weight_int8pack_mm(x, qs[i], sb[i])), weights[0].numel()
+
+    def int4_kernel(group):
+        def build(weights, rows):
+            class Group(quantization.Int4WeightOnlyLinear):
+                group_size = group
+            built = quantized(Group, weights)
+            return (lambda x, i: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, built[i].weight_int4, group, built[i].scales_and_zeros)), built[0].weight_bytes()
+        return build
+
+    def int4_dequantized(weights, rows):
+        built = quantized(quantization.Int4WeightOnlyLinear, weights)
+        return (lambda x, i: torch.mm(x, built[i].dequantized_t())), built[0].weight_bytes()
+
+    table = {
+        "fp32 F.linear (MKL)": ("fp32", f32, plain(f32, F.linear),
+                                lambda r: not MIN_TRANSPOSED_ROWS <= r <= MAX_TRANSPOSED_ROWS),
+        "fp32 W @ x^T (MKL)": ("fp32", f32, plain(f32, lambda x, w: torch.mm(w, x.t()).t()),
+                               lambda r: MIN_TRANSPOSED_ROWS <= r <= MAX_TRANSPOSED_ROWS),
+        "bf16 F.linear (oneDNN)": ("bf16", bf16, plain(bf16, F.linear), lambda r: r > MAX_BF16_GEMV_ROWS),
+        "bf16 ATen GEMV (oneDNN off)": ("bf16", bf16, plain(bf16, lambda x, w: _without_onednn(F.linear, x, w)),
+                                        lambda r: r <= MAX_BF16_GEMV_ROWS),
+        "bf16 oneDNN prepacked": ("bf16", bf16, onednn_prepacked, None),
+        "bf16 as fp16, fbgemm": ("bf16", bf16, fbgemm_fp16, None),
+        "int8 fbgemm dynamic": ("int8", f32, layers(quantization.Int8DynamicLinear), lambda r: True),
+        "int8 _weight_int8pack_mm bf16": ("int8", bf16, int8pack, None),
+        "int4 _weight_int4pack_mm g32": ("int4", bf16, int4_kernel(32),
+                                         lambda r: r <= quantization.INT4_KERNEL_MAX_ROWS),
+        "int4 _weight_int4pack_mm g128": ("int4", bf16, int4_kernel(128), None),
+        "int4 dequantize + bf16 GEMM": ("int4", bf16, int4_dequantized,
+                                        lambda r: r > quantization.INT4_KERNEL_MAX_ROWS),
+    }
+    if options.torchao:
+        table.update(torchao_candidates())
+    if options.compile:
+        table["bf16 inductor GEMV (torch.compile)"] = ("bf16", bf16, compiled_gemv, None)
+    return table
+
+
+def torchao_candidates():
+    """torchao's CPU configs (they dispatch to the aten kernels above or to plain matmuls)."""
+    import torch
+    from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                      Int8WeightOnlyConfig, quantize_)
+
+    def build_with(config, dtype):
+        def build(weights, rows):
+            mods = []
+            for w in weights:
+                linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).to(dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(w)
+                quantize_(linear, config())
+                mods.append(linear)
+            return (lambda x, i: mods[i](x)), w.numel()
+        return build
+
+    return {
+        "torchao Int8WeightOnly": ("int8", torch.bfloat16, build_with(Int8WeightOnlyConfig, torch.bfloat16), None),
+        "torchao Int8DynamicActInt8Weight": ("int8", torch.float32,
+                                             build_with(Int8DynamicActivationInt8WeightConfig, torch.float32), None),
+        "torchao Int4WeightOnly g32": ("int4", torch.bfloat16,
+                                       build_with(lambda: Int4WeightOnlyConfig(group_size=32), torch.bfloat16), None),
+    }
+
+
+def compiled_gemv(weights, rows):
+    """A GEMV written as a product and a sum, which inductor turns into one vectorized reduction."""
+    import torch
+
+    fn = torch.compile(lambda x, w: (w.float() * x.float()[:, None, :]).sum(-1).to(x.dtype), dynamic=False)
+    ws = [w.bfloat16() for w in weights]
+    return (lambda x, i: fn(x, ws[i])), ws[0].numel() * 2
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 128, 283])
     parser.add_argument("--in_features", type=int, default=1024)
     parser.add_argument("--out_features", type=int, default=2816)
-    parser.add_argument("--weights_mb", type=int, default=512, help="total size of the weights cycled through")
-    parser.add_argument("--others", action="store_true",
-                        help="also time oneDNN's linear (plain and prepacked weights) and MKL's packed GEMM")
+    parser.add_argument("--weights_mb", type=int, default=512, help="total size of the fp32 weights cycled through")
+    parser.add_argument("--kernels", nargs="+", default=["fp32", "bf16", "int8", "int4"],
+                        choices=["fp32", "bf16", "int8", "int4"])
+    parser.add_argument("--torchao", action="store_true", help="also torchao's configs (pip install torchao)")
+    parser.add_argument("--compile", action="store_true", help="also an inductor-generated bf16 GEMV")
     options = parser.parse_args()
 
     import torch
-    import torch.nn.functional as F
 
-    from models.linear import MAX_TRANSPOSED_ROWS, MIN_TRANSPOSED_ROWS, linear
-
+    warnings.filterwarnings("ignore", message=".*quantize_per_channel.*")
     torch.set_num_threads(options.threads)
-    weight_bytes = options.in_features * options.out_features * 4
-    weights = [torch.randn(options.out_features, options.in_features) * 0.02
-               for _ in range(max(1, options.weights_mb * 2**20 // weight_bytes))]
-
-    def time_per_product(fn, x, repeats=3):
-        for w in weights[:4]:
-            fn(x, w)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for w in weights:
-                fn(x, w)
-        return (time.perf_counter() - start) / (repeats * len(weights))
-
-    print(f"{options.threads} threads, {options.in_features} -> {options.out_features} fp32, "
-          f"{len(weights)} weights; models.linear uses W @ x^T for {MIN_TRANSPOSED_ROWS}..{MAX_TRANSPOSED_ROWS} rows")
-    print(f"{'rows':>4} {'F.linear ms':>11} {'GB/s':>6} {'W @ x^T ms':>10} {'GB/s':>6} {'speed-up':>8}")
-    for rows in options.rows:
-        x = torch.randn(rows, options.in_features)
-        plain = time_per_product(lambda x, w: F.linear(x, w), x)
-        transposed = time_per_product(lambda x, w: torch.mm(w, x.t()).t(), x)
-        print(f"{rows:4d} {plain * 1e3:11.3f} {weight_bytes / plain / 1e9:6.1f} {transposed * 1e3:10.3f} "
-              f"{weight_bytes / transposed / 1e9:6.1f} {plain / transposed:7.2f}x", flush=True)
-        if options.others:
-            time_other_kernels(weights, x, time_per_product, weight_bytes)
-    # the library function itself, at the threshold
-    x = torch.randn(MAX_TRANSPOSED_ROWS, options.in_features)
-    print(f"models.linear.linear at {MAX_TRANSPOSED_ROWS} rows: {time_per_product(linear, x) * 1e3:.3f} ms")
+    fp32_bytes = options.in_features * options.out_features * 4
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.empty(options.out_features, options.in_features).normal_(0, 0.02, generator=generator)
+               for _ in range(max(1, options.weights_mb * 2**20 // fp32_bytes))]
+    print(f"{options.threads} threads, {options.in_features} -> {options.out_features}, {len(weights)} weights; "
+          f"ms per product (GB/s of the weight as stored)")
+    print(f"{'kernel':34}" + "".join(f"{f'{r} rows':>16}" for r in options.rows))
+    for name, (family, dtype, build, used) in candidates(options).items():
+        if family not in options.kernels:
+            continue
+        cells = []
+        for rows in options.rows:
+            try:
+                fn, size = build(weights, rows)
+                x = torch.randn(rows, options.in_features, generator=generator).to(dtype)
+                seconds = time_per_product(fn, x, len(weights), repeats=3 if rows <= 32 else 1)
+                mark = "*" if used is not None and used(rows) else " "
+                cells.append(f"{seconds * 1e3:8.3f} ({size / seconds / GB:4.1f}){mark}")
+            except Exception as e:  # a kernel this build or CPU lacks
+                cells.append(f"{'n/a':>15} ")
+                print(f"  {name}, {rows} rows: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
+        print(f"{name:34}" + "".join(f"{c:>16}" for c in cells), flush=True)
+    print("* = what models.linear / models.quantization use for that row count")
 
 
-def time_other_kernels(weights, x, time_per_product, weight_bytes):
-    """The other fp32 CPU kernels torch ships for a linear layer. Only MKL's packed GEMM was faster for
-    8 rows here (10-25% in some runs), and it needs a second, packed copy of every weight."""
-    import torch
-
-    rows = x.shape[0]
-    onednn_packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights}
-    mkl_packed = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in weights}
-    kernels = {
-        "oneDNN": lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-        "oneDNN prepacked": lambda x, w: torch.ops.mkldnn._linear_pointwise(x, onednn_packed[id(w)], None, "none",
-                                                                            [], ""),
-        "MKL packed": lambda x, w: torch.ops.mkl._mkl_linear(x, mkl_packed[id(w)], w, None, rows),
-    }
-    for name, kernel in kernels.items():
-        seconds = time_per_product(kernel, x)
-        print(f"{'':4} {name:>18}: {seconds * 1e3:.3f} ms {weight_bytes / seconds / 1e9:6.1f} GB/s", flush=True)
+def time_per_product(fn, x, count: int, repeats: int = 3) -> float:
+    for i in range(min(4, count)):
+        fn(x, i)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for i in range(count):
+            fn(x, i)
+    return (time.perf_counter() - start) / (repeats * count)
 
 
 if __name__ == "__main__":
