@@ -43,8 +43,8 @@ from models.errors import CogVLMError
 from utils.dataset import CaptchaDataset, ConversationDataset, TrainingSampleBuilder, collate_samples, load_records
 from utils.grounding import parse_boxes
 from utils.language import llama2_text_processor_inference, llama2_tokenizer
-from utils.training import (FINETUNE_FLAGS, find_resume_dir, forward_step, forward_step_eval, init_from_scratch_,
-                            peak_memory, save_final, select_trainable_parameters)
+from utils.training import (FINETUNE_FLAGS, ensure_answer_logits, find_resume_dir, forward_step, forward_step_eval,
+                            init_from_scratch_, peak_memory, save_final, select_trainable_parameters)
 from utils.vision import get_image_processor
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def build_model(args):
                                                            overwrite_args=finetune_flags)
     if args.from_scratch:
         init_from_scratch_(model, args.seed)
+    ensure_answer_logits(model)
     return model, args
 
 

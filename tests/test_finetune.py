@@ -269,6 +269,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(scene_batch)
                              checkpoint_num_layers=1)
         model = randomize_(FineTuneTrainCogVLMModel(args), seed=3).train()
         training.select_trainable_parameters(model, args)
+        torch.manual_seed(0)  # the same dropout masks in both runs (the tiny config's ViT has dropout)
         loss = loss_of(model, scene_batch)
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
@@ -301,3 +302,18 @@ def test_finetune_demo_on_jsonl_with_lean_memory_options(tmp_path, tiny_checkpoi
     final = json.load(open(tmp_path / "final" / "model_config.json"))
     assert final["template_version"] == "chat" and final["grounding"] is True  # the scenes have box answers
     assert not final.get("use_lora")
+
+
+def test_answer_loss_equals_the_full_logits_loss_and_its_gradients(scene_batch):
+    # eval(): the tiny config's ViT has dropout; gradients flow all the same
+    model = randomize_(FineTuneTrainCogVLMModel(finetune_args(full_finetune=True)), seed=4).eval()
+    full = loss_of(model, scene_batch)
+    full.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    training.ensure_answer_logits(model)
+    answers_only = training.answer_loss(model, scene_batch)
+    answers_only.backward()
+    assert answers_only.item() == pytest.approx(full.item(), rel=1e-6)
+    for name, grad in expected.items():
+        assert_close_rel(dict(model.named_parameters())[name].grad, grad, rel=1e-5, what=name)

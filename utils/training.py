@@ -12,6 +12,7 @@ from typing import Dict, List
 import torch
 
 from sat.helpers import print_rank0
+from sat.model.base_model import BaseMixin, non_conflict
 from sat.training.model_io import save_checkpoint
 
 from models.errors import CogVLMError
@@ -106,6 +107,34 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+class AnswerLogitsMixin(BaseMixin):
+    """With `loss_positions` (B, L) bool, the LM head projects only those positions: (B, L, H) ->
+    logits (1, N, vocab). Training needs logits only where a label follows (the answers), and the
+    full (B, L, vocab) projection and its log-softmax are a large share of a small model's step."""
+
+    @non_conflict
+    def final_forward(self, logits, old_impl=None, **kw_args):
+        positions = kw_args.get("loss_positions")
+        if positions is not None:
+            logits = logits[positions][None]
+        return old_impl(logits, **kw_args)
+
+
+def ensure_answer_logits(model) -> None:
+    """Add AnswerLogitsMixin to `model` once (no parameters: checkpoints are unchanged)."""
+    if "answer_logits" not in model.mixins:
+        model.add_mixin("answer_logits", AnswerLogitsMixin())
+
+
+def answer_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """next_token_loss of `batch` (model_inputs + labels), with logits computed at the labelled
+    positions only (AnswerLogitsMixin). Same value as next_token_loss on the full logits."""
+    targets = batch["labels"][:, 1:]
+    positions = torch.nn.functional.pad(targets != IGNORE_INDEX, (0, 1), value=False)  # logits at t predict t+1
+    logits = model(**model_inputs(batch), loss_positions=positions)[0]
+    return torch.nn.functional.cross_entropy(logits[0].float(), targets[positions[:, :-1]])
+
+
 def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The collated batch without what the model does not take (labels, context_length, record_index)."""
     return {k: v for k, v in batch.items() if k not in ("labels", "context_length", "record_index")}
@@ -115,7 +144,7 @@ def forward_step(data_iterator, model, args, timers):
     timers("batch generator").start()
     batch = get_batch(data_iterator, args)
     timers("batch generator").stop()
-    loss = next_token_loss(model(**model_inputs(batch))[0], batch["labels"])
+    loss = answer_loss(model, batch)
     return loss, {"loss": loss.detach()}
 
 
@@ -149,7 +178,7 @@ def forward_step_eval(data_iterator, model, args, timers, *, tokenizer):
     `acc` / `acc_w/o_case` (exact match over all rows, as upstream's captcha validation) and
     `score` (utils.evaluation's rule: exact match ignoring case, or IoU >= 0.5 for every box)."""
     batch = get_batch(data_iterator, args)
-    loss = next_token_loss(model(**model_inputs(batch))[0], batch["labels"])
+    loss = answer_loss(model, batch)
     module = getattr(model, "module", model)
     mixins_before = set(module.mixins)
     try:
