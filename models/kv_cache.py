@@ -4,7 +4,9 @@ SAT's `CachedAutoregressiveMixin` returns each step's keys/values and the caller
 onto the cache (`update_mems`), and the mixin concatenates the cache onto the new keys again: two
 copies of the whole cache per decoded token, which dominates decode time once the cache is long.
 Here every layer writes its new keys/values in place into a buffer sized for the whole sequence
-and attends over a view of the filled part: no copies.
+and attends over a view of the filled part: no copies. `KVCache` holds one batch decoded in lockstep
+(utils.generation); `SlotKVCache` holds independent sequences of different lengths, one per row, for
+the serving engine (utils/engine.py).
 """
 from typing import List, Sequence
 
