@@ -57,15 +57,25 @@ class Console:
         return value
 
     def read(self, prompt: str):
-        """The next input line, or None at end of input."""
+        """The next input line, or None at end of input. A line that is not valid UTF-8 is skipped with a
+        message when a person types; from a script it is an error (CogVLMError, on every rank)."""
         line = None
-        if self.rank == 0:
+        while self.rank == 0:
             try:
                 line = input(prompt)
+                line.encode("utf-8")  # undecodable bytes come as lone surrogates under the POSIX locale
             except EOFError:
                 print()
-                line = None
+            except (UnicodeDecodeError, UnicodeEncodeError):
+                message = "input is not valid UTF-8 text; save it as UTF-8 or set the terminal to UTF-8"
+                if self.interactive:
+                    print(f"error: {message}; line skipped", flush=True)
+                    continue
+                line = ("bad input", message)
+            break
         line = self._from_rank0(line)
+        if isinstance(line, tuple):
+            raise CogVLMError(line[1])
         return None if line is None else line.strip()
 
     def first_error(self, error: Optional[Exception]) -> Optional[str]:

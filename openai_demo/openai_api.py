@@ -11,13 +11,10 @@ Upstream's environment variables still work: MODEL_PATH (checkpoint), TOKENIZER_
 """
 import argparse
 import asyncio
-import base64
-import binascii
 import hmac
 import json
 import logging
 import os
-import re
 import sys
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -119,41 +116,6 @@ def parse_messages(messages: List[ChatMessage]) -> ParsedMessages:
     return ParsedMessages(query=texts[-1], history=history, image_url=image_urls[0] if image_urls else None)
 
 
-# Images -------------------------------------------------------------------------------------
-
-_DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S)
-
-
-def decode_data_uri(uri: str, max_bytes: int = MAX_IMAGE_BYTES):
-    """A `data:image/...;base64,...` URI -> RGB PIL image (same size cap and errors as files and URLs)."""
-    match = _DATA_URI.fullmatch(uri.strip())
-    if match is None:
-        raise ImageError("image data URI is malformed; use data:image/png;base64,<base64 bytes>")
-    mime = (match["mime"] or "").lower()
-    if not mime.startswith("image/"):
-        raise ImageError(f"image data URI has media type '{mime or 'none'}'; send data:image/png;base64,... "
-                         "(or jpeg/webp)")
-    encoded = re.sub(r"\s+", "", match["data"])
-    if len(encoded) * 3 // 4 > max_bytes:
-        raise ImageError(f"image data is larger than {max_bytes // 2**20} MiB; send a smaller image")
-    try:
-        data = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageError("image data URI is not valid base64; encode the file bytes with base64") from None
-    # the same decoding and error messages as image files and URLs
-    return image_from_bytes(data, "image data URI")
-
-
-def load_request_image(url: str):
-    """An image_url from a request -> RGB PIL image. Only data: and http(s): URLs; never server paths."""
-    if url.startswith("data:"):
-        return decode_data_uri(url)
-    if url.startswith(("http://", "https://")):
-        return load_image(url)  # with utils.vision's timeout and size cap
-    raise ImageError(f"image URL '{url[:60]}' is neither a data: URI nor http(s); send the image as "
-                     "data:image/png;base64,... or give an http(s) URL")
-
-
 # Sampling -----------------------------------------------------------------------------------
 
 def sampling_config(body: ChatCompletionRequest, defaults: GenerationConfig, vocab_size: int) -> GenerationConfig:
@@ -245,6 +207,7 @@ class CogVLMServer:
         self.defaults = defaults
         self.context_length = pipeline.processor.max_length
         self.engine, self.request_timeout = engine, request_timeout
+        self.images = ImageGate()
         self.created = now()
 
     def health(self) -> dict:
@@ -252,12 +215,19 @@ class CogVLMServer:
         return {"status": "ok", "busy": engine.running > 0, "running": engine.running, "waiting": engine.waiting,
                 "max_batch_size": engine.max_batch_size, "max_waiting": engine.max_waiting}
 
-    def prepare(self, body: ChatCompletionRequest) -> ChatStream:
-        """Validate the request and build its chat turn (loads the image; no model compute yet)."""
+    async def fetch_image(self, body: ChatCompletionRequest):
+        """The request's image (or None), fetched and decoded through the image gate (openai_demo/limits.py)
+        before the request queues; the cheap checks come first, so that a bad request fetches nothing."""
+        check_supported(body, self.model_name)
+        sampling_config(body, self.defaults, self.pipeline.vocab_size)
+        url = parse_messages(body.messages).image_url
+        return None if url is None else await self.images.load(url)
+
+    def prepare(self, body: ChatCompletionRequest, image=None) -> ChatStream:
+        """Validate the request and build its chat turn around its fetched image (no model compute yet)."""
         check_supported(body, self.model_name)
         messages = parse_messages(body.messages)
         config = sampling_config(body, self.defaults, self.pipeline.vocab_size)
-        image = load_request_image(messages.image_url) if messages.image_url is not None else None
         conversation = self.pipeline.conversation(image)
         conversation.history = messages.history
         max_new = body.max_completion_tokens or body.max_tokens
@@ -310,7 +280,8 @@ class CogVLMServer:
         if self.engine.queue_full:  # refuse before decoding any image
             raise APIError(429, f"{self.engine.waiting} requests are already waiting for the model; retry later",
                            type="server_busy", code="queue_full")
-        turn = await anyio.to_thread.run_sync(self.prepare, body)
+        image = await self.fetch_image(body)
+        turn = await anyio.to_thread.run_sync(self.prepare, body, image)
         handle = self.submit(turn)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -421,16 +392,21 @@ def create_app(pipeline: InferencePipeline, model_name: str, defaults: Optional[
         message, param = _validation_message(exc)
         return error_response(400, message, param=param)
 
+    @app.exception_handler(ServerBusy)
+    async def _busy(request, exc: ServerBusy):
+        return error_response(429, str(exc), type="server_busy", code="image_downloads_busy")
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        return error_json(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                          headers=exc.headers)  # a 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
         logger.error("request failed", exc_info=exc)
         return error_response(500, "internal server error; see the server log", type="server_error")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return server.health()
 
@@ -450,6 +426,9 @@ def create_app(pipeline: InferencePipeline, model_name: str, defaults: Optional[
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await server.complete(body, request)
 
+    install_openapi(app, model_name=model_name, vocab_size=pipeline.vocab_size, context_length=server.context_length,
+                    secured=bool(api_key))
+    app.add_middleware(BodySizeLimit)  # inside the key check: a client without the key gets 401 unread
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     return app

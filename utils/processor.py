@@ -12,6 +12,7 @@ from typing import Dict, Sequence
 
 import torch
 
+from models.errors import PromptError
 from utils.conversation import Conversation
 from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor
@@ -25,6 +26,9 @@ class CogVLMProcessor:
         self.tokenizer = tokenizer
         self.text = llama2_text_processor_inference(tokenizer, max_length, image_length)
         self.image = get_image_processor(image_size)
+        # no token is longer than the longest piece: a longer prompt cannot fit, and is refused before the
+        # tokenizer spends seconds and gigabytes on it
+        self.max_prompt_chars = max_length * max(len(piece) for piece in tokenizer.get_vocab())
 
     @property
     def max_length(self) -> int:
@@ -36,7 +40,11 @@ class CogVLMProcessor:
 
     def __call__(self, conversation: Conversation, query: str) -> Dict[str, torch.Tensor]:
         """Inputs of the next turn (raises PromptError when the prompt leaves no room to answer)."""
-        inputs = self.text(conversation.prompt(query))
+        prompt = conversation.prompt(query)
+        if len(prompt) > self.max_prompt_chars:
+            raise PromptError(f"prompt is {len(prompt)} characters, more than the {self.max_length} tokens of "
+                              "--max_length can hold; shorten the question or the history")
+        inputs = self.text(prompt)
         if conversation.image is not None:
             inputs["images"] = self.image(conversation.image)["image"]
         return inputs

@@ -1,13 +1,30 @@
-"""Image loading (path or http(s) URL) and the EVA-CLIP image processor, in PIL/numpy/torch."""
+"""Image loading (file path, http(s) URL or data: URI) at a bounded cost, and the EVA-CLIP image processor.
+
+No input image can cost more than a few hundred MB or a few seconds:
+- a URL has one deadline for connecting and the whole body (URL_TIMEOUT_S, also against a server that
+  trickles bytes) and a byte cap checked while reading (MAX_IMAGE_BYTES; files and data URIs have it too);
+- the pixel count is read from the header before anything is decoded: a JPEG above MAX_PIXELS is decoded
+  at 1/2, 1/4 or 1/8 scale (libjpeg's draft mode), any other format above it is refused;
+- a decoded image above KEEP_PIXELS is box-reduced to at most that (still far above any ViT input), so an
+  image held by a conversation or a waiting request stays small.
+16-bit images (PIL modes I;16 and I) are scaled to 8 bits rather than clipped.
+"""
+import asyncio
+import base64
+import binascii
+import concurrent.futures
 import io
 import logging
+import math
 import os
-import time
-from typing import Dict
+import re
+import warnings
+from typing import Dict, Optional
 
+import httpx
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from models.errors import ImageError
 
@@ -16,7 +33,10 @@ logger = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 URL_TIMEOUT_S = 10.0
-MAX_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_IMAGE_BYTES = 20 * 2**20
+MAX_PIXELS = 40_000_000
+KEEP_PIXELS = 16_000_000
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageProcessor:
@@ -51,22 +71,143 @@ def get_image_processor(image_size: int) -> ImageProcessor:
     return ImageProcessor(image_size)
 
 
-def image_from_bytes(data: bytes, source: str) -> Image.Image:
-    """Decode image bytes (read from `source`, named in errors) into an RGB PIL image, or raise ImageError."""
-    try:
+# Decoding ------------------------------------------------------------------------------------
+
+def _too_many_pixels(source: str, width: int, height: int, max_pixels: int) -> ImageError:
+    return ImageError(f"{source} is {width}x{height} pixels ({width * height / 1e6:.0f} Mpx), more than the "
+                      f"{max_pixels / 1e6:.0f} Mpx this server decodes; downscale it first")
+
+
+def _open_bounded(data: bytes, source: str, max_pixels: int) -> Image.Image:
+    """Read the header and, for a JPEG over `max_pixels`, pick a scale (1/2, 1/4, 1/8) that fits; raise
+    ImageError for any other image over it. Nothing is decoded yet."""
+    with warnings.catch_warnings():  # the cap below replaces PIL's DecompressionBombWarning
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{source} is not a readable image ({type(e).__name__}); "
-                         "give a PNG/JPEG/WebP file or URL") from None
+    width, height = image.size
+    if width * height > max_pixels and image.format == "JPEG":
+        scale = next((s for s in (2, 4, 8) if math.ceil(width / s) * math.ceil(height / s) <= max_pixels), None)
+        if scale is not None:
+            image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+            logger.info("%s: %dx%d JPEG decoded at 1/%d scale", source, width, height, scale)
+    if image.size[0] * image.size[1] > max_pixels:
+        raise _too_many_pixels(source, width, height, max_pixels)
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image of any mode -> 8-bit RGB, 16-bit values scaled (PIL's own convert clips them)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
     return image.convert("RGB")
 
 
-def load_image(path_or_url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
-    """Read an RGB image from a local path or an http(s) URL (with a timeout and a size cap)."""
-    path_or_url = path_or_url.strip()
-    if path_or_url.startswith(("http://", "https://")):
-        return image_from_bytes(_download(path_or_url, timeout, max_bytes), path_or_url)
+def _reduced(image: Image.Image, keep_pixels: int) -> Image.Image:
+    pixels = image.size[0] * image.size[1]
+    if pixels <= keep_pixels:
+        return image
+    return image.reduce(math.ceil(math.sqrt(pixels / keep_pixels)))
+
+
+def image_from_bytes(data: bytes, source: str, max_pixels: int = MAX_PIXELS,
+                     keep_pixels: int = KEEP_PIXELS) -> Image.Image:
+    """Decode image bytes (read from `source`, named in errors) into an RGB PIL image, or raise ImageError.
+
+    The pixel count is checked from the header before decoding (see the module docstring)."""
+    try:
+        image = _open_bounded(data, source, max_pixels)
+        image.load()
+        return _reduced(_to_rgb(image), keep_pixels)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:  # PIL's own limit, hit while reading the header of a huge image
+        raise ImageError(f"{source} has more pixels than the {max_pixels / 1e6:.0f} Mpx this server decodes; "
+                         "downscale it first") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error...) on bad data
+        raise ImageError(f"{source} is not a readable image ({type(e).__name__}); "
+                         "give a PNG/JPEG/WebP file or URL") from None
+
+
+# Reading: files, data URIs, URLs ------------------------------------------------------------
+
+_DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S)
+
+
+def data_uri_bytes(uri: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a `data:image/...;base64,...` URI (size-capped before decoding), or ImageError."""
+    match = _DATA_URI.fullmatch(uri.strip())
+    if match is None:
+        raise ImageError("image data URI is malformed; use data:image/png;base64,<base64 bytes>")
+    mime = (match["mime"] or "").lower()
+    if not mime.startswith("image/"):
+        raise ImageError(f"image data URI has media type '{mime or 'none'}'; send data:image/png;base64,... "
+                         "(or jpeg/webp)")
+    encoded = re.sub(r"\s+", "", match["data"])
+    if len(encoded) * 3 // 4 > max_bytes:
+        raise ImageError(f"image data is larger than {max_bytes // 2**20} MiB; send a smaller image")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("image data URI is not valid base64; encode the file bytes with base64") from None
+
+
+def url_timed_out(url: str, timeout: float) -> ImageError:
+    return ImageError(f"image URL {url} timed out (the whole image must arrive within {timeout:g} s); check the "
+                      "URL or download the image and give its path")
+
+
+def url_client(**limits) -> httpx.AsyncClient:
+    """The HTTP client image downloads use (a server keeps one: making one loads the CA bundle)."""
+    return httpx.AsyncClient(follow_redirects=True, timeout=URL_TIMEOUT_S, **limits)
+
+
+async def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES,
+                    client: Optional[httpx.AsyncClient] = None) -> bytes:
+    """The body of an http(s) URL: `timeout` bounds connecting plus the whole download (cancelled when it
+    passes), the byte cap is checked as the bytes arrive (after content decoding). ImageError otherwise.
+    client: one from `url_client` (default: a new one for this download)."""
+    try:
+        async with asyncio.timeout(timeout):
+            if client is not None:
+                return await _fetch(client, url, max_bytes)
+            async with url_client() as client:
+                return await _fetch(client, url, max_bytes)
+    except (TimeoutError, httpx.TimeoutException):
+        raise url_timed_out(url, timeout) from None
+    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as e:
+        raise ImageError(f"cannot fetch image URL {url} ({type(e).__name__}); check the URL or your network") from None
+
+
+async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
+    too_large = ImageError(f"image URL {url} is larger than {max_bytes // 2**20} MiB; use a smaller image")
+    async with client.stream("GET", url) as response:
+        if response.status_code != 200:
+            raise ImageError(f"image URL {url} answered HTTP {response.status_code}; check the URL")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise too_large
+        data = bytearray()
+        async for chunk in response.aiter_bytes():
+            data += chunk
+            if len(data) > max_bytes:
+                raise too_large
+        return bytes(data)
+
+
+def download(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """`fetch_url` for synchronous callers (on a fresh event loop; in a helper thread when this thread
+    already runs one, e.g. in a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(fetch_url(url, timeout, max_bytes))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, fetch_url(url, timeout, max_bytes)).result()
+
+
+def read_file(path_or_url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a local image file (size-capped), or ImageError naming the problem."""
     path = os.path.expanduser(path_or_url)
     if not os.path.exists(path):
         raise ImageError(f"image file '{path_or_url}' does not exist; check the path (or give an http(s) URL)")
@@ -74,28 +215,18 @@ def load_image(path_or_url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int 
         raise ImageError(f"'{path_or_url}' is a directory; give an image file")
     if os.path.getsize(path) > max_bytes:
         raise ImageError(f"image file '{path_or_url}' is larger than {max_bytes // 2**20} MiB; resize it first")
-    with open(path, "rb") as f:
-        return image_from_bytes(f.read(), f"image file '{path_or_url}'")
-
-
-def _download(url: str, timeout: float, max_bytes: int) -> bytes:
-    import requests
-
-    deadline = time.monotonic() + timeout  # `timeout` bounds each read; this bounds the whole download
     try:
-        with requests.get(url, stream=True, timeout=timeout) as response:
-            if response.status_code != 200:
-                raise ImageError(f"image URL {url} answered HTTP {response.status_code}; check the URL")
-            data = bytearray()
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                data.extend(chunk)
-                if time.monotonic() > deadline:
-                    raise requests.Timeout()
-                if len(data) > max_bytes:
-                    raise ImageError(f"image URL {url} is larger than {max_bytes // 2**20} MiB; use a smaller image")
-            return bytes(data)
-    except requests.Timeout:
-        raise ImageError(f"image URL {url} timed out after {timeout:g}s; check the URL or download the image "
-                         "and give its path") from None
-    except requests.RequestException as e:
-        raise ImageError(f"cannot fetch image URL {url} ({type(e).__name__}); check the URL or your network") from None
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ImageError(f"cannot read image file '{path_or_url}' ({e.strerror}); check its permissions") from None
+
+
+def load_image(path_or_url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
+    """An RGB image from a local path, an http(s) URL or a data: URI, within the limits above."""
+    path_or_url = path_or_url.strip()
+    if path_or_url.startswith(("http://", "https://")):
+        return image_from_bytes(download(path_or_url, timeout, max_bytes), f"image URL {path_or_url}")
+    if path_or_url.startswith("data:"):
+        return image_from_bytes(data_uri_bytes(path_or_url, max_bytes), "image data URI")
+    return image_from_bytes(read_file(path_or_url, max_bytes), f"image file '{path_or_url}'")
