@@ -17,6 +17,7 @@
 3. Deletes the checkpoint it wrote unless --keep (an existing --dir is used as it is and kept).
 """
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -101,6 +102,7 @@ def child(options) -> None:
     build_s = time.perf_counter() - start
     built_rss = proc_status_bytes("VmRSS")
     del built
+    gc.collect()  # SAT's modules hold reference cycles (mixins <-> transformer)
     start = time.perf_counter()
     with PeakSampler() as during_load:
         model, args = load_model(options.dir, dtype=torch.bfloat16, quant=options.quant[0])

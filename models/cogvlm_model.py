@@ -66,9 +66,11 @@ class GLU(nn.Module):
 class ImageMixin(BaseMixin):
     """Replaces the word embeddings of the image block with boi | GLU(ViT(image)) | eoi."""
 
-    def __init__(self, args):
+    def __init__(self, args, params_dtype=torch.float):
         super().__init__()
-        self.vit_model = EVA2CLIPModel(vit_args_from(args))
+        # built in the LLM's dtype: a ViT built in fp32 and converted after (SAT's get_model) writes a
+        # converted copy of every weight, even those quantization replaces before loading
+        self.vit_model = EVA2CLIPModel(vit_args_from(args), params_dtype=params_dtype)
         self.linear_proj = GLU(args.eva_args["hidden_size"], args.hidden_size, args.inner_hidden_size)
         self.image_length = args.image_length
         self.boi = nn.Parameter(torch.zeros(1, 1, args.hidden_size))
@@ -129,7 +131,7 @@ class CogVLMModel(LLaMAModel):
         device = self.transformer.word_embeddings.weight.device
         expert_kwargs = dict(params_dtype=params_dtype, device=device, skip_init=getattr(args, "skip_init", False),
                              init_method=unscaled_init_method(0.01))
-        self.add_mixin("eva", ImageMixin(args))
+        self.add_mixin("eva", ImageMixin(args, params_dtype))
         self.del_mixin("mlp")
         self.add_mixin("mlp", LlamaVisionExpertFCMixin(args.hidden_size, args.inner_hidden_size, args.num_layers,
                                                        **expert_kwargs))
