@@ -26,7 +26,10 @@ logger = logging.getLogger("merge_model")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Merge (or split) a model-parallel / LoRA CogVLM SAT checkpoint")
     parser.add_argument("--from_pretrained", type=str, default="checkpoints/merged_lora",
-                        help="checkpoint directory or name under $SAT_HOME")
+                        help="checkpoint directory, name under $SAT_HOME (a released one is downloaded when "
+                             "missing) or hub repo id in HF format")
+    parser.add_argument("--local_files_only", action="store_true",
+                        help="never touch the network: use only checkpoints on disk and in the HF cache")
     parser.add_argument("--save", type=str, default="checkpoints/merged_model", help="output checkpoint directory")
     parser.add_argument("--model_parallel_size", type=int, default=1,
                         help="shards to write: 1 merges (default), N splits for N processes")
@@ -40,7 +43,7 @@ def convert(args) -> list:
     dtype = dtype_from_args(args) if args.fp16 or args.bf16 else None
     if args.model_parallel_size < 1:
         raise CogVLMError(f"--model_parallel_size must be >= 1, got {args.model_parallel_size}")
-    checkpoint = open_checkpoint(args.from_pretrained)
+    checkpoint = open_checkpoint(args.from_pretrained, local_files_only=args.local_files_only)
     if os.path.abspath(args.save) == os.path.abspath(checkpoint.path):
         raise CogVLMError("--save must differ from --from_pretrained (the input is read while the output is written)")
     return reshard_checkpoint(checkpoint, args.save, args.model_parallel_size, dtype)

@@ -28,8 +28,11 @@ from utils.pipeline import setup_logging  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Convert a CogVLM checkpoint between SAT and HF format")
-    parser.add_argument("source", help="SAT checkpoint directory or name under $SAT_HOME, or an HF-format directory")
+    parser.add_argument("source", help="SAT checkpoint directory or name under $SAT_HOME (a released one is downloaded "
+                                       "when missing), or an HF-format directory or hub repo id")
     parser.add_argument("output", help="new (or empty) directory to write the converted checkpoint to")
+    parser.add_argument("--local_files_only", action="store_true",
+                        help="never touch the network: use only checkpoints on disk and in the HF cache")
     parser.add_argument("--max_shard_size", default="5GB",
                         help="SAT -> HF: largest safetensors file (e.g. 5GB, 500MB); larger models are sharded")
     parser.add_argument("--template_version", default=None, choices=TEMPLATE_VERSIONS,
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        source = open_checkpoint(args.source)
+        source = open_checkpoint(args.source, local_files_only=args.local_files_only)
         if source.format == "hf":
             path = convert_hf_to_sat(source, args.output)
             print(f"wrote SAT checkpoint {args.output} ({os.path.relpath(path, args.output)})")

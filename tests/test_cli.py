@@ -154,8 +154,8 @@ def test_unknown_checkpoint_name(golden, monkeypatch, capsys, tmp_path):
 
 
 def test_released_name_not_downloaded_says_where_it_looked(golden, monkeypatch, capsys, tmp_path):
-    monkeypatch.setenv("SAT_HOME", str(tmp_path))
-    rc, _, err = run_cli(monkeypatch, capsys, "", checkpoint="cogvlm-chat-v1.1", golden=golden)
+    monkeypatch.setenv("SAT_HOME", str(tmp_path))  # offline: downloading is tests/test_download.py's
+    rc, _, err = run_cli(monkeypatch, capsys, "", "--local_files_only", checkpoint="cogvlm-chat-v1.1", golden=golden)
     line = one_error_line(err)
     assert rc == 1 and str(tmp_path / "cogvlm-chat-v1.1") in line and "download" in line
 

@@ -73,7 +73,10 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help=f"prompt template: {', '.join(TEMPLATE_VERSIONS)} (default: the checkpoint's, else "
                              f"{DEFAULT_TEMPLATE})")
     parser.add_argument("--from_pretrained", type=str, default="cogvlm-chat-v1.1",
-                        help="checkpoint directory (SAT or HF format) or name under $SAT_HOME")
+                        help="checkpoint directory (SAT or HF format), name under $SAT_HOME (a released one is "
+                             "downloaded when missing) or hub repo id in HF format (THUDM/cogvlm-chat-hf)")
+    parser.add_argument("--local_files_only", action="store_true",
+                        help="never touch the network: use only checkpoints on disk and in the HF cache")
     parser.add_argument("--local_tokenizer", type=str, default=None,
                         help=f"tokenizer directory or hub name (default: the checkpoint's own tokenizer/ folder, "
                              f"else {DEFAULT_TOKENIZER})")
@@ -160,7 +163,7 @@ def load_pipeline(args) -> InferencePipeline:
     defaults = generation_config(args)  # bad flags fail before the model loads
     if args.version is not None:
         get_template(args.version)
-    checkpoint = open_checkpoint(args.from_pretrained)
+    checkpoint = open_checkpoint(args.from_pretrained, local_files_only=args.local_files_only)
     positions = checkpoint.config.max_sequence_length
     if args.max_length is not None and args.max_length > positions:
         raise CogVLMError(f"--max_length {args.max_length} exceeds the {positions} positions the model was built "

@@ -1,15 +1,17 @@
 """Finding a checkpoint and opening it once: its directory, format, typed config, tokenizer and defaults.
 
-`open_checkpoint(name_or_dir)` takes a directory (SAT or HF format) or a released name, looked up under
-`$SAT_HOME` (default `~/.sat_models`). It reads the config once; everything downstream gets the
-`Checkpoint` it returns. Unlike SAT's own loader it never hangs offline on an unknown name.
+`open_checkpoint(name_or_dir)` takes a directory (SAT or HF format), a released name, looked up under
+`$SAT_HOME` (default `~/.sat_models`) and downloaded there when missing, or a hub repo id in HF format
+(`THUDM/cogvlm-chat-hf`, downloaded into the HF cache); see download.py. It reads the config once; everything
+downstream gets the `Checkpoint` it returns. Unlike SAT's own loader it never hangs offline on a name:
+`local_files_only` (or HF_HUB_OFFLINE=1) makes no request at all.
 """
 import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
 
-from models.checkpoint import hf_format, sat_format
+from models.checkpoint import download, hf_format, sat_format
 from models.config import CogVLMConfig
 from models.errors import CheckpointError
 
@@ -32,8 +34,26 @@ RELEASED_CHECKPOINTS = {
     "cogvlm-grounding-base": ReleasedCheckpoint("grounding (REC, grounded captioning), 490px", "base", True),
     "cogvlm-grounding-generalist": ReleasedCheckpoint("grounding generalist, 490px", "base", True),
 }
-DOWNLOAD_HINT = ("download it from https://huggingface.co/THUDM/CogVLM (SAT format) and unpack it there, "
-                 "or pass the checkpoint directory itself (SAT or HF format) to --from_pretrained")
+# Where the released SAT checkpoints are published: one zip per name in the hub repo THUDM/CogVLM.
+# File names as listed at https://huggingface.co/THUDM/CogVLM/tree/main (commit b9ccd2d "grounding v1.1",
+# each about 28 GB) and as upstream CogVLM registers them with SAT (utils/models/cogvlm_model.py of
+# github.com/THUDM/CogVLM: MODEL_URLS["cogvlm-chat-v1.1"] = "r2://cogvlm-chat-v1.1.zip", ...).
+#   cogvlm-base-224              cogvlm-base-224.zip
+#   cogvlm-base-490              cogvlm-base-490.zip
+#   cogvlm-chat-v1.1             cogvlm-chat-v1.1.zip
+#   cogvlm-grounding-base        cogvlm-grounding-base.zip
+#   cogvlm-grounding-generalist  cogvlm-grounding-generalist-v1.1.zip   (the earlier cogvlm-grounding-generalist.zip
+#                                of commit ed628a8 was replaced by v1.1 on main)
+# SAT's zips hold one top folder named after the checkpoint (sat/resources/download.py asserts it); the
+# unpacker also takes the files at the top.
+HUB_REPO = "THUDM/CogVLM"
+RELEASED_ZIP_FILES = {
+    "cogvlm-base-224": "cogvlm-base-224.zip",
+    "cogvlm-base-490": "cogvlm-base-490.zip",
+    "cogvlm-chat-v1.1": "cogvlm-chat-v1.1.zip",
+    "cogvlm-grounding-base": "cogvlm-grounding-base.zip",
+    "cogvlm-grounding-generalist": "cogvlm-grounding-generalist-v1.1.zip",
+}
 
 
 def sat_home() -> str:
@@ -75,21 +95,25 @@ class Checkpoint:
         return sat_format.SATReader(self.path, self.config)
 
 
-def find_checkpoint_dir(name_or_dir: str) -> str:
-    """The directory of a path or a name under $SAT_HOME."""
+def find_checkpoint_dir(name_or_dir: str, local_files_only: bool = False) -> str:
+    """The directory of a path, of a name under $SAT_HOME (a released one is downloaded there when missing),
+    or of a hub repo id `owner/name` in HF format (downloaded into the HF cache). With `local_files_only`
+    (or HF_HUB_OFFLINE=1) nothing is fetched: what is not on disk is an error."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
     looks_like_path = os.sep in name_or_dir or name_or_dir.startswith(".")
     candidate = os.path.join(sat_home(), name_or_dir)
     if not looks_like_path and os.path.isdir(candidate):
         return candidate
+    if name_or_dir in RELEASED_CHECKPOINTS:
+        return download.download_released(name_or_dir, HUB_REPO, RELEASED_ZIP_FILES[name_or_dir], candidate,
+                                          local_files_only)
+    if download.is_hub_repo_id(name_or_dir):
+        return download.download_hub_repo(name_or_dir, local_files_only)
     released = ", ".join(RELEASED_CHECKPOINTS)
     if looks_like_path:
-        raise CheckpointError(f"checkpoint directory '{name_or_dir}' does not exist; pass an existing directory "
-                              f"or a released name ({released})")
-    if name_or_dir in RELEASED_CHECKPOINTS:
-        raise CheckpointError(f"checkpoint '{name_or_dir}' not found: looked in {candidate} ($SAT_HOME={sat_home()}); "
-                              + DOWNLOAD_HINT)
+        raise CheckpointError(f"checkpoint directory '{name_or_dir}' does not exist; pass an existing directory, "
+                              f"a hub repo id (owner/name) or a released name ({released})")
     raise CheckpointError(f"unknown checkpoint '{name_or_dir}': it is not a directory, not in $SAT_HOME={sat_home()}, "
                           f"and not a released name ({released})")
 
@@ -103,10 +127,11 @@ def _tokenizer_dir(path: str, fmt: str) -> Optional[str]:
     return None
 
 
-def open_checkpoint(name_or_dir: str) -> Checkpoint:
-    """Find the checkpoint `name_or_dir` names and read its config (once). A directory with a SAT
-    model_config.json is SAT format; one with only an HF config.json is HF format."""
-    path = find_checkpoint_dir(name_or_dir)
+def open_checkpoint(name_or_dir: str, local_files_only: bool = False) -> Checkpoint:
+    """Find the checkpoint `name_or_dir` names (downloading a released name or hub repo id unless
+    `local_files_only`) and read its config (once). A directory with a SAT model_config.json is SAT format;
+    one with only an HF config.json is HF format."""
+    path = find_checkpoint_dir(name_or_dir, local_files_only)
     if sat_format.is_sat_dir(path):
         fmt, config = "sat", sat_format.read_sat_config(path)
     elif hf_format.is_hf_dir(path):
