@@ -5,8 +5,8 @@
 
 Transfers go through huggingface_hub (its progress bars, its cache, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HOME).
 A released zip is unpacked into a hidden sibling of its target and renamed into place (atomic.py), under a
-file lock beside the target, so that concurrent processes (torchrun ranks) download and unpack once: the
-others wait for the lock and find the directory.
+file lock (`$SAT_HOME/.locks/<name>.lock`), so that concurrent processes (torchrun ranks) download and unpack
+once: the others wait for the lock and then find the directory.
 
 Resume across processes: huggingface_hub 2.4 writes each download to `blobs/<etag>.<random>.incomplete`,
 opened afresh by every process and left behind when the process is killed. Before handing a file to the
@@ -25,6 +25,7 @@ import shutil
 import zipfile
 import zlib
 from typing import Dict, Iterator, List, Optional
+from urllib.parse import urlsplit
 
 import httpx2
 from filelock import FileLock, Timeout
@@ -242,9 +243,9 @@ def resume_partial_blob(cache: str, repo_id: str, filename: str, etag: str, url:
     `url`, `size` bytes) with a Range request and put it where huggingface_hub keeps the blob; remove the
     other partials. Returns whether a blob was completed this way."""
     storage = os.path.join(cache, repo_folder_name(repo_id=repo_id, repo_type="model"))
-    blob = os.path.join(storage, "blobs", etag)
     if not _partials(storage, etag):
         return False
+    blob = os.path.join(storage, "blobs", etag)
     lock_path = os.path.join(cache, ".locks", repo_folder_name(repo_id=repo_id, repo_type="model"), f"{etag}.lock")
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with FileLock(lock_path, mode=0o664):  # the library's lock for this blob: no live download owns the partials
@@ -260,10 +261,12 @@ def resume_partial_blob(cache: str, repo_id: str, filename: str, etag: str, url:
             os.remove(keep)
             return False
         logger.info("resuming %s/%s at %s of %s", repo_id, filename, _gb(done), _gb(size or 0))
+        headers = build_hf_headers()
+        if urlsplit(url).netloc != urlsplit(_endpoint()).netloc:
+            headers.pop("authorization", None)  # a signed CDN url, as the library does: no token to third parties
         with open(keep, "r+b") as f:
             f.seek(0, os.SEEK_END)
-            http_get(url, f, resume_size=done, headers=build_hf_headers(), expected_size=size,
-                     displayed_filename=filename)
+            http_get(url, f, resume_size=done, headers=headers, expected_size=size, displayed_filename=filename)
         if _SHA256.fullmatch(etag) and _sha256(keep) != etag:
             os.remove(keep)
             logger.warning("resumed %s does not match its checksum; downloading it anew", filename)
