@@ -29,7 +29,7 @@ def parse_args(argv=None):
                         help="checkpoint directory, name under $SAT_HOME (a released one is downloaded when "
                              "missing) or hub repo id in HF format")
     parser.add_argument("--local_files_only", action="store_true",
-                        help="never touch the network: use only checkpoints on disk and in the HF cache")
+                        help="never download the checkpoint: use only what is on disk and in the HF cache")
     parser.add_argument("--save", type=str, default="checkpoints/merged_model", help="output checkpoint directory")
     parser.add_argument("--model_parallel_size", type=int, default=1,
                         help="shards to write: 1 merges (default), N splits for N processes")

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                                        "when missing), or an HF-format directory or hub repo id")
     parser.add_argument("output", help="new (or empty) directory to write the converted checkpoint to")
     parser.add_argument("--local_files_only", action="store_true",
-                        help="never touch the network: use only checkpoints on disk and in the HF cache")
+                        help="never download the checkpoint: use only what is on disk and in the HF cache")
     parser.add_argument("--max_shard_size", default="5GB",
                         help="SAT -> HF: largest safetensors file (e.g. 5GB, 500MB); larger models are sharded")
     parser.add_argument("--template_version", default=None, choices=TEMPLATE_VERSIONS,

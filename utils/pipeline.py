@@ -76,7 +76,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="checkpoint directory (SAT or HF format), name under $SAT_HOME (a released one is "
                              "downloaded when missing) or hub repo id in HF format (THUDM/cogvlm-chat-hf)")
     parser.add_argument("--local_files_only", action="store_true",
-                        help="never touch the network: use only checkpoints on disk and in the HF cache")
+                        help="never download the checkpoint: use only what is on disk and in the HF cache")
     parser.add_argument("--local_tokenizer", type=str, default=None,
                         help=f"tokenizer directory or hub name (default: the checkpoint's own tokenizer/ folder, "
                              f"else {DEFAULT_TOKENIZER})")
