@@ -6,7 +6,8 @@
 layout.py     the tensor table: SAT/HF names, shapes and model-parallel split rules (the only source)
 sat_format.py SAT directories: shard files, the lazy memory-mapped reader (any rank of any split), writer
 hf_format.py  HF (cogvlm-chat-hf) directories: safetensors reader (SAT-key view) and writer
-directory.py  finding a checkpoint (path, $SAT_HOME, released names) and opening it
+directory.py  finding a checkpoint (path, $SAT_HOME, released names, hub repo ids) and opening it
+download.py   released SAT zips and HF-format hub repos through huggingface_hub (resume, atomic unpack)
 loader.py     load_model: build this process's share of the model and load it (quantizing on the way)
 convert.py    SAT <-> HF conversion and SAT resharding (merge / split / fold LoRA)
 atomic.py     writes that never leave half a checkpoint
