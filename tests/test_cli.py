@@ -207,3 +207,17 @@ def test_tokenizer_offline_asks_for_local_tokenizer(golden, monkeypatch, capsys)
 def test_tokenizer_directory_without_vocabulary(golden, monkeypatch, capsys, tmp_path):
     rc, _, err = run_cli(monkeypatch, capsys, "", tokenizer=str(tmp_path), golden=golden)
     assert rc == 1 and "no tokenizer vocabulary" in one_error_line(err)
+
+
+def test_offline_tokenizer_by_hub_name_is_one_error_line(golden, monkeypatch, capsys, tmp_path):
+    """--local_files_only covers a tokenizer given by hub name too: no connection is tried."""
+    import socket
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty HF cache
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a connection was attempted")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    rc, _, err = run_cli(monkeypatch, capsys, "", "--local_files_only", tokenizer="lmsys/vicuna-7b-v1.5", golden=golden)
+    assert rc == 1 and "not to be asked (offline)" in one_error_line(err)

@@ -12,6 +12,7 @@ Token layout of an image prompt (image_length = L patches):
 import logging
 import os
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -63,19 +64,24 @@ def history_to_prompt(signal_type: str, query: str, history: Sequence[Tuple[str,
 
 # Tokenizer ---------------------------------------------------------------------------------
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub ($HF_ENDPOINT, default https://huggingface.co) accepts a connection."""
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
         return True
     except OSError:
         return False
 
 
-def llama2_tokenizer(tokenizer_path: str = DEFAULT_TOKENIZER, signal_type: str = "base"):
+def llama2_tokenizer(tokenizer_path: str = DEFAULT_TOKENIZER, signal_type: str = "base",
+                     local_files_only: bool = False):
     """Load the Vicuna/LLaMA tokenizer from a local directory or a hub name.
 
-    A hub name is looked up in the local HF cache first; when it is not cached and the hub cannot
-    be reached, a TokenizerError says to pass --local_tokenizer (instead of minutes of retries).
+    A hub name is looked up in the local HF cache first; when it is not cached and the hub cannot be
+    reached (or `local_files_only` / HF_HUB_OFFLINE forbid asking it), a TokenizerError says to pass
+    --local_tokenizer (instead of minutes of retries).
     """
     from transformers import LlamaTokenizer
 
@@ -92,9 +98,11 @@ def llama2_tokenizer(tokenizer_path: str = DEFAULT_TOKENIZER, signal_type: str =
             if len(tokenizer) <= 3:
                 raise FileNotFoundError(tokenizer_path)
         except Exception:
-            if not _hub_reachable():
+            offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+            if offline or not _hub_reachable():
                 raise TokenizerError(f"tokenizer '{tokenizer_path}' is not a local directory, not in the HF cache, and "
-                                     "the hub is unreachable; pass --local_tokenizer /path/to/vicuna-7b-v1.5") from None
+                                     f"the hub is {'not to be asked (offline)' if offline else 'unreachable'}; pass --local_tokenizer "
+                                     "/path/to/vicuna-7b-v1.5") from None
             try:
                 tokenizer = LlamaTokenizer.from_pretrained(tokenizer_path)
             except Exception as e:

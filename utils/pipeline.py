@@ -76,7 +76,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="checkpoint directory (SAT or HF format), name under $SAT_HOME (a released one is "
                              "downloaded when missing) or hub repo id in HF format (THUDM/cogvlm-chat-hf)")
     parser.add_argument("--local_files_only", action="store_true",
-                        help="never download the checkpoint: use only what is on disk and in the HF cache")
+                        help="never download: the checkpoint and a tokenizer given by hub name come only from disk and the HF cache")
     parser.add_argument("--local_tokenizer", type=str, default=None,
                         help=f"tokenizer directory or hub name (default: the checkpoint's own tokenizer/ folder, "
                              f"else {DEFAULT_TOKENIZER})")
@@ -171,7 +171,7 @@ def load_pipeline(args) -> InferencePipeline:
     defaults = defaults.replace(max_length=args.max_length or min(DEFAULTS.max_length, positions))
     template = args.version or checkpoint.template_version or DEFAULT_TEMPLATE
     tokenizer_path = args.local_tokenizer or checkpoint.tokenizer_dir or DEFAULT_TOKENIZER
-    tokenizer = llama2_tokenizer(tokenizer_path, signal_type=template)
+    tokenizer = llama2_tokenizer(tokenizer_path, signal_type=template, local_files_only=args.local_files_only)
     vocab_size = checkpoint.config.vocab_size
     if len(tokenizer) > vocab_size:
         raise CogVLMError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary "
