@@ -44,7 +44,8 @@ from utils.dataset import CaptchaDataset, ConversationDataset, TrainingSampleBui
 from utils.grounding import parse_boxes
 from utils.language import llama2_text_processor_inference, llama2_tokenizer
 from utils.training import (FINETUNE_FLAGS, ensure_answer_logits, find_resume_dir, forward_step, forward_step_eval,
-                            init_from_scratch_, peak_memory, save_final, select_trainable_parameters)
+                            init_from_scratch_, peak_memory, resume_iteration, save_final,
+                            select_trainable_parameters)
 from utils.vision import get_image_processor
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def run(args):
     sat_compat.save_optimizer_state_too()
     resume_dir = None if args.no_resume or not args.save else find_resume_dir(args.save, args.experiment_name)
     if resume_dir:
-        sat_compat.enable_resume(resume_dir)
+        sat_compat.enable_resume(resume_dir, resume_iteration(resume_dir))
 
     answers_have_boxes = []
 

@@ -70,6 +70,25 @@ EXAMPLES = {
 }
 
 
+def _upload_path(payload):
+    """An upload's file path (or data: URI), undecoded."""
+    if payload is None:
+        return None
+    if payload.path is None and payload.url and payload.url.startswith("data:"):
+        return payload.url
+    return payload.path
+
+
+def image_input(**kwargs) -> gr.Image:
+    """A gr.Image whose upload reaches the handler as its file path, for utils.vision.load_image to decode with
+    its size and pixel caps and one-line errors; gradio's own preprocessing would open any file with PIL,
+    uncapped, and answer a non-image with a multi-line "Could not preprocess input component" message. (Set on
+    the instance: for a subclass of a component gradio writes a .pyi stub next to this file.)"""
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = _upload_path
+    return image
+
+
 @dataclass
 class WebSession:
     """One browser session's chat (held in gr.State, so sessions never share it)."""
@@ -199,7 +218,7 @@ def build_demo(chat: WebChat) -> gr.Blocks:
         conversation = gr.State(WebSession())
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="filepath", label=texts["image"], height=320)
+                image = image_input(label=texts["image"], height=320)
                 temperature = gr.Slider(0.01, 2.0, value=args.temperature, step=0.01, label="Temperature")
                 top_p = gr.Slider(0.0, 1.0, value=args.top_p, step=0.01, label="Top P")
                 top_k = gr.Slider(1, 100, value=args.top_k, step=1, label="Top K (1: greedy)")
@@ -228,7 +247,7 @@ def build_demo(chat: WebChat) -> gr.Blocks:
 
         # the API's own (hidden) inputs and outputs: stateless, the client carries the history
         with gr.Group(visible=False):
-            api_inputs = [gr.Image(type="filepath", label="image"), gr.Textbox(label="question"),
+            api_inputs = [image_input(label="image"), gr.Textbox(label="question"),
                           gr.JSON(value=[], label="history"),
                           gr.Number(value=args.temperature, label="temperature"),
                           gr.Number(value=args.top_p, label="top_p"),

@@ -19,6 +19,9 @@ import deepspeed.ops  # noqa: E402  (after DS_ACCELERATOR)
 from sat.helpers import print_rank0  # noqa: E402
 from sat.training import deepspeed_training as sat_training  # noqa: E402
 
+# written into an iteration folder by the finetuning save once all its files are (see save_optimizer_state_too)
+SAVE_COMPLETE = "save_complete"
+
 
 # Training (finetune_demo.py) ------------------------------------------------------------------------
 
@@ -77,21 +80,29 @@ def save_optimizer_state_too() -> None:
     SAT saves through the DeepSpeed engine's model-states file, which carries the optimizer state
     without ZeRO, but it never writes ZeRO's partitioned optimizer files; and its EMA check reads
     `optimizer.optimizer`, which a plain (ZeRO-0, fp32) torch optimizer lacks. We add the ZeRO files
-    and hand SAT the optimizer only when it is a DeepSpeed wrapper.
+    and hand SAT the optimizer only when it is a DeepSpeed wrapper. Once every file of the iteration is
+    written, rank 0 adds the SAVE_COMPLETE marker: SAT writes `latest` in place and, with ZeRO, before the
+    optimizer files, so resuming trusts the marker (models.checkpoint.sat_format.resumable_iteration).
     """
     sat_save = sat_training.save_checkpoint
 
     def save(iteration, model, optimizer, lr_scheduler, args):
+        marker = os.path.join(args.save, str(iteration), SAVE_COMPLETE)
+        if torch.distributed.get_rank() == 0 and os.path.exists(marker):
+            os.remove(marker)  # an iteration saved again (after a resume) is unfinished until it is done
         sat_save(iteration, model, optimizer if hasattr(optimizer, "optimizer") else None, lr_scheduler, args)
         if hasattr(model, "zero_optimization") and model.zero_optimization():
             model._save_zero_checkpoint(args.save, str(iteration))
             torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            open(marker, "w").close()
 
     sat_training.save_checkpoint = save
 
 
-def enable_resume(resume_dir: str) -> None:
-    """Make SAT 0.4.12's training_main continue the run in `resume_dir`: weights, optimizer state, step, lr.
+def enable_resume(resume_dir: str, tag: str) -> None:
+    """Make SAT 0.4.12's training_main continue the run in `resume_dir` from its iteration folder `tag` (the
+    newest complete one: utils.training.resume_iteration): weights, optimizer state, step, lr.
 
     SAT's own `--load` restores model weights only (and restarts its lr schedule with a re-warmup),
     and training_main has no hook after the DeepSpeed engine exists, so we wrap the two functions
@@ -103,8 +114,6 @@ def enable_resume(resume_dir: str) -> None:
 
     def setup_and_load(args, model, config_params=None):
         engine, optimizer = setup(args, model, config_params)
-        with open(os.path.join(resume_dir, "latest")) as f:
-            tag = f.read().strip()
         # SAT's param groups hold lr *scales* (1.0) that its scheduler multiplies; the saved optimizer
         # state holds the absolute lr of the last step, which must not become the new scale
         lr_scales = [group["lr"] for group in optimizer.param_groups]

@@ -220,6 +220,10 @@ class CogVLMServer:
         before the request queues; the cheap checks come first, so that a bad request fetches nothing."""
         check_supported(body, self.model_name)
         sampling_config(body, self.defaults, self.pipeline.vocab_size)
+        for name in ("max_tokens", "max_completion_tokens"):  # either one, as the served schema says
+            if (getattr(body, name) or 0) > self.context_length:
+                raise APIError(400, f"{name} is {getattr(body, name)} but the model's context is "
+                               f"{self.context_length} tokens", param=name, code="context_length_exceeded")
         url = parse_messages(body.messages).image_url
         return None if url is None else await self.images.load(url)
 

@@ -12,7 +12,7 @@ from typing import Any, List, Literal, Optional, Union
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
@@ -24,6 +24,16 @@ IMAGE_URL_PATTERN = "^(data:|https?://)"
 # every message and every content part costs at least one token, and no CogVLM has more than 4096 positions:
 # longer lists cannot fit, and are refused before they cost their validation
 MAX_ITEMS = 4096
+
+
+def _integral(value):
+    """JSON Schema's integer: 3.0 is one (strict pydantic would refuse the float), 3.5 and true are not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**bounds):
+    """An integer field type (JSON Schema's sense) with pydantic bounds (ge=, le=)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
 def valid_unicode(text: Optional[str], what: str) -> Optional[str]:
@@ -107,14 +117,14 @@ class ChatCompletionRequest(BaseModel):
     messages: List[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)  # at most the vocabulary size (checked, and in the served schema)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    top_k: Optional[integer(ge=0)] = None  # at most the vocabulary size (checked, and in the served schema)
+    max_tokens: Optional[integer(ge=1)] = None
+    max_completion_tokens: Optional[integer(ge=1)] = None  # the newer name of max_tokens
     repetition_penalty: Optional[float] = Field(None, gt=0)
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    seed: Optional[integer(ge=0, le=MAX_SEED)] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=1)
+    n: integer(ge=1, le=1) = 1
     # OpenAI parameters this server does not implement: rejected when set, never silently ignored
     stop: Optional[Any] = Field(None, json_schema_extra=UNSUPPORTED)
     tools: Optional[Any] = Field(None, json_schema_extra=UNSUPPORTED)
@@ -215,6 +225,14 @@ ERROR_STATUSES = {400: "Bad request: `error.param` names the field, `error.messa
                   503: "The request waited longer than the server's --request_timeout"}
 
 
+# with `stream: true`: each server-sent event's data is a ChatCompletionChunk, or an error object, as JSON,
+# and the last one is [DONE]
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"oneOf": [
+    {"const": "[DONE]"},
+    {"type": "string", "contentMediaType": "application/json", "contentSchema": {"anyOf": [
+        {"$ref": "#/components/schemas/ChatCompletionChunk"}, {"$ref": "#/components/schemas/ErrorBody"}]}}]}}}
+
+
 def _non_null(prop: dict) -> dict:
     """The non-null branch of an Optional field's schema (the field itself when it has none)."""
     return next((branch for branch in prop.get("anyOf", []) if branch.get("type") != "null"), prop)
@@ -234,12 +252,16 @@ def openapi_document(app: FastAPI, model_name: str, vocab_size: int, context_len
     and every error status a route answers (with the OpenAI error body; never 422)."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    schemas.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))
-    schemas.setdefault("ErrorDetail", ErrorDetail.model_json_schema())
+    for model in (ErrorBody, ChatCompletionChunk):  # the error responses' and the event stream's bodies
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in model_schema.pop("$defs", {}).items():
+            schemas.setdefault(name, definition)
+        schemas.setdefault(model.__name__, model_schema)
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     request = schemas["ChatCompletionRequest"]["properties"]
     request["model"]["enum"] = [model_name]
+    _non_null(request["seed"]).update(minimum=0, maximum=MAX_SEED)  # FastAPI writes bounds as floats: 2**63 here
     _non_null(request["top_k"])["maximum"] = vocab_size
     for name in ("max_tokens", "max_completion_tokens"):
         _non_null(request[name])["maximum"] = context_length
@@ -263,9 +285,7 @@ def openapi_document(app: FastAPI, model_name: str, vocab_size: int, context_len
                 statuses.append(404)
             if method == "post":
                 statuses += [413, 429, 503]
-                operation["responses"]["200"]["content"]["text/event-stream"] = {
-                    "schema": {"type": "string", "description": "with `stream: true`: server-sent events, "
-                               "ChatCompletionChunk objects ending with `data: [DONE]`"}}
+                operation["responses"]["200"]["content"]["text/event-stream"] = {"schema": SSE_EVENT}
             _declare_errors(operation, statuses)
     return doc
 

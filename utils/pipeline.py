@@ -90,7 +90,8 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def generation_config(args, **overrides) -> GenerationConfig:
     """The flags' decoding settings (validated: a bad flag is a one-line error)."""
-    config = GenerationConfig(max_length=args.max_length or DEFAULTS.max_length, top_p=args.top_p,
+    max_length = DEFAULTS.max_length if args.max_length is None else args.max_length  # 0 is an error, not a default
+    config = GenerationConfig(max_length=max_length, top_p=args.top_p,
                               top_k=args.top_k, temperature=args.temperature,
                               repetition_penalty=args.repetition_penalty)
     return config.replace(**overrides).validate()
@@ -168,7 +169,9 @@ def load_pipeline(args) -> InferencePipeline:
     if args.max_length is not None and args.max_length > positions:
         raise CogVLMError(f"--max_length {args.max_length} exceeds the {positions} positions the model was built "
                           f"for; use at most {positions}")
-    defaults = defaults.replace(max_length=args.max_length or min(DEFAULTS.max_length, positions))
+    max_length = min(DEFAULTS.max_length, positions) if args.max_length is None else args.max_length
+    # top_k is checked against the vocabulary now that it is known
+    defaults = defaults.replace(max_length=max_length).validate(checkpoint.config.vocab_size)
     template = args.version or checkpoint.template_version or DEFAULT_TEMPLATE
     tokenizer_path = args.local_tokenizer or checkpoint.tokenizer_dir or DEFAULT_TOKENIZER
     tokenizer = llama2_tokenizer(tokenizer_path, signal_type=template, local_files_only=args.local_files_only)

@@ -15,6 +15,7 @@ from sat.helpers import print_rank0
 from sat.model.base_model import BaseMixin, non_conflict
 from sat.training.model_io import save_checkpoint
 
+from models.checkpoint.sat_format import resumable_iteration
 from models.errors import CogVLMError
 from utils.dataset import IGNORE_INDEX
 from utils.evaluation import exact_match, score_answer
@@ -197,10 +198,21 @@ def forward_step_eval(data_iterator, model, args, timers, *, tokenizer):
 # Runs and the final checkpoint ------------------------------------------------------------
 
 def find_resume_dir(save_root: str, experiment_name: str):
-    """The newest `<save_root>/<experiment_name>-<date>` run that holds a checkpoint, or None."""
+    """The newest `<save_root>/<experiment_name>-<date>` run that holds a complete checkpoint, or None."""
     runs = [d for d in glob.glob(os.path.join(save_root, glob.escape(experiment_name) + "-*"))
-            if os.path.isfile(os.path.join(d, "latest"))]
-    return max(runs, key=lambda d: os.path.getmtime(os.path.join(d, "latest"))) if runs else None
+            if resumable_iteration(d)[0] is not None]
+    return max(runs, key=os.path.getmtime) if runs else None
+
+
+def resume_iteration(run_dir: str) -> str:
+    """The iteration folder of `run_dir` to resume: the newest complete one, with a warning for each newer
+    one (or a bad `latest`) passed over and why."""
+    iteration, skipped = resumable_iteration(run_dir)
+    for name, why in skipped:
+        logger.warning("resuming %s: skipped %s: %s", run_dir, name, why)
+    if iteration is None:
+        raise CogVLMError(f"{run_dir} holds no complete checkpoint to resume; start over with --no_resume")
+    return iteration
 
 
 def save_final(model, args, save_root: str) -> str:

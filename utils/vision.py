@@ -3,8 +3,8 @@
 No input image can cost more than a few hundred MB or a few seconds:
 - a URL has one deadline for connecting and the whole body (URL_TIMEOUT_S, also against a server that
   trickles bytes) and a byte cap checked while reading (MAX_IMAGE_BYTES; files and data URIs have it too);
-- the pixel count is read from the header before anything is decoded: a JPEG above MAX_PIXELS is decoded
-  at 1/2, 1/4 or 1/8 scale (libjpeg's draft mode), any other format above it is refused;
+- the pixel count is read from the header before anything is decoded: a JPEG above KEEP_PIXELS is decoded
+  at 1/2, 1/4 or 1/8 scale (libjpeg's draft mode), any other image above MAX_PIXELS is refused;
 - a decoded image above KEEP_PIXELS is box-reduced to at most that (still far above any ViT input), so an
   image held by a conversation or a waiting request stays small.
 16-bit images (PIL modes I;16 and I) are scaled to 8 bits rather than clipped.
@@ -78,36 +78,43 @@ def _too_many_pixels(source: str, width: int, height: int, max_pixels: int) -> I
                       f"{max_pixels / 1e6:.0f} Mpx this server decodes; downscale it first")
 
 
-def _open_bounded(data: bytes, source: str, max_pixels: int) -> Image.Image:
-    """Read the header and, for a JPEG over `max_pixels`, pick a scale (1/2, 1/4, 1/8) that fits; raise
-    ImageError for any other image over it. Nothing is decoded yet."""
+def _reduction(width: int, height: int, limit: int) -> int:
+    """The smallest integer factor that brings width x height to at most `limit` pixels."""
+    factor = max(1, math.ceil(math.sqrt(width * height / limit)))
+    while math.ceil(width / factor) * math.ceil(height / factor) > limit:
+        factor += 1
+    return factor
+
+
+def _open_bounded(data: bytes, source: str, max_pixels: int, keep_pixels: int) -> Image.Image:
+    """Read the header and check the pixel count; a JPEG over `keep_pixels` is set to decode at 1/2, 1/4 or
+    1/8 scale (the largest that fits, up to 1/8); any other image over `max_pixels` is refused (ImageError).
+    Nothing is decoded yet."""
     with warnings.catch_warnings():  # the cap below replaces PIL's DecompressionBombWarning
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         image = Image.open(io.BytesIO(data))
     width, height = image.size
-    if width * height > max_pixels and image.format == "JPEG":
-        scale = next((s for s in (2, 4, 8) if math.ceil(width / s) * math.ceil(height / s) <= max_pixels), None)
-        if scale is not None:
-            image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
-            logger.info("%s: %dx%d JPEG decoded at 1/%d scale", source, width, height, scale)
+    if width * height > keep_pixels and image.format == "JPEG":
+        scale = min(8, 1 << (_reduction(width, height, keep_pixels) - 1).bit_length())  # a power of two
+        image.draft(image.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+        logger.info("%s: %dx%d JPEG decoded at 1/%d scale", source, width, height, scale)
     if image.size[0] * image.size[1] > max_pixels:
         raise _too_many_pixels(source, width, height, max_pixels)
     return image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """A decoded image of any mode -> 8-bit RGB, 16-bit values scaled (PIL's own convert clips them)."""
+def _to_small_rgb(image: Image.Image, keep_pixels: int) -> Image.Image:
+    """A decoded image of any mode -> 8-bit RGB of at most `keep_pixels` (box-reduced first where the mode
+    allows, so the copies are small), 16-bit values scaled (PIL's own convert clips them)."""
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
         image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
-    return image.convert("RGB")
-
-
-def _reduced(image: Image.Image, keep_pixels: int) -> Image.Image:
-    pixels = image.size[0] * image.size[1]
-    if pixels <= keep_pixels:
-        return image
-    return image.reduce(math.ceil(math.sqrt(pixels / keep_pixels)))
+    factor = _reduction(*image.size, keep_pixels)
+    if factor > 1 and image.mode not in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F"):
+        image = image.convert("RGB")  # palette and 1-bit images cannot be box-reduced as they are
+    if factor > 1:
+        image = image.reduce(factor)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def image_from_bytes(data: bytes, source: str, max_pixels: int = MAX_PIXELS,
@@ -116,9 +123,9 @@ def image_from_bytes(data: bytes, source: str, max_pixels: int = MAX_PIXELS,
 
     The pixel count is checked from the header before decoding (see the module docstring)."""
     try:
-        image = _open_bounded(data, source, max_pixels)
+        image = _open_bounded(data, source, max_pixels, keep_pixels)
         image.load()
-        return _reduced(_to_rgb(image), keep_pixels)
+        return _to_small_rgb(image, keep_pixels)
     except ImageError:
         raise
     except Image.DecompressionBombError:  # PIL's own limit, hit while reading the header of a huge image

@@ -2,11 +2,13 @@
 
 `SATReader` reads the state dict of the M model-parallel shard files lazily from memory-mapped files, for any
 rank of any split (M -> N: merged, then re-split by the split rules of models.checkpoint.layout), with LoRA
-folded into `X.weight` when asked. `write_sat_checkpoint` writes one atomically.
+folded into `X.weight` when asked. `write_sat_checkpoint` writes one atomically. `resumable_iteration` finds
+the newest complete iteration of a training run (whose `latest` may name an incomplete one).
 """
 import json
 import logging
 import os
+import zipfile
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -16,6 +18,7 @@ from models.checkpoint.layout import (PTUNING_PREFIX, merge_tensors, mismatch_er
                                       split_rules, split_shape, split_tensor, tensor_table)
 from models.config import CogVLMConfig
 from models.errors import CheckpointError, ConfigError
+from models.sat_compat import SAVE_COMPLETE
 
 logger = logging.getLogger(__name__)
 
@@ -223,3 +226,64 @@ def _owned(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
     return tensor.clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else tensor
+
+
+# Training runs: which iteration to resume ---------------------------------------------------
+
+def _mp_size_of_run(run_dir: str) -> int:
+    try:
+        with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+            size = json.load(f).get("model_parallel_size", 1)
+        return size if isinstance(size, int) and size >= 1 else 1
+    except (OSError, ValueError, AttributeError):
+        return 1
+
+
+def iteration_problem(folder: str, mp_size: int = 1, needs_marker: bool = False) -> Optional[str]:
+    """Why the iteration folder `folder` is not a complete checkpoint, or None when it is: every model-parallel
+    shard present, every .pt file a whole archive (torch.save's zip format ends with its directory, so a
+    truncated file has none), and, when `needs_marker`, the SAVE_COMPLETE marker of a finished save."""
+    if not os.path.isdir(folder):
+        return "the folder does not exist"
+    missing = [shard_file_name(r) for r in range(mp_size) if not os.path.isfile(os.path.join(folder, shard_file_name(r)))]
+    if missing:
+        return f"{missing[0]} is missing"
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".pt") and not zipfile.is_zipfile(path):
+            return f"{name} is truncated or corrupt ({os.path.getsize(path)} bytes, not a complete archive)"
+    if needs_marker and not os.path.isfile(os.path.join(folder, SAVE_COMPLETE)):
+        return f"its save did not finish (no '{SAVE_COMPLETE}' marker)"
+    return None
+
+
+def resumable_iteration(run_dir: str) -> Tuple[Optional[str], List[Tuple[str, str]]]:
+    """The newest iteration folder of a SAT training run `run_dir` that holds a complete checkpoint (None if
+    none does), and what was passed over on the way, newest first: [(folder or 'latest', why), ...].
+
+    `latest` is not trusted: SAT writes it in place (a kill can leave it empty) and, with ZeRO, before the
+    optimizer files. Once any folder of the run carries the SAVE_COMPLETE marker, folders without it count as
+    unfinished saves."""
+    if not os.path.isdir(run_dir):
+        return None, []
+    folders = sorted((name for name in os.listdir(run_dir)
+                      if name.isdigit() and os.path.isdir(os.path.join(run_dir, name))), key=int, reverse=True)
+    skipped = []
+    latest = os.path.join(run_dir, LATEST_FILE)
+    if folders and not os.path.isfile(latest):
+        skipped.append((LATEST_FILE, "the file is missing"))
+    elif folders:
+        with open(latest, errors="replace") as f:
+            named = f.read().strip()
+        if not named:
+            skipped.append((LATEST_FILE, "the file is empty"))
+        elif named not in folders:
+            skipped.append((LATEST_FILE, f"it names '{named[:40]}', which is not an iteration folder here"))
+    mp_size = _mp_size_of_run(run_dir)
+    needs_marker = any(os.path.isfile(os.path.join(run_dir, name, SAVE_COMPLETE)) for name in folders)
+    for name in folders:
+        problem = iteration_problem(os.path.join(run_dir, name), mp_size, needs_marker)
+        if problem is None:
+            return name, skipped
+        skipped.append((name, problem))
+    return None, skipped
