@@ -17,8 +17,7 @@ import logging
 import os
 import sys
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import AsyncIterator, Optional, Tuple
 
 # `python openai_demo/openai_api.py` puts openai_demo/ on sys.path, not the repository root
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,122 +31,22 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
+from openai_demo.limits import BodySizeLimit, ImageGate, ServerBusy, error_json  # noqa: E402
+from openai_demo.messages import (APIError, StrippedDeltas, check_supported, parse_messages, sampling_config,  # noqa: E402
+                                  usage_of)
 from openai_demo.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk,  # noqa: E402
-                                 ChatCompletionRequest, ChatMessage, Choice, ChunkChoice, Delta, ErrorBody,
-                                 ErrorDetail, ImagePart, ModelCard, ModelList, TextPart, Usage, completion_id, now)
+                                 ChatCompletionRequest, Choice, ChunkChoice, Delta, ErrorBody, ErrorDetail,
+                                 ModelCard, ModelList, completion_id, install_openapi, now)
 from models.errors import CogVLMError, ImageError, PromptError, SamplingError  # noqa: E402
 from utils.chat import ChatStream  # noqa: E402
 from utils.engine import Engine, QueueFull, Request as EngineRequest, add_engine_args, check_engine_args  # noqa: E402
 from utils.generation import GenerationConfig  # noqa: E402
-from utils.pipeline import InferencePipeline, add_inference_args, load_pipeline  # noqa: E402
-from utils.vision import MAX_IMAGE_BYTES, image_from_bytes, load_image  # noqa: E402
+from utils.pipeline import InferencePipeline, add_inference_args, load_pipeline, setup_logging  # noqa: E402
 
 logger = logging.getLogger("openai_api")
 
 API_KEY_ENV = "COGVLM_API_KEY"
 PUBLIC_PATHS = ("/health",)
-
-
-class APIError(Exception):
-    """A request the server refuses: becomes an OpenAI-style error body with this HTTP status."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-
-def error_response(status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-                   code: Optional[str] = None) -> JSONResponse:
-    body = ErrorBody(error=ErrorDetail(message=message, type=type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
-
-
-# Messages -> (query, history, image) -------------------------------------------------------
-
-@dataclass
-class ParsedMessages:
-    """OpenAI messages in the chat core's terms."""
-    query: str
-    history: List[Tuple[str, str]]
-    image_url: Optional[str]  # the conversation's one image (CogVLM places it before all turns)
-
-
-def _message_text(message: ChatMessage, index: int) -> Tuple[str, List[str]]:
-    """The text of a message (text parts joined by newlines) and the URLs of its image parts."""
-    if message.content is None:
-        raise APIError(400, f"messages[{index}] has no content; give a string or a list of parts",
-                       param=f"messages.{index}.content")
-    if isinstance(message.content, str):
-        return message.content, []
-    texts = [part.text for part in message.content if isinstance(part, TextPart)]
-    urls = [part.image_url if isinstance(part.image_url, str) else part.image_url.url
-            for part in message.content if isinstance(part, ImagePart)]
-    return "\n".join(texts), urls
-
-
-def parse_messages(messages: List[ChatMessage]) -> ParsedMessages:
-    """Check the turn structure (user, assistant, user, ..., user) and split it into history and query."""
-    expected = ["user", "assistant"]
-    texts, image_urls = [], []
-    for index, message in enumerate(messages):
-        if message.role in ("system", "developer"):
-            raise APIError(400, f"messages[{index}] has role '{message.role}', but CogVLM has no system prompt; "
-                           "put the instruction into the first user message", param=f"messages.{index}.role",
-                           code="invalid_role")
-        want = expected[index % 2]
-        if message.role != want:
-            raise APIError(400, f"messages[{index}] has role '{message.role}' where '{want}' was expected; "
-                           "messages must alternate user, assistant, user, ... and end with a user message",
-                           param=f"messages.{index}.role", code="invalid_role")
-        text, urls = _message_text(message, index)
-        if urls and message.role != "user":
-            raise APIError(400, f"messages[{index}] is an assistant message with an image; only user messages "
-                           "can carry images", param=f"messages.{index}.content")
-        texts.append(text)
-        image_urls.extend(urls)
-    if len(messages) % 2 == 0:
-        raise APIError(400, "the last message must come from the user (the one to answer)", param="messages",
-                       code="invalid_role")
-    if len(image_urls) > 1:
-        raise APIError(400, f"the conversation has {len(image_urls)} images but CogVLM takes one; "
-                       "send a single image_url part", param="messages", code="too_many_images")
-    history = list(zip(texts[:-1:2], texts[1::2]))
-    return ParsedMessages(query=texts[-1], history=history, image_url=image_urls[0] if image_urls else None)
-
-
-# Sampling -----------------------------------------------------------------------------------
-
-def sampling_config(body: ChatCompletionRequest, defaults: GenerationConfig, vocab_size: int) -> GenerationConfig:
-    """The request's sampling settings over the server's flags (each omitted field keeps its flag value).
-
-    temperature 0 means greedy. A request that sets temperature or top_p without top_k samples from the
-    whole vocabulary (the flag's default top_k of 1 would make it greedy). Bad values raise SamplingError.
-    """
-    temperature = defaults.temperature if body.temperature is None else body.temperature
-    top_p = defaults.top_p if body.top_p is None else body.top_p
-    if body.top_k is not None:
-        top_k = body.top_k
-    elif body.temperature is not None or body.top_p is not None:
-        top_k = 0
-    else:
-        top_k = defaults.top_k
-    penalty = defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty
-    return defaults.replace(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=penalty,
-                            seed=body.seed).validate(vocab_size)
-
-
-def check_supported(body: ChatCompletionRequest, model_name: str) -> None:
-    if body.model != model_name:
-        raise APIError(400, f"model '{body.model}' is not served here; use '{model_name}' (see GET /v1/models)",
-                       param="model", code="model_not_found")
-    if body.n != 1:
-        raise APIError(400, "n must be 1: this server returns one choice per request", param="n")
-    for name in ("stop", "tools", "functions", "response_format"):
-        if getattr(body, name) is not None:
-            raise APIError(400, f"'{name}' is not supported by this server; leave it out", param=name)
-    if body.logprobs:
-        raise APIError(400, "'logprobs' is not supported by this server; leave it out", param="logprobs")
 
 
 # Serving ------------------------------------------------------------------------------------
@@ -166,32 +65,6 @@ class ClosingStreamingResponse(StreamingResponse):
         finally:
             self.handle.cancel()
             await self.body_iterator.aclose()
-
-
-class StrippedDeltas:
-    """Text deltas whose concatenation is the stripped answer (what a non-streamed reply holds):
-    leading whitespace is dropped, trailing whitespace is held back until more text follows."""
-
-    def __init__(self):
-        self.started = False
-        self.pending = ""
-
-    def feed(self, delta: str) -> str:
-        if not self.started:
-            delta = delta.lstrip()
-            if not delta:
-                return ""
-            self.started = True
-        text = self.pending + delta
-        kept = text.rstrip()
-        self.pending = text[len(kept):]
-        return kept
-
-
-def usage_of(turn: ChatStream) -> Usage:
-    completion = len(turn.token_ids)
-    return Usage(prompt_tokens=turn.prompt_length, completion_tokens=completion,
-                 total_tokens=turn.prompt_length + completion)
 
 
 DISCONNECT_POLL_S = 0.5  # how often a request that gets no token checks whether its client is still there
@@ -350,7 +223,7 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                response = error_response(401, "missing or wrong API key; send the header "
+                response = error_json(401, "missing or wrong API key; send the header "
                                           "'Authorization: Bearer <key>' (the OpenAI client's api_key)",
                                           code="invalid_api_key")
                 await response(scope, receive, send)
@@ -380,25 +253,25 @@ def create_app(pipeline: InferencePipeline, model_name: str, defaults: Optional[
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+        return error_json(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
 
     @app.exception_handler(SamplingError)
     async def _sampling_error(request, exc: SamplingError):
-        return error_response(400, str(exc), param=exc.param)
+        return error_json(400, str(exc), param=exc.param)
 
     @app.exception_handler(CogVLMError)
     async def _input_error(request, exc: CogVLMError):
         code = "invalid_image" if isinstance(exc, ImageError) else None
-        return error_response(400, str(exc), param="messages", code=code)
+        return error_json(400, str(exc), param="messages", code=code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
         message, param = _validation_message(exc)
-        return error_response(400, message, param=param)
+        return error_json(400, message, param=param)
 
     @app.exception_handler(ServerBusy)
     async def _busy(request, exc: ServerBusy):
-        return error_response(429, str(exc), type="server_busy", code="image_downloads_busy")
+        return error_json(429, str(exc), type="server_busy", code="image_downloads_busy")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):
@@ -408,7 +281,7 @@ def create_app(pipeline: InferencePipeline, model_name: str, defaults: Optional[
     @app.exception_handler(Exception)
     async def _unexpected(request, exc: Exception):
         logger.error("request failed", exc_info=exc)
-        return error_response(500, "internal server error; see the server log", type="server_error")
+        return error_json(500, "internal server error; see the server log", type="server_error")
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
@@ -462,8 +335,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("sat").propagate = False  # SAT logs through its own handler already
+    setup_logging()
     try:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise CogVLMError("the API server runs as one process; start it with python, not torchrun")

@@ -213,7 +213,8 @@ def test_image_by_http_url(golden, tokenizers, client, image_http_server):
 
 def test_sampling_settings_reach_the_chat_core(golden, core, client):
     """A seeded sampled answer is reproducible and equals the chat core's with the same settings."""
-    from openai_demo.openai_api import parse_args, sampling_config
+    from openai_demo.messages import sampling_config
+    from openai_demo.openai_api import parse_args
     from openai_demo.schemas import ChatCompletionRequest
     from utils.pipeline import generation_config
 
@@ -233,7 +234,8 @@ def test_sampling_settings_reach_the_chat_core(golden, core, client):
 
 
 def test_sampling_config_mapping(golden):
-    from openai_demo.openai_api import parse_args, sampling_config
+    from openai_demo.messages import sampling_config
+    from openai_demo.openai_api import parse_args
     from openai_demo.schemas import ChatCompletionRequest
     from utils.pipeline import generation_config
 
