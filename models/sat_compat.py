@@ -3,6 +3,19 @@
 Each entry names what it patches and why. Import this module before the first `import sat`
 (`models/__init__.py` does), because the first one acts at import time. The training entries are
 called by finetune_demo.py before SAT's `training_main`; they keep SAT's behaviour on GPUs.
+
+Where we use SAT 0.4.12 differently rather than patch it, the reason stands next to the code:
+  models/cogvlm_model.py   `parallel_output` only in args (SAT raises "got multiple values" as a kwarg too);
+                           the LM head mixin upgraded in place; SAT builds visual-expert linears with
+                           skip_init in every mode (finetuning from scratch initialises them itself)
+  models/mixin.py          a plain-torch, out-of-place rotary (SAT's FastRotaryEmbedding needs CUDA and
+                           rotates in place, which autograd refuses)
+  models/eva_clip_model.py the ViT's token inputs built for it (SAT's ViT forward wants them)
+  models/kv_cache.py       an in-place cache instead of SAT's concatenating "auto-regressive" mixin
+  models/linear.py         model parallelism not initialised counts as one partition
+  models/checkpoint/       our own loading (SAT's from_pretrained downloads unknown names, moves shards with
+                           .cuda(), cannot re-split; its load_checkpoint only prints unexpected keys)
+  utils/generation.py      our own decoding loop and sampler (SAT's filling_sequence copies the cache per step)
 """
 import argparse
 import os
