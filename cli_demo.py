@@ -9,7 +9,7 @@ Under torchrun the model is split across processes; rank 0 reads input and print
 import argparse
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -88,6 +88,20 @@ class Console:
             message = next((m for m in messages if m is not None), None)
         return message
 
+    def attempt(self, step: Callable):
+        """(step(), None), or (None, message) when it raised CogVLMError on any rank; the message is said once.
+        Every rank gets the same outcome, so all take the same branch."""
+        result, error = None, None
+        try:
+            result = step()
+        except CogVLMError as e:
+            error = e
+        message = self.first_error(error)
+        if message is not None:
+            self.say(f"error: {message}")
+            return None, message
+        return result, None
+
     def say(self, text: str = "", end: str = "\n"):
         if self.rank == 0:
             print(text, end=end, flush=True)
@@ -105,16 +119,10 @@ def run(args) -> int:
             return 0
         if image_path == "clear":
             continue
-        error, image = None, None
-        try:
-            image = load_image(image_path) if image_path else None
-        except CogVLMError as e:
-            error = e
-        message = console.first_error(error)
-        if message is not None:
-            console.say(f"error: {message}")
+        image, failed = console.attempt(lambda: load_image(image_path) if image_path else None)
+        if failed:
             if not console.interactive:
-                return 1
+                return 1  # scripted: a bad input is a failure, not something to retry
             continue
         conversation = pipeline.conversation(image)
         query = console.read(texts["user"])
@@ -123,16 +131,10 @@ def run(args) -> int:
                 return 0
             if query == "clear":
                 break
-            error, turn = None, None
-            try:
-                turn = pipeline.chat(conversation, "" if args.no_prompt else query)
-            except CogVLMError as e:
-                error = e
-            message = console.first_error(error)
-            if message is not None:
-                console.say(f"error: {message}")
+            turn, failed = console.attempt(lambda: pipeline.chat(conversation, "" if args.no_prompt else query))
+            if failed:
                 if not console.interactive:
-                    return 1  # scripted: a bad input is a failure, not something to retry
+                    return 1
                 break
             if args.stream_chat:
                 console.say(texts["model"], end="")
