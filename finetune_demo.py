@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     py_parser.add_argument("--local_tokenizer", type=str, default="lmsys/vicuna-7b-v1.5", help="tokenizer path")
     py_parser.add_argument("--from_scratch", action="store_true",
                            help="only read model_config.json from --from_pretrained and initialise the weights")
+    py_parser.add_argument("--vit_positions", choices=("random", "sincos"), default="random",
+                           help="--from_scratch: ViT position embeddings start random (std 1) or as 2D sine-cosine "
+                                "codes of the patch grid")
     py_parser.add_argument("--full_finetune", action="store_true", help="train every parameter")
     py_parser.add_argument("--freeze_vit", action="store_true", help="train no ViT parameter (its LoRA included)")
     py_parser.add_argument("--vit_mlp_layers", nargs=2, type=int, default=[46, 54], metavar=("FIRST", "LAST"),
@@ -102,7 +105,7 @@ def build_model(args):
     model, args = FineTuneTrainCogVLMModel.from_pretrained(args.from_pretrained, args, build_only=args.from_scratch,
                                                            overwrite_args=finetune_flags)
     if args.from_scratch:
-        init_from_scratch_(model, args.seed)
+        init_from_scratch_(model, args.seed, args.vit_positions)
     ensure_answer_logits(model)
     return model, args
 

@@ -205,6 +205,7 @@ def child(options):
     weights = weight_bytes(model, decode_only=True)
     run = run_upstream if options.path == "upstream" else run_ours
     run(model, args, options.batch, 4)  # warm-up (allocations, oneDNN primitive caches)
+    load_before = os.getloadavg()[0]
     # this VM's speed drifts by +-15% between runs: report the median of several
     runs = [run(model, args, options.batch, options.new_tokens) for _ in range(options.repeats)]
     prefill = statistics.median(r[0] for r in runs)
@@ -224,6 +225,8 @@ def child(options):
                           peak_rss_bytes=peak,
                           baseline_rss_bytes=0 if options.device == "cuda" else baseline_rss,
                           tokens_per_s_runs=[r[1] for r in runs],
+                          # 1-minute load average before and after the timed runs (this row adds ~threads)
+                          load_average=sorted([load_before, os.getloadavg()[0]]),
                           # measured here, after the runs (its 1 GB of buffers would otherwise be the peak)
                           copy_bandwidth_gbs=copy_bandwidth_gbs(device=options.device))))
 
@@ -262,10 +265,12 @@ def main():
         return child(options)
 
     print(f"config {options.config}; device {options.device}; {options.threads} threads; median of {options.repeats} "
-          f"runs (tok/s range in brackets); copy bandwidth (read + write) measured in each row's process"
+          f"runs (tok/s range in brackets); copy bandwidth (read + write) measured in each row's process; load = "
+          f"the machine's 1-minute load average around the timed runs (this row itself adds about {options.threads})"
           + ("; memory columns = peak GPU memory" if options.device == "cuda" else ""))
     print(f"{'path':9} {'dtype':5} {'quant':5} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'(range)':>15} {'GB/s':>5} "
-          f"{'roofline':>8} {'of roof':>7} {'RSS GB':>7} {'base GB':>7} {'model GB':>8} {'RSS-base / model+cache':>22}")
+          f"{'roofline':>8} {'of roof':>7} {'RSS GB':>7} {'base GB':>7} {'model GB':>8} {'RSS-base / model+cache':>22} "
+          f"{'load':>9}")
     results = {}
     for dtype in options.dtype:
         for quant in options.quant:
@@ -302,8 +307,8 @@ def print_row(path: str, dtype: str, quant: int, batch: int, r: dict) -> None:
           f"{r['tokens_per_s'] / roofline:7.0%} "
           f"{r['peak_rss_bytes'] / 1e9:7.2f} {r['baseline_rss_bytes'] / 1e9:7.2f} "
           f"{r['model_bytes'] / 1e9:8.2f} "
-          f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / (r['model_bytes'] + r['cache_bytes']):21.2f}x",
-          flush=True)
+          f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / (r['model_bytes'] + r['cache_bytes']):21.2f}x "
+          f"{r['load_average'][0]:4.1f}-{r['load_average'][1]:<4.1f}", flush=True)
 
 
 def print_ratios(results: dict, batches) -> None:

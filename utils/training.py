@@ -28,21 +28,40 @@ FINETUNE_FLAGS = ("use_lora", "use_ptuning", "use_qlora", "lora_rank", "layer_ra
 VIT_POSITIONS = "vit_model.transformer.position_embeddings.weight"
 
 
-def init_from_scratch_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """(grid * grid, width) 2D sine-cosine position codes of a grid of patches, row-major: the first half
+    of the channels encodes the row, the second the column, each as sin/cos pairs of periods from 2 * grid
+    (monotonic across the grid) down to 2 patches."""
+    quarter = width // 4
+    periods = 2 * grid * grid ** (-torch.arange(quarter, dtype=torch.float64) / max(1, quarter - 1))
+    angles = 2 * math.pi * torch.arange(grid, dtype=torch.float64)[:, None] / periods[None]  # (grid, quarter)
+    axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (grid, 2 * quarter)
+    rows, cols = axis[:, None].expand(grid, grid, -1), axis[None, :].expand(grid, grid, -1)
+    codes = torch.cat([rows, cols], dim=-1).reshape(grid * grid, 4 * quarter)
+    return torch.nn.functional.pad(codes, (0, width - 4 * quarter)).float() * math.sqrt(2)  # unit mean square
+
+
+def init_from_scratch_(model: torch.nn.Module, seed: int, vit_positions: str = "random") -> torch.nn.Module:
     """Initialise every weight with std 1/sqrt(fan_in), norms with 1, biases with 0, and the ViT's
-    position embeddings with std 1.
+    position embeddings with std 1 (`vit_positions="random"`) or with 2D sine-cosine codes of the
+    patch grid at the same scale (`"sincos"`; the class token's position stays random).
 
     SAT's default std 0.02 leaves a small model on the "ignore the image" plateau for thousands of
     steps; fan-in scaling shortens it. The position embeddings get std 1 because all patches share
     one rotary position in the LLM (/work/shared/DESIGN.md §3, "Inputs": the image block's patches
     have one position id): where a patch is reaches the LLM only through them, and at fan-in scale
-    they are a few percent of the patch embedding's magnitude.
+    they are a few percent of the patch embedding's magnitude. Sine-cosine codes make a patch's row
+    and column linear functions of its embedding from the first step, which answers that name
+    places (boxes, left/right) need; random codes must first be told apart one by one.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(VIT_POSITIONS):
                 param.copy_(torch.randn(param.shape, generator=generator))
+                if vit_positions == "sincos":
+                    patches = param.shape[0] - 1  # after the class token
+                    param[1:] = sincos_positions(math.isqrt(patches), param.shape[1])
             elif param.dim() >= 2:
                 param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param[0].numel()))
             elif name.endswith("bias"):
