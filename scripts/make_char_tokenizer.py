@@ -25,10 +25,28 @@ SPECIAL_TOKENS = 3  # <unk>, <s>, </s>
 BYTE_PIECES = 256
 
 
+def save_as_llama_tokenizer(model_file: str, out_dir: str) -> int:
+    """Save the SentencePiece model `model_file` (LLaMA's special ids) as a transformers LlamaTokenizer
+    directory `out_dir` (replaced if it exists); returns the tokenizer's size."""
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as work:
+        shutil.copy(model_file, os.path.join(work, "tokenizer.model"))
+        with open(os.path.join(work, "tokenizer_config.json"), "w") as config:
+            json.dump(dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=True,
+                           bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
+                           clean_up_tokenization_spaces=False), config)
+        tokenizer = LlamaTokenizer.from_pretrained(work)  # reads tokenizer.model (the constructor would not)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        shutil.copy(model_file, os.path.join(out_dir, "tokenizer.model"))
+    return len(tokenizer)
+
+
 def make_char_tokenizer(out_dir: str) -> int:
     """Train the SentencePiece char model, save it as a LlamaTokenizer in `out_dir`; return its size."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
 
     characters = string.ascii_letters + string.digits + string.punctuation
     # a char model's vocabulary is exactly the characters of its corpus, so the corpus lists them all
@@ -41,16 +59,7 @@ def make_char_tokenizer(out_dir: str) -> int:
             byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
             minloglevel=2)
-        with open(os.path.join(work, "tokenizer_config.json"), "w") as config:
-            json.dump(dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=True,
-                           bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
-                           clean_up_tokenization_spaces=False), config)
-        tokenizer = LlamaTokenizer.from_pretrained(work)  # reads tokenizer.model (the constructor would not)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        shutil.copy(prefix + ".model", os.path.join(out_dir, "tokenizer.model"))
-    return len(tokenizer)
+        return save_as_llama_tokenizer(prefix + ".model", out_dir)
 
 
 def main():

@@ -15,10 +15,8 @@ follows it in a rendered history. LLaMA's special ids (<unk>=0,
 <s>=1, </s>=2); saved with transformers' LlamaTokenizer so that `--local_tokenizer` loads it.
 """
 import argparse
-import json
 import os
 import random
-import shutil
 import string
 import sys
 import tempfile
@@ -26,6 +24,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from scripts.make_char_tokenizer import save_as_llama_tokenizer  # noqa: E402
 from scripts.make_scene_dataset import conversation, render_scene  # noqa: E402
 from utils.language import history_to_prompt  # noqa: E402
 
@@ -50,7 +49,6 @@ def scene_corpus(scenes: int = CORPUS_SCENES, seed: int = 12345, version: str = 
 def make_scene_tokenizer(out_dir: str, vocab_size: int = VOCAB_SIZE) -> int:
     """Train the BPE model, save it as a LlamaTokenizer in `out_dir`; return its size."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as work:
         prefix = os.path.join(work, "tokenizer")
@@ -59,16 +57,7 @@ def make_scene_tokenizer(out_dir: str, vocab_size: int = VOCAB_SIZE) -> int:
             byte_fallback=True, split_digits=True, character_coverage=1.0, user_defined_symbols=FIXED_PIECES,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", add_dummy_prefix=True,
             remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
-        with open(os.path.join(work, "tokenizer_config.json"), "w") as config:
-            json.dump(dict(tokenizer_class="LlamaTokenizer", add_bos_token=True, add_eos_token=False, legacy=True,
-                           bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
-                           clean_up_tokenization_spaces=False), config)
-        tokenizer = LlamaTokenizer.from_pretrained(work)  # reads tokenizer.model (the constructor would not)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        shutil.copy(prefix + ".model", os.path.join(out_dir, "tokenizer.model"))
-    return len(tokenizer)
+        return save_as_llama_tokenizer(prefix + ".model", out_dir)
 
 
 def main():
