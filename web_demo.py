@@ -59,14 +59,15 @@ TEXTS = {
         "empty": "请输入问题（或上传图片）",
     },
 }
+# Scenes in the vocabulary of checkpoints/cogvlm-tiny-scenes (rendered by scripts/make_scene_dataset.py's
+# render_scene(random.Random(4)) and (3): a yellow triangle and purple, blue and red circles; an orange square
+# and a green star), questions that any CogVLM answers too.
 EXAMPLES = {
-    "chat": [["shapes.png", "What shapes and colours are in this image?"],
-             ["house.png", "Describe this picture in detail."],
-             [None, "Write a haiku about a red circle."]],
-    "grounding": [["shapes.png", "Can you point out the red circle in the image and provide its coordinates "
-                                 "[[x0,y0,x1,y1]]?"],
-                  ["house.png", "Describe the image and give the coordinates [[x0,y0,x1,y1]] of each object "
-                                "you mention."]],
+    "chat": [["scene_1.png", "How many circles are there?"],
+             ["scene_2.png", "What colour is the star?"],
+             ["scene_1.png", "Is the red circle to the left of the yellow triangle?"]],
+    "grounding": [["scene_1.png", "Where is the red circle?"],
+                  ["scene_2.png", "Describe the image."]],
 }
 
 

@@ -1,4 +1,6 @@
-"""bench/generate.py keeps working: one small run of every path, int8 and int4 included (numbers not judged)."""
+"""The benchmarks keep working (numbers not judged): bench/generate.py on every path, int8 and int4 included,
+bench/big_model.py, bench/linear.py and bench/accuracy.py on tiny shapes."""
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +47,25 @@ def test_big_model_bench_writes_loads_and_deletes_its_checkpoint(tmp_path):
     assert out.returncode == 0 and "failed" not in out.stdout, out.stderr[-2000:] + out.stdout
     assert out.stdout.count("prefill") == 2 and "--quant 8: base" in out.stdout and "--quant 4: base" in out.stdout
     assert not directory.exists()
+
+
+def test_linear_bench_times_every_kernel():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "linear.py"), "--threads", "1", "--rows", "1",
+                          "200", "--in_features", "128", "--out_features", "192", "--weights_mb", "1"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("fp32", "bf16", "int8", "int4"))]
+    assert len(rows) == 11 and not any("n/a" in row for row in rows), out.stdout + out.stderr[-2000:]
+    assert sum(row.count("*") for row in rows) == 2 * 4  # one kernel used per dtype and row count
+
+
+def test_accuracy_bench_scores_every_model_at_a_precision(tmp_path):
+    output = tmp_path / "accuracy.json"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), "--precisions", "int8",
+                          "--count", "4", "--threads", "1", "--output", str(output)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (result,) = json.loads(output.read_text()).values()
+    assert result["golden"]["greedy_total"] == 64 and 0 <= result["golden"]["greedy_kept"] <= 64
+    assert result["cogvlm-tiny-captcha"]["count"] == 4 and result["cogvlm-tiny-scenes"]["count"] == 4
+    assert out.stdout.splitlines()[-1].startswith("int8")

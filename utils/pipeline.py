@@ -84,7 +84,9 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     add_precision_args(parser)
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     parser.add_argument("--quant", type=int, choices=[4, 8], default=None,
-                        help="quantize weights: 8 = int8 on CPU (quantized while loading), 4/8 with SAT's kernels on CUDA")
+                        help="quantize the weights while the checkpoint loads: 8 = int8 (a scale per output "
+                             "channel), 4 = int4 weight-only (a scale per group of inputs); torch's kernels on CPU, "
+                             "SAT's on CUDA")
     return parser
 
 
