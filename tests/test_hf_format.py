@@ -367,3 +367,18 @@ def test_convert_script(golden, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: output directory")  # checked before any reading
     assert script.main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
     assert "error: checkpoint directory" in capsys.readouterr().err
+
+
+def test_each_shard_is_unmapped_once_its_tensors_are_read():
+    files = HFFiles(HF_SHARDED_DIR)
+    by_shard = {}
+    for key, name in files.weight_map.items():
+        by_shard.setdefault(name, []).append(key)
+    (first, first_keys), (second, _) = sorted(by_shard.items())
+    for key in first_keys[:-1]:
+        files.tensor(key)
+    assert set(files._files) == {first, second}
+    files.tensor(first_keys[-1])
+    assert set(files._files) == {second}  # its mapping is gone: its pages no longer count in this process
+    again = files.tensor(first_keys[0])  # mapped again when asked once more
+    assert torch.equal(again, load_file(os.path.join(HF_SHARDED_DIR, first))[first_keys[0]])
