@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from models.checkpoint.download import hub_endpoint, is_offline
 from models.config import DEFAULT_TEMPLATE
 from models.errors import PromptError, TokenizerError
 
@@ -66,7 +67,7 @@ def history_to_prompt(signal_type: str, query: str, history: Sequence[Tuple[str,
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub ($HF_ENDPOINT, default https://huggingface.co) accepts a connection."""
-    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    endpoint = urllib.parse.urlsplit(hub_endpoint())
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
@@ -98,7 +99,7 @@ def llama2_tokenizer(tokenizer_path: str = DEFAULT_TOKENIZER, signal_type: str =
             if len(tokenizer) <= 3:
                 raise FileNotFoundError(tokenizer_path)
         except Exception:
-            offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+            offline = is_offline(local_files_only)
             if offline or not _hub_reachable():
                 raise TokenizerError(f"tokenizer '{tokenizer_path}' is not a local directory, not in the HF cache, and "
                                      f"the hub is {'not to be asked (offline)' if offline else 'unreachable'}; pass --local_tokenizer "

@@ -68,10 +68,12 @@ def is_hub_repo_id(text: str) -> bool:
 
 
 def is_offline(local_files_only: bool) -> bool:
+    """Whether the hub must not be asked: `local_files_only`, or HF_HUB_OFFLINE as huggingface_hub reads it."""
     return local_files_only or constants.is_offline_mode()
 
 
-def _endpoint() -> str:
+def hub_endpoint() -> str:
+    """The hub's base URL ($HF_ENDPOINT, default https://huggingface.co), as huggingface_hub reads it."""
     return constants.ENDPOINT
 
 
@@ -85,7 +87,7 @@ def download_released(name: str, repo_id: str, filename: str, target: str, local
     """Make `target` (`$SAT_HOME/<name>`) from the zip `filename` of hub repo `repo_id`; returns `target`.
 
     Offline (`local_files_only` or HF_HUB_OFFLINE=1) only a zip already in the HF cache is used."""
-    hint = DOWNLOAD_HINT.format(file=filename, endpoint=_endpoint(), repo=repo_id, sat_home=os.path.dirname(target),
+    hint = DOWNLOAD_HINT.format(file=filename, endpoint=hub_endpoint(), repo=repo_id, sat_home=os.path.dirname(target),
                                 name=name)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     lock = os.path.join(os.path.dirname(target), ".locks", f"{name}.lock")
@@ -117,7 +119,7 @@ def _fetch_hub_file(repo_id: str, filename: str, context: str, hint: str, local_
         raise CheckpointError(f"{context}, and offline ({_offline_reason(local_files_only)}) the HF cache {cache} "
                               f"has no {lookup}; nothing was downloaded; {hint}")
     with _hub_errors(context, lookup, hint):
-        meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, endpoint=_endpoint()), timeout=PROBE_TIMEOUT_S)
+        meta = get_hf_file_metadata(hf_hub_url(repo_id, filename, endpoint=hub_endpoint()), timeout=PROBE_TIMEOUT_S)
         cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache, revision=meta.commit_hash)
         if isinstance(cached, str):
             return cached
@@ -125,9 +127,9 @@ def _fetch_hub_file(repo_id: str, filename: str, context: str, hint: str, local_
         partial = max((os.path.getsize(p) for p in _partials(storage, meta.etag)), default=0)
         size = meta.size or 0
         check_free_space({storage: size - partial, unpack_dir: size}, f"{lookup} ({_gb(size)}) and its unpacked copy")
-        logger.info("downloading %s (%s) from %s into the HF cache %s", lookup, _gb(size), _endpoint(), cache)
+        logger.info("downloading %s (%s) from %s into the HF cache %s", lookup, _gb(size), hub_endpoint(), cache)
         resume_partial_blob(cache, repo_id, filename, meta.etag, meta.location, meta.size)
-        return hf_hub_download(repo_id, filename, revision=meta.commit_hash, cache_dir=cache, endpoint=_endpoint())
+        return hf_hub_download(repo_id, filename, revision=meta.commit_hash, cache_dir=cache, endpoint=hub_endpoint())
 
 
 def unpack_checkpoint_zip(zip_path: str, target: str) -> None:
@@ -204,8 +206,8 @@ def download_hub_repo(repo_id: str, local_files_only: bool = False) -> str:
         except (LocalEntryNotFoundError, OSError, ValueError):
             raise CheckpointError(f"{context}, and offline ({_offline_reason(local_files_only)}) the HF cache {cache} "
                                   f"has no complete {lookup}; nothing was downloaded; {hint}") from None
-    api = HfApi(endpoint=_endpoint())
-    not_found = (f"'{repo_id}' is neither a checkpoint directory nor a model repo on {_endpoint()} (private or gated "
+    api = HfApi(endpoint=hub_endpoint())
+    not_found = (f"'{repo_id}' is neither a checkpoint directory nor a model repo on {hub_endpoint()} (private or gated "
                  "repos need `hf auth login`); pass an existing directory, a hub repo id in HF format or a released "
                  "name")
     with _hub_errors(context, lookup, hint, not_found):
@@ -222,10 +224,10 @@ def download_hub_repo(repo_id: str, local_files_only: bool = False) -> str:
         check_free_space({storage: sum(f.size for f in missing)}, lookup)
         for f in missing:
             if _partials(storage, f.lfs.sha256 if f.lfs is not None else f.blob_id):
-                meta = get_hf_file_metadata(hf_hub_url(repo_id, f.path, revision=commit, endpoint=_endpoint()),
+                meta = get_hf_file_metadata(hf_hub_url(repo_id, f.path, revision=commit, endpoint=hub_endpoint()),
                                             timeout=PROBE_TIMEOUT_S)
                 resume_partial_blob(cache, repo_id, f.path, meta.etag, meta.location, meta.size)
-        return snapshot_download(repo_id, revision=commit, cache_dir=cache, endpoint=_endpoint(),
+        return snapshot_download(repo_id, revision=commit, cache_dir=cache, endpoint=hub_endpoint(),
                                  allow_patterns=HF_FILE_PATTERNS)
 
 
@@ -262,7 +264,7 @@ def resume_partial_blob(cache: str, repo_id: str, filename: str, etag: str, url:
             return False
         logger.info("resuming %s/%s at %s of %s", repo_id, filename, _gb(done), _gb(size or 0))
         headers = build_hf_headers()
-        if urlsplit(url).netloc != urlsplit(_endpoint()).netloc:
+        if urlsplit(url).netloc != urlsplit(hub_endpoint()).netloc:
             headers.pop("authorization", None)  # a signed CDN url, as the library does: no token to third parties
         with open(keep, "r+b") as f:
             f.seek(0, os.SEEK_END)
@@ -320,7 +322,7 @@ def _offline_reason(local_files_only: bool) -> str:
 @contextlib.contextmanager
 def _hub_errors(context: str, lookup: str, hint: str, not_found: Optional[str] = None) -> Iterator[None]:
     """Library and network errors as one CheckpointError line: what was looked up where, and the way out."""
-    endpoint = _endpoint()
+    endpoint = hub_endpoint()
     try:
         yield
     except CheckpointError:
