@@ -32,8 +32,8 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from openai_demo.limits import BodySizeLimit, ImageGate, ServerBusy, error_json  # noqa: E402
-from openai_demo.messages import (APIError, StrippedDeltas, check_supported, parse_messages, sampling_config,  # noqa: E402
-                                  usage_of)
+from openai_demo.messages import (APIError, ParsedMessages, StrippedDeltas, check_supported, parse_messages,  # noqa: E402
+                                  sampling_config, usage_of)
 from openai_demo.schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk,  # noqa: E402
                                  ChatCompletionRequest, Choice, ChunkChoice, Delta, ErrorBody, ErrorDetail,
                                  ModelCard, ModelList, completion_id, install_openapi, now)
@@ -88,23 +88,20 @@ class CogVLMServer:
         return {"status": "ok", "busy": engine.running > 0, "running": engine.running, "waiting": engine.waiting,
                 "max_batch_size": engine.max_batch_size, "max_waiting": engine.max_waiting}
 
-    async def fetch_image(self, body: ChatCompletionRequest):
-        """The request's image (or None), fetched and decoded through the image gate (openai_demo/limits.py)
-        before the request queues; the cheap checks come first, so that a bad request fetches nothing."""
+    def check_request(self, body: ChatCompletionRequest) -> Tuple[ParsedMessages, GenerationConfig]:
+        """The cheap checks, before anything is fetched or queued: the request's messages in the chat core's
+        terms and its sampling settings over the server's flags."""
         check_supported(body, self.model_name)
-        sampling_config(body, self.defaults, self.pipeline.vocab_size)
+        config = sampling_config(body, self.defaults, self.pipeline.vocab_size)
         for name in ("max_tokens", "max_completion_tokens"):  # either one, as the served schema says
             if (getattr(body, name) or 0) > self.context_length:
                 raise APIError(400, f"{name} is {getattr(body, name)} but the model's context is "
                                f"{self.context_length} tokens", param=name, code="context_length_exceeded")
-        url = parse_messages(body.messages).image_url
-        return None if url is None else await self.images.load(url)
+        return parse_messages(body.messages), config
 
-    def prepare(self, body: ChatCompletionRequest, image=None) -> ChatStream:
-        """Validate the request and build its chat turn around its fetched image (no model compute yet)."""
-        check_supported(body, self.model_name)
-        messages = parse_messages(body.messages)
-        config = sampling_config(body, self.defaults, self.pipeline.vocab_size)
+    def prepare(self, body: ChatCompletionRequest, messages: ParsedMessages, config: GenerationConfig,
+                image=None) -> ChatStream:
+        """The request's chat turn around its fetched image (no model compute yet)."""
         conversation = self.pipeline.conversation(image)
         conversation.history = messages.history
         max_new = body.max_completion_tokens or body.max_tokens
@@ -157,8 +154,10 @@ class CogVLMServer:
         if self.engine.queue_full:  # refuse before decoding any image
             raise APIError(429, f"{self.engine.waiting} requests are already waiting for the model; retry later",
                            type="server_busy", code="queue_full")
-        image = await self.fetch_image(body)
-        turn = await anyio.to_thread.run_sync(self.prepare, body, image)
+        messages, config = self.check_request(body)
+        # through the image gate (openai_demo/limits.py), before the request queues
+        image = None if messages.image_url is None else await self.images.load(messages.image_url)
+        turn = await anyio.to_thread.run_sync(self.prepare, body, messages, config, image)
         handle = self.submit(turn)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
