@@ -21,9 +21,10 @@ from PIL import Image
 
 from models.errors import ImageError
 from openai_demo.schemas import ErrorBody, ErrorDetail
-from utils.vision import URL_TIMEOUT_S, data_uri_bytes, fetch_url, image_from_bytes, url_client, url_timed_out
+from utils.vision import (MAX_IMAGE_BYTES, URL_TIMEOUT_S, data_uri_bytes, fetch_url, image_from_bytes, url_client,
+                          url_timed_out)
 
-MAX_BODY_BYTES = 32 * 2**20  # a 20 MiB image (utils.vision.MAX_IMAGE_BYTES) as base64, plus the text
+MAX_BODY_BYTES = 32 * 2**20  # an image of MAX_IMAGE_BYTES (20 MiB) as base64, plus the text
 DRAIN_BYTES = 256 * 2**20  # of a refused body, read and dropped at most this much ...
 DRAIN_S = 5.0  # ... for at most this long, then the connection is closed
 
@@ -47,8 +48,8 @@ class BodySizeLimit:
 
     def _too_large(self) -> JSONResponse:
         return error_json(413, f"request body is larger than the server's limit of {self.max_bytes // 2**20} MiB; "
-                          "send a smaller image (at most 20 MiB) or fewer messages", code="request_too_large",
-                          headers={"Connection": "close"})
+                          f"send a smaller image (at most {MAX_IMAGE_BYTES // 2**20} MiB) or fewer messages",
+                          code="request_too_large", headers={"Connection": "close"})
 
     async def _drain(self, receive, more_body: bool) -> None:
         dropped = 0
