@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ALL_CASES, ROOT, assert_close_rel, inference_args
 from models import checkpoint as ckpt
+from models.checkpoint import loader
 from models.checkpoint.hf_format import HFFiles
+from models.checkpoint.memory import release_consumed
 from models.checkpoint.sat_format import write_sat_checkpoint
 from models.config import CogVLMConfig
 from models.errors import CheckpointError
@@ -382,3 +384,33 @@ def test_each_shard_is_unmapped_once_its_tensors_are_read():
     assert set(files._files) == {second}  # its mapping is gone: its pages no longer count in this process
     again = files.tensor(first_keys[0])  # mapped again when asked once more
     assert torch.equal(again, load_file(os.path.join(HF_SHARDED_DIR, first))[first_keys[0]])
+
+
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return int(status.read().split("RssFile:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux: /proc/self/maps names file mappings")
+def test_consumed_tensors_give_back_their_file_pages(tmp_path):
+    path = str(tmp_path / "big.safetensors")
+    save_file({"a": torch.randn(2048, 2048), "b": torch.randn(2048, 2048)}, path)  # 16 MB each
+    handle = safe_open(path, framework="pt")
+    mapped, in_memory = handle.get_tensor("a"), torch.randn(512, 512)
+    expected, kept = mapped.clone(), in_memory.clone()
+    float(mapped.sum())  # reads its pages: they count in this process's RSS
+    before = _rss_file_bytes()
+    nbytes = mapped.numel() * 4
+    assert nbytes - 2 * 4096 <= release_consumed([mapped, in_memory]) <= nbytes  # its whole pages, only its
+    assert nbytes - 3 * 4096 <= release_consumed([mapped[:, :7]]) <= nbytes  # a strided view: up to its last element
+    assert before - _rss_file_bytes() >= 12 * 2**20
+    assert torch.equal(mapped, expected)  # a later read comes from the file
+    assert torch.equal(in_memory, kept)  # anonymous memory is not advised away
+
+
+def test_loading_gives_back_the_file_pages_of_each_group(monkeypatch):
+    seen = []
+    monkeypatch.setattr(loader, "release_consumed", lambda tensors: seen.append(list(tensors)))
+    model, _ = ckpt.load_model(HF_SHARDED_DIR)
+    keys = set(HFFiles(HF_SHARDED_DIR).keys())
+    assert seen and sum(len(group) for group in seen) >= len(keys) - 1  # every tensor read was handed back

@@ -11,7 +11,8 @@ N-way checkpoint on another number of ranks, and ignores LoRA.
 
 Tensors reach `model.load_state_dict` in groups of at most LOAD_GROUP_BYTES, so that layers with their own
 loading rules (SAT's LoRA wrappers, int8 layers that quantize what they are handed) apply, and memory holds
-the model plus one group.
+the model plus one group: after each group, the group's file pages and the heap's free memory are given
+back (memory.py).
 """
 import argparse
 import logging
@@ -24,6 +25,7 @@ from sat.model.base_model import get_model
 
 from models.checkpoint.directory import Checkpoint, open_checkpoint
 from models.checkpoint.layout import check_divisible, mismatch_error, shape_error, split_shape, tensor_table
+from models.checkpoint.memory import release_consumed
 from models.cogvlm_model import INFERENCE_CLASSES, CogVLMModel
 from models.config import CogVLMConfig, dtype_of, runtime_args
 from models.errors import CheckpointError
@@ -68,6 +70,7 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, rank: int = 0, 
                                   f"{str(e).splitlines()[-1].strip()}") from None
         missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
         unexpected.extend(result.unexpected_keys)
+        release_consumed(group.values())  # copied or quantized: their file pages and scratch memory can go
 
     group, group_bytes = {}, 0
     for key, tensor in reader.items(rank, world_size, fold_lora=fold_lora):
