@@ -95,6 +95,7 @@ def child(options) -> None:
 
     torch.set_num_threads(options.threads)
     from models.checkpoint import load_model
+    from models.kv_cache import cache_dtype
 
     base = proc_status_bytes("VmRSS")
     start = time.perf_counter()
@@ -113,7 +114,8 @@ def child(options) -> None:
     runs = [run_ours(model, args, 1, options.new_tokens) for _ in range(options.repeats)]
     prompt_length = runs[0][2]
     length = prompt_length + options.new_tokens
-    kv_bytes = 2 * args.num_layers * args.hidden_size * 2 * length  # bf16 keys and values, every layer
+    # keys and values of every layer, as the cache stores them (fp32 on a CPU: models.kv_cache.cache_dtype)
+    kv_bytes = 2 * args.num_layers * args.hidden_size * length * cache_dtype(torch.bfloat16, "cpu").itemsize
     print(json.dumps(dict(
         base_rss=base, built_rss=built_rss, build_s=build_s, load_s=load_s, loaded=loaded,
         peak_rss=proc_status_bytes("VmHWM"), model_bytes=weight_bytes(model), kv_bytes=kv_bytes,

@@ -7,6 +7,9 @@ Here every layer writes its new keys/values in place into a buffer sized for the
 and attends over a view of the filled part: no copies. `KVCache` holds one batch decoded in lockstep
 (utils.generation); `SlotKVCache` holds independent sequences of different lengths, one per row, for
 the serving engine (utils/engine.py).
+
+On a CPU the caches of a 16-bit model hold fp32 (`cache_dtype`): a decode step's attention reads the whole
+cache, and torch's CPU attention reads a bf16 cache at a third of the speed it reads an fp32 one.
 """
 from typing import List, Sequence
 
@@ -17,8 +20,22 @@ from sat.model.base_model import BaseMixin, non_conflict
 from sat.transformer_defaults import attention_fn_default
 
 
+def cache_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """The dtype a KV cache stores for a model computing in `dtype` on `device`.
+
+    fp32 on a CPU for bf16/fp16 models: a step with one query per row runs a tiny GEMM per (row, head), and
+    torch's CPU kernels for 16-bit ones (SDPA's flash and math kernels, bmm through oneDNN) stream the cache
+    at 4-6 GB/s against 13-20 GB/s for fp32 (bench/RESULTS.md, "decode attention"): twice the bytes, read
+    about 2x sooner. The values are the model's own (16-bit numbers are exact in fp32); only the memory of
+    the cache doubles. Elsewhere (CUDA) the model's dtype.
+    """
+    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
 class KVCache:
-    """Keys and values of every layer: each (batch, heads, max_length, head_dim).
+    """Keys and values of every layer: each (batch, heads, max_length, head_dim), in `cache_dtype(dtype)`.
 
     `length` is the number of filled positions; the generation loop advances it after each forward.
     """
@@ -28,8 +45,8 @@ class KVCache:
         # One allocation for all layers: glibc serves it with mmap and returns it to the OS when the
         # cache is freed. Per-layer tensors (a few MB each) came from the heap, and glibc kept the
         # freed ones: every generation left its cache resident (bench/RESULTS.md, "memory").
-        self.buffer = torch.empty((num_layers, 2, batch_size, num_heads, max_length, head_dim), dtype=dtype,
-                                  device=device)
+        self.buffer = torch.empty((num_layers, 2, batch_size, num_heads, max_length, head_dim),
+                                  dtype=cache_dtype(dtype, device), device=device)
         self.keys = list(self.buffer[:, 0].unbind(0))
         self.values = list(self.buffer[:, 1].unbind(0))
         self.length = 0
@@ -39,12 +56,16 @@ class KVCache:
         return self.buffer.numel() * self.buffer.element_size()
 
     def append(self, layer_id: int, key: torch.Tensor, value: torch.Tensor):
-        """Write (batch, heads, n, head_dim) at [length, length + n) -> views of positions [0, length + n)."""
+        """Write (batch, heads, n, head_dim) at [length, length + n) -> the keys/values of positions
+        [0, length + n): views of the cache, or for the first write (the prompt) the given tensors
+        themselves, so that the prompt's attention runs in the model's dtype."""
         end = self.length + key.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; {end} needed")
         self.keys[layer_id][:, :, self.length:end] = key
         self.values[layer_id][:, :, self.length:end] = value
+        if self.length == 0:
+            return key, value
         return self.keys[layer_id][:, :, :end], self.values[layer_id][:, :, :end]
 
 
@@ -58,7 +79,8 @@ class KVCacheMixin(BaseMixin):
         k, v = kv_cache.append(int(kw_args["layer_id"]), k, v)
         if old_impl is attention_fn_default and dropout_fn is None:
             return cached_attention(q, k, v, mask)
-        return old_impl(q, k, v, mask, dropout_fn, **kw_args)  # other attention hooks (e.g. P-tuning) first
+        # other attention hooks (e.g. P-tuning) first, in the model's dtype
+        return old_impl(q, k.to(q.dtype), v.to(q.dtype), mask, dropout_fn, **kw_args)
 
 
 def cached_attention(query, key, value, mask):
@@ -66,8 +88,11 @@ def cached_attention(query, key, value, mask):
 
     SAT's default attention makes the keys/values contiguous first (for multi-query heads), which
     would copy the whole cache view in every layer at every step; SDPA reads the views in place.
-    query (B, H, q, D), key/value (B, H, k, D), mask (B or 1, 1, q, k) -> (B, H, q, D).
+    query (B, H, q, D), key/value (B, H, k, D) in the cache's dtype, mask (B or 1, 1, q, k) -> (B, H, q, D)
+    in the query's dtype.
     """
+    if query.dtype != key.dtype:  # a 16-bit model's query against an fp32 cache (cache_dtype)
+        return cached_attention(query.to(key.dtype), key, value, mask).to(query.dtype)
     q_len, k_len = query.shape[2], key.shape[2]
     if bool(mask.all()):
         return F.scaled_dot_product_attention(query, key, value)
@@ -89,16 +114,16 @@ class SlotKVCache:
     """The KV memory of the serving engine: `num_slots` rows of `max_length` positions per layer, one
     sequence per row, each at its own length (utils/engine.py keeps the running sequences in rows 0..n-1).
 
-    Buffers: keys/values of every layer, each (num_slots, heads, max_length, head_dim), one allocation as in
-    KVCache. `lengths[row]` is the row's filled positions. A prefill writes a group of new sequences into
+    Buffers: keys/values of every layer, each (num_slots, heads, max_length, head_dim) in `cache_dtype(dtype)`,
+    one allocation as in KVCache. `lengths[row]` is the row's filled positions. A prefill writes a group of new sequences into
     free rows (`prefill`), a decode step appends one position to each of the first n rows at that row's own
     length and attends over the filled part through a per-row mask (`decode`).
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_heads: int, max_length: int, head_dim: int,
                  dtype: torch.dtype, device):
-        self.buffer = torch.empty((num_layers, 2, num_slots, num_heads, max_length, head_dim), dtype=dtype,
-                                  device=device)
+        self.buffer = torch.empty((num_layers, 2, num_slots, num_heads, max_length, head_dim),
+                                  dtype=cache_dtype(dtype, device), device=device)
         self.keys = list(self.buffer[:, 0].unbind(0))
         self.values = list(self.buffer[:, 1].unbind(0))
         self.num_slots, self.max_length = num_slots, max_length
@@ -193,8 +218,8 @@ class SlotDecode:
             keys[:self.num_rows, :, position] = key[:, :, 0]
             values[:self.num_rows, :, position] = value[:, :, 0]
         else:
-            keys[self.rows, :, self.positions] = key[:, :, 0]
-            values[self.rows, :, self.positions] = value[:, :, 0]
+            keys[self.rows, :, self.positions] = key[:, :, 0].to(keys.dtype)  # index_put_ needs one dtype
+            values[self.rows, :, self.positions] = value[:, :, 0].to(values.dtype)
         return keys[:self.num_rows, :, :self.span], values[:self.num_rows, :, :self.span]
 
     def commit(self) -> None:

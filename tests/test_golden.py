@@ -181,3 +181,37 @@ def test_bf16_on_cpu_tracks_fp32(golden):
     expected = golden["chat.logits"]
     assert (logits - expected).abs().max() < 0.1 * expected.abs().max()
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+@torch.no_grad()
+def test_bf16_decoding_on_cpu_attends_over_an_fp32_cache(golden):
+    """A bf16 model's KV cache holds fp32 on CPU (models.kv_cache.cache_dtype); a cached decode step gives the
+    logits of an uncached forward over the same tokens, in bf16's precision."""
+    from models import CogVLMModel
+    from models.kv_cache import KVCache, ensure_kv_cache_mixin
+
+    args = inference_args()
+    args.bf16 = True
+    model, _ = CogVLMModel.from_pretrained(golden.checkpoint, args=args)
+    ensure_kv_cache_mixin(model)
+    inputs = case_inputs(golden, "chat")
+    inputs["images"] = inputs["images"].bfloat16()
+    length = inputs["input_ids"].shape[1]
+    attention = model.transformer.layers[0].attention
+    cache = KVCache(len(model.transformer.layers), 1, attention.num_attention_heads_per_partition, length + 1,
+                    attention.hidden_size_per_attention_head, torch.bfloat16, "cpu")
+    assert cache.buffer.dtype == torch.float32
+    model(**inputs, kv_cache=cache)
+    cache.length = length
+    token = golden["chat.gen_ids"][:1][None]
+    position = inputs["position_ids"][:, -1:] + 1
+    step = model(input_ids=token, position_ids=position, attention_mask=torch.ones(1, 1, 1, length + 1),
+                 kv_cache=cache)[0][0, -1]
+    full_inputs = dict(inputs, input_ids=torch.cat([inputs["input_ids"], token], 1),
+                       position_ids=torch.cat([inputs["position_ids"], position], 1),
+                       attention_mask=torch.ones(1, 1, length + 1, length + 1).tril(),
+                       vision_expert_mask=torch.cat([inputs["vision_expert_mask"], torch.zeros(1, 1, dtype=torch.long)], 1),
+                       image_embed_mask=torch.cat([inputs["image_embed_mask"], torch.zeros(1, 1, dtype=torch.long)], 1))
+    full = model(**full_inputs)[0][0, -1]
+    assert step.dtype == torch.bfloat16
+    assert_close_rel(step, full, rel=0.05, what="cached bf16 step vs uncached forward")
