@@ -2,6 +2,9 @@
 
     python bench/generate.py       # config M: fp32 and bf16, float / int8 / int4 weights, batch 1 and 8, + upstream
     python bench/generate.py --config tiny --dtype fp32 --quant 0 4 --batch 1
+    python bench/generate.py --path ours --quant 0 --no_pack   # float weights through plain F.linear
+
+Our float rows run the oneDNN-packed linears the front ends load (models.quantization.PackedLinear).
 
 Ends with the ratios the speed targets are stated in (each variant against fp32 of the same run).
 
@@ -36,12 +39,14 @@ CONFIGS = {
 }
 
 
-def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None):
+def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None, pack: bool = False):
     """A random-weight model of config `name`. quant 8 or 4 (CPU): linear layers are swapped for empty
-    quantized ones before any weight is written, as `--quant` loading does, so the float weights never exist."""
+    quantized ones before any weight is written, as `--quant` loading does, so the float weights never exist.
+    pack (CPU, no quant): the float linears are oneDNN-packed ones, as the front ends load them."""
     import torch
     from models import CogVLMModel
-    from models.quantization import QuantizedLinear, quantize_model
+    from models.checkpoint.memory import trim_heap
+    from models.quantization import QuantizedLinear, pack_linears, quantize_model
 
     cfg = CONFIGS[name]
     eva = cfg["eva"]
@@ -62,6 +67,8 @@ def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None):
     model = CogVLMModel(args, params_dtype=torch_dtype).to(device=device, dtype=torch_dtype).eval()  # as get_model
     if quant:
         quantize_model(model, quant, weights_loaded=False)
+    elif pack and device == "cpu":
+        pack_linears(model, weights_loaded=False)
     with torch.no_grad():  # skip_init leaves memory uninitialised: give it sane values
         generator = torch.Generator(device=device).manual_seed(0)
         for param in model.parameters():
@@ -69,6 +76,7 @@ def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None):
         for layer in model.modules():
             if isinstance(layer, QuantizedLinear):
                 layer.quantize_(torch.empty(layer.out_features, layer.in_features).normal_(0, 0.02, generator=generator))
+                trim_heap()  # as the loader does after each group: the float temporaries' heap memory goes back
     return model, args
 
 
@@ -202,7 +210,8 @@ def child(options):
     import models  # noqa: F401  (torch, SAT, DeepSpeed, transformers: the baseline every process pays)
     import utils.chat  # noqa: F401
     baseline_rss = proc_status_bytes("VmRSS")
-    model, args = build_model(options.config, options.dtype, options.device, options.quant)
+    model, args = build_model(options.config, options.dtype, options.device, options.quant,
+                              pack=options.path == "ours" and not options.no_pack)
     weights = weight_bytes(model, decode_only=True)
     run = run_upstream if options.path == "upstream" else run_ours
     run(model, args, options.batch, 4)  # warm-up (allocations, oneDNN primitive caches)
@@ -255,9 +264,14 @@ def main():
     parser.add_argument("--path", nargs="+", default=["ours", "upstream"], choices=["ours", "upstream"])
     parser.add_argument("--quant", nargs="+", type=int, choices=[0, 8, 4], default=[0, 8, 4],
                         help="0 = float weights, 8 = int8, 4 = int4 linear layers (quantized: ours only)")
+    parser.add_argument("--no_pack", action="store_true",
+                        help="ours with plain F.linear float weights instead of the front ends' oneDNN-packed ones")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median reported)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times every row is run, in a fresh process each, interleaved with the other rows "
+                             "(median over all runs reported)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: weights built on the GPU, roofline from its copy bandwidth, memory = peak "
                              "GPU memory (e.g. --device cuda --config 17B --dtype bf16 --path ours)")
@@ -266,25 +280,39 @@ def main():
     if options.child:
         return child(options)
 
-    print(f"config {options.config}; device {options.device}; {options.threads} threads; median of {options.repeats} "
-          f"runs (tok/s range in brackets); copy bandwidth (read + write) measured in each row's process; load = "
-          f"the machine's 1-minute load average around the timed runs (this row itself adds about {options.threads})"
+    rows = [(path, dtype, quant, batch) for dtype in options.dtype for quant in options.quant for path in options.path
+            for batch in options.batch if not (path == "upstream" and (batch != 1 or quant))]
+    # This VM's speed drifts (copy bandwidth 24-55 GB/s within an hour): every round runs each row once, so
+    # that a slow spell touches all rows alike instead of the rows that happened to run during it.
+    runs = {row: [] for row in rows}
+    for round_index in range(options.rounds):
+        for row in rows:
+            r = run_child(options, row[1], row[2], row[0], row[3])
+            if r is not None:
+                runs[row].append(r)
+        print(f"round {round_index + 1} of {options.rounds} done", flush=True)
+    results = {row: combine(found) for row, found in runs.items() if found}
+    print(f"config {options.config}; device {options.device}; {options.threads} threads; median of {options.rounds} "
+          f"rounds x {options.repeats} run(s), each row in a fresh process per round (tok/s range in brackets); "
+          f"copy bandwidth (read + write) measured in each row's process; load = the machine's 1-minute load average around the timed runs (this row itself adds about {options.threads})"
           + ("; memory columns = peak GPU memory" if options.device == "cuda" else ""))
     print(f"{'path':9} {'dtype':5} {'quant':5} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'(range)':>15} {'GB/s':>5} "
           f"{'roofline':>8} {'of roof':>7} {'RSS GB':>7} {'base GB':>7} {'model GB':>8} {'RSS-base / model+cache':>22} "
           f"{'load':>9}")
-    results = {}
-    for dtype in options.dtype:
-        for quant in options.quant:
-            for path in options.path:
-                for batch in options.batch:
-                    if path == "upstream" and (batch != 1 or quant):
-                        continue
-                    r = run_child(options, dtype, quant, path, batch)
-                    if r is not None:
-                        results[(path, dtype, quant, batch)] = r
-                        print_row(path, dtype, quant, batch, r)
+    for (path, dtype, quant, batch), r in results.items():
+        print_row(path, dtype, quant, batch, r)
     print_ratios(results, options.batch)
+
+
+def combine(found):
+    """One row's results over its rounds: medians of the speeds, the largest peak RSS, every run's tok/s."""
+    merged = dict(found[0])
+    for key in ("prefill_s", "tokens_per_s", "copy_bandwidth_gbs"):
+        merged[key] = statistics.median(r[key] for r in found)
+    merged["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in found)
+    merged["tokens_per_s_runs"] = [t for r in found for t in r["tokens_per_s_runs"]]
+    merged["load_average"] = [min(r["load_average"][0] for r in found), max(r["load_average"][1] for r in found)]
+    return merged
 
 
 def run_child(options, dtype: str, quant: int, path: str, batch: int):
@@ -292,6 +320,7 @@ def run_child(options, dtype: str, quant: int, path: str, batch: int):
     cmd = [sys.executable, __file__, "--child", "--config", options.config, "--dtype", dtype, "--quant", str(quant),
            "--batch", str(batch), "--path", path, "--new_tokens", str(options.new_tokens),
            "--threads", str(options.threads), "--repeats", str(options.repeats), "--device", options.device]
+    cmd += ["--no_pack"] if options.no_pack else []
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         print(f"{path} {dtype} quant {quant} batch {batch} failed:\n{out.stderr[-2000:]}")

@@ -1,8 +1,13 @@
-"""Weight quantization for inference (`--quant 8 | 4`).
+"""CPU weight formats for inference: int8 and int4 (`--quant 8 | 4`), and float weights packed for oneDNN.
 
-CPU: every linear layer (language model, visual expert, ViT, adapter, LM head) is replaced by a
-quantized one. Decoding on a CPU is bound by reading weights, so smaller weights are what speed it up.
+CPU: every linear layer (language model, visual expert, ViT, adapter, LM head) is replaced by one that
+keeps its weight in a kernel's own form. Decoding on a CPU is bound by reading weights, so smaller weights,
+read by kernels that stream them near the memory bandwidth, are what speed it up.
 The kernels are torch's own (bench/linear.py times them against torchao, oneDNN and inductor):
+  - fp32 / bf16 without --quant (`PackedLinear`, `pack_linears`): the float weight reordered once into
+    oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and multiplied by oneDNN's
+    `_linear_pointwise`, the pair torch's inductor uses for CPU linears. Faster at every row count than
+    plain `F.linear` (MKL for fp32, oneDNN without prepacking for bf16), which reorders per call.
   - int8 (`Int8DynamicLinear`, x86): fbgemm's `quantized.linear_dynamic`: int8 weights with one scale
     per output channel; each call quantizes its activations to int8 (per tensor) and runs an int8 GEMM.
     Streams its weights near the memory bandwidth for 1-16 rows and is the fastest prefill product.
@@ -11,9 +16,10 @@ The kernels are torch's own (bench/linear.py times them against torchao, oneDNN 
     `group_size` inputs, multiplied by `_weight_int4pack_mm_for_cpu` with bf16 activations for up to
     INT4_KERNEL_MAX_ROWS rows; longer inputs (prefill) dequantize the layer to bf16 for the call and use
     the bf16 GEMM, which is faster there than the int4 kernel.
-Every quantized layer can be built empty and quantize the float tensors `load_state_dict` hands it,
-so loading a checkpoint with `quantize_model(model, bits, weights_loaded=False)` never holds the float
-weights of more than the layers being read.
+Every such layer can be built empty and convert the float tensors `load_state_dict` hands it, so loading a
+checkpoint with `quantize_model(model, bits, weights_loaded=False)` (or `pack_linears`) never holds the
+float weights of more than the layers being read. These layers are for inference: they have no float
+`weight` in their state dict.
 GPU: SAT's cpm_kernels quantization, as upstream (`sat.quantization.kernels.quantize`).
 """
 import functools
@@ -163,6 +169,50 @@ class Int8DynamicLinear(Int8Linear):
         self._check_loaded()
         flat = x.reshape(-1, self.in_features).float()
         return self._finish(torch.ops.quantized.linear_dynamic(flat, self._packed, _REDUCE_RANGE), x)
+
+
+class PackedLinear(QuantizedLinear):
+    """An fp32 or bf16 weight (not quantized) in oneDNN's blocked layout; products in the weight's dtype."""
+
+    def _store(self, weight):
+        weight = weight.detach().to(self.dtype).contiguous()
+        # the layout hint is a row count: one packing serves every row count (bench/linear.py)
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
+        self.loaded = True
+
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features * self.dtype.itemsize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_loaded()
+        flat = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        bias = None if self.bias is None else self.bias.to(self.dtype)
+        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, bias, "none", [], "")
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+PACK_ROWS_HINT = 1
+
+
+def packing_supported(dtype: torch.dtype) -> bool:
+    """Whether this torch and CPU run `PackedLinear` in `dtype` (oneDNN built in; bf16 needs its bf16 support)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def pack_linears(model: nn.Module, weights_loaded: bool = True) -> int:
+    """Replace the fp32/bf16 linear layers of a CPU inference model by `PackedLinear` ones (see
+    `quantize_linears` for weights_loaded); returns how many, 0 where `packing_supported` says no."""
+    dtype = next(model.parameters()).dtype
+    if not packing_supported(dtype) or get_model_parallel_world_size() > 1:
+        return 0
+    count = quantize_linears(model, PackedLinear, weights_loaded)
+    logger.info("%s %d linear layers for oneDNN (%s)", "packed" if weights_loaded else "prepared", count,
+                str(dtype).replace("torch.", ""))
+    return count
 
 
 # Up to this many rows `_weight_int4pack_mm_for_cpu` is faster than dequantizing the layer to bf16 and a

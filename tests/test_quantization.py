@@ -6,13 +6,13 @@ import logging
 import pytest
 import torch
 
-from conftest import ALL_CASES, IMAGE_CASES
+from conftest import ALL_CASES, IMAGE_CASES, assert_close_rel
 from test_golden import case_inputs
 from utils.generation import GenerationConfig, generate_stream
 from models.errors import CogVLMError
 from models import quantization
-from models.quantization import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizedLinear,
-                                 quantize_model)
+from models.quantization import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, PackedLinear,
+                                 QuantizedLinear, pack_linears, packing_supported, quantize_model)
 
 # per LLM layer 5 language + 5 visual-expert linears; lm_head; 4 per ViT layer; 4 in the GLU adapter
 GOLDEN_LINEARS = 2 * 10 + 1 + 2 * 4 + 4
@@ -164,7 +164,7 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(golden, qua
         assert torch.equal(model(**inputs)[0], reference(**inputs)[0]), name
 
 
-@pytest.mark.parametrize("layer_class", [Int8WeightOnlyLinear, Int4WeightOnlyLinear])
+@pytest.mark.parametrize("layer_class", [Int8WeightOnlyLinear, Int4WeightOnlyLinear, PackedLinear])
 def test_quantized_layer_refuses_a_checkpoint_of_another_shape(golden_model, layer_class):
     linear = golden_model[0].transformer.layers[0].attention.query_key_value
     layer = layer_class.like(linear)
@@ -175,7 +175,7 @@ def test_quantized_layer_refuses_a_checkpoint_of_another_shape(golden_model, lay
 
 
 @pytest.mark.parametrize("layer_class, tolerance", [(Int8DynamicLinear, 0.05), (Int8WeightOnlyLinear, 0.05),
-                                                     (Int4WeightOnlyLinear, 0.2)])
+                                                     (Int4WeightOnlyLinear, 0.2), (PackedLinear, 1e-5)])
 @torch.no_grad()
 def test_weight_and_bias_may_load_in_separate_calls(golden_model, layer_class, tolerance):
     """HF checkpoints load in groups of tensors: a layer's weight and bias can arrive apart."""
@@ -222,3 +222,55 @@ def test_int4_kernel_and_prefill_paths_multiply_by_the_same_weights(in_features,
         assert out.shape == (2, rows, out_features) and out.dtype == torch.float32
         torch.testing.assert_close(out, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
         assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 8, 300])
+@torch.no_grad()
+def test_packed_layer_is_the_float_product(dtype, rows):
+    """PackedLinear keeps the float weight (oneDNN's layout): products equal F.linear's up to summation order."""
+    assert packing_supported(dtype)  # oneDNN's fp32 and bf16 products on the project's CPU
+    linear = torch.nn.Linear(96, 160).to(dtype)
+    layer = PackedLinear.from_linear(linear)
+    x = torch.randn(rows, 3, 96, dtype=dtype)
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (rows, 3, 160)
+    assert_close_rel(out, linear(x), rel=1e-5 if dtype == torch.float32 else 1e-2, what=f"{dtype} x {rows} rows")
+    assert layer.weight_bytes() == 96 * 160 * dtype.itemsize
+    assert "weight" not in layer.state_dict()  # an inference layer: its weight lives in oneDNN's layout only
+
+
+@pytest.mark.parametrize("flags, dtype", [([], torch.float32), (["--bf16"], torch.bfloat16)])
+@torch.no_grad()
+def test_front_ends_load_float_weights_packed(golden, golden_model, flags, dtype, caplog):
+    """load_pipeline (every front end) packs the float linears as the checkpoint loads; the logits are the
+    unpacked model's: the golden ones in fp32, bf16's own in bf16."""
+    import argparse
+
+    from utils.pipeline import add_inference_args, load_pipeline
+
+    args = add_inference_args(argparse.ArgumentParser()).parse_args(
+        ["--from_pretrained", golden.checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu"] + flags)
+    with caplog.at_level(logging.INFO, logger="models.quantization"):
+        model = load_pipeline(args).model
+    assert f"prepared {GOLDEN_LINEARS} linear layers for oneDNN" in caplog.text  # before loading, not after
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == GOLDEN_LINEARS and all(layer.loaded and layer.dtype == dtype for layer in layers)
+    plain = copy.deepcopy(golden_model[0]).to(dtype)
+    for name in ALL_CASES:
+        inputs = case_inputs(golden, name)
+        if "images" in inputs:
+            inputs["images"] = inputs["images"].to(dtype)
+        logits = model(**inputs)[0][0]
+        if dtype == torch.float32:
+            assert_close_rel(logits, golden[f"{name}.logits"], what=f"{name}.logits")
+        else:
+            assert_close_rel(logits, plain(**inputs)[0][0], rel=0.02, what=f"{name} packed vs plain bf16")
+
+
+def test_packing_a_loaded_model_keeps_its_products(golden, golden_model):
+    model = copy.deepcopy(golden_model[0])
+    assert pack_linears(model) == GOLDEN_LINEARS
+    inputs = case_inputs(golden, "chat")
+    with torch.no_grad():
+        assert_close_rel(model(**inputs)[0][0], golden["chat.logits"], what="chat.logits")

@@ -182,7 +182,8 @@ def load_pipeline(args) -> InferencePipeline:
         raise CogVLMError(f"tokenizer {tokenizer_path} has {len(tokenizer)} tokens but the model's vocabulary "
                           f"is {vocab_size}; pass the tokenizer that belongs to this checkpoint")
     # under torchrun each process loads its model-parallel share, from a checkpoint saved for any split
-    model, _ = load_model(checkpoint, device=device, dtype=dtype, quant=args.quant, rank=rank, world_size=world_size)
+    model, _ = load_model(checkpoint, device=device, dtype=dtype, quant=args.quant, rank=rank, world_size=world_size,
+                          pack=True)
     ensure_kv_cache(model)
     vision = checkpoint.config.vision
     processor = CogVLMProcessor(tokenizer, vision.image_size, checkpoint.config.image_length, defaults.max_length)

@@ -29,7 +29,7 @@ from models.checkpoint.memory import release_consumed
 from models.cogvlm_model import INFERENCE_CLASSES, CogVLMModel
 from models.config import CogVLMConfig, dtype_of, runtime_args
 from models.errors import CheckpointError
-from models.quantization import quantize_model
+from models.quantization import pack_linears, quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +95,16 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, rank: int = 0, 
 def load_model(source: Union[str, Checkpoint], *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                quant: Optional[int] = None, rank: Optional[int] = None, world_size: int = 1,
                args: Optional[argparse.Namespace] = None, model_class=None, build_only: bool = False,
-               overwrite: Optional[dict] = None) -> Tuple[CogVLMModel, argparse.Namespace]:
+               overwrite: Optional[dict] = None, pack: bool = False) -> Tuple[CogVLMModel, argparse.Namespace]:
     """Build the model of checkpoint `source` (a directory, a released name, or an opened Checkpoint) for rank
     `rank` of a `world_size`-way model-parallel group (rank None: this process's, which SAT's model-parallel
     setup knows once the model is built), and load its weights.
 
     dtype: parameter dtype. quant: 4 or 8 bits (models.quantization): on CPU the layers quantize while the
-    checkpoint streams in, so the float weights are never all in memory; on CUDA after loading. args: SAT
+    checkpoint streams in, so the float weights are never all in memory; on CUDA after loading. pack (CPU
+    inference without quant): the float linear weights are stored in oneDNN's layout as they load
+    (models.quantization.PackedLinear: faster products, no float `weight` in the state dict; what the front
+    ends run). args: SAT
     args to build on instead of `runtime_args(device, dtype, ...)` (a finetuning run passes its own).
     model_class: the class to build (default: the checkpoint's, for inference). overwrite: config fields to
     change (e.g. finetuning flags). Returns (model, SAT args); `model.config` is its CogVLMConfig.
@@ -124,6 +127,8 @@ def load_model(source: Union[str, Checkpoint], *, device: str = "cpu", dtype: to
     on_cuda = str(sat_args.device).startswith("cuda")
     if quant and not on_cuda and not build_only:
         quantize_model(model, quant, weights_loaded=False)
+    elif pack and not on_cuda and not build_only and world_size == 1 and getattr(sat_args, "mode", None) == "inference":
+        pack_linears(model, weights_loaded=False)
     if not build_only:
         mode = getattr(sat_args, "mode", "inference")
         load_weights(model, checkpoint, rank, world_size,
