@@ -7,8 +7,8 @@
 
 Cycles through enough distinct weights (> last-level cache) that every product streams its weight from memory,
 as decoding does. Prints ms per product and the bandwidth at which it reads its weight (bytes of the weight in
-that format, scales included, / time). "<- used" marks what models.linear / models.quantization run for that
-row count. Decoding is 1-8 rows, a prefill's text and image tokens tens to hundreds.
+that format, scales included, / time). "*" marks what the front ends run for that row count
+(models.quantization). Decoding is 1-8 rows, a prefill's text and image tokens tens to hundreds.
 """
 import argparse
 import os
@@ -28,7 +28,7 @@ def candidates(options):
     import torch.nn.functional as F
 
     from models import quantization
-    from models.linear import MAX_BF16_GEMV_ROWS, MAX_TRANSPOSED_ROWS, MIN_TRANSPOSED_ROWS, _without_onednn
+    from models.linear import _without_onednn
 
     f32, bf16 = torch.float32, torch.bfloat16
 
@@ -52,9 +52,15 @@ def candidates(options):
             return (lambda x, i: built[i](x)), built[0].weight_bytes()
         return build
 
-    def onednn_prepacked(weights, rows):
-        ws = [torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), rows) for w in weights]
-        return (lambda x, i: torch.ops.mkldnn._linear_pointwise(x, ws[i], None, "none", [], "")), weights[0].numel() * 2
+    def packed(dtype):
+        def build(weights, rows):  # what the front ends run for float weights: one packing for every row count
+            built = []
+            for w in weights:
+                layer = quantization.PackedLinear(w.shape[1], w.shape[0], False, dtype)
+                layer.quantize_(w)
+                built.append(layer)
+            return (lambda x, i: built[i](x)), built[0].weight_bytes()
+        return build
 
     def fbgemm_fp16(weights, rows):
         # fp16 weights (bf16 values are exact in fp16 within its range), fp32 activations
@@ -81,15 +87,16 @@ def candidates(options):
         built = quantized(quantization.Int4WeightOnlyLinear, weights)
         return (lambda x, i: torch.mm(x, built[i].dequantized_t())), built[0].weight_bytes()
 
+    # "used": what the front ends run; the MKL/oneDNN rows are what models.linear.linear picks from for float
+    # layers left unpacked (training, model parallelism)
     table = {
-        "fp32 F.linear (MKL)": ("fp32", f32, plain(f32, F.linear),
-                                lambda r: not MIN_TRANSPOSED_ROWS <= r <= MAX_TRANSPOSED_ROWS),
-        "fp32 W @ x^T (MKL)": ("fp32", f32, plain(f32, lambda x, w: torch.mm(w, x.t()).t()),
-                               lambda r: MIN_TRANSPOSED_ROWS <= r <= MAX_TRANSPOSED_ROWS),
-        "bf16 F.linear (oneDNN)": ("bf16", bf16, plain(bf16, F.linear), lambda r: r > MAX_BF16_GEMV_ROWS),
+        "fp32 oneDNN prepacked (PackedLinear)": ("fp32", f32, packed(f32), lambda r: True),
+        "fp32 F.linear (MKL)": ("fp32", f32, plain(f32, F.linear), None),
+        "fp32 W @ x^T (MKL)": ("fp32", f32, plain(f32, lambda x, w: torch.mm(w, x.t()).t()), None),
+        "bf16 oneDNN prepacked (PackedLinear)": ("bf16", bf16, packed(bf16), lambda r: True),
+        "bf16 F.linear (oneDNN)": ("bf16", bf16, plain(bf16, F.linear), None),
         "bf16 ATen GEMV (oneDNN off)": ("bf16", bf16, plain(bf16, lambda x, w: _without_onednn(F.linear, x, w)),
-                                        lambda r: r <= MAX_BF16_GEMV_ROWS),
-        "bf16 oneDNN prepacked": ("bf16", bf16, onednn_prepacked, None),
+                                        None),
         "bf16 as fp16, fbgemm": ("bf16", bf16, fbgemm_fp16, None),
         "int8 fbgemm dynamic": ("int8", f32, layers(quantization.Int8DynamicLinear), lambda r: True),
         "int8 _weight_int8pack_mm bf16": ("int8", bf16, int8pack, None),
@@ -181,7 +188,7 @@ def main():
                 cells.append(f"{'n/a':>15} ")
                 print(f"  {name}, {rows} rows: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
         print(f"{name:34}" + "".join(f"{c:>16}" for c in cells), flush=True)
-    print("* = what models.linear / models.quantization use for that row count")
+    print("* = what the front ends run for that row count (models.quantization)")
 
 
 def time_per_product(fn, x, count: int, repeats: int = 3) -> float:
