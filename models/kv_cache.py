@@ -25,7 +25,7 @@ def cache_dtype(dtype: torch.dtype, device) -> torch.dtype:
 
     fp32 on a CPU for bf16/fp16 models: a step with one query per row runs a tiny GEMM per (row, head), and
     torch's CPU kernels for 16-bit ones (SDPA's flash and math kernels, bmm through oneDNN) stream the cache
-    at 4-6 GB/s against 13-20 GB/s for fp32 (bench/RESULTS.md, "decode attention"): twice the bytes, read
+    at 4-6 GB/s against 12-15 GB/s for fp32 (bench/RESULTS.md, issue 18's second pass): twice the bytes, read
     about 2x sooner. The values are the model's own (16-bit numbers are exact in fp32); only the memory of
     the cache doubles. Elsewhere (CUDA) the model's dtype.
     """
@@ -114,10 +114,11 @@ class SlotKVCache:
     """The KV memory of the serving engine: `num_slots` rows of `max_length` positions per layer, one
     sequence per row, each at its own length (utils/engine.py keeps the running sequences in rows 0..n-1).
 
-    Buffers: keys/values of every layer, each (num_slots, heads, max_length, head_dim) in `cache_dtype(dtype)`,
-    one allocation as in KVCache. `lengths[row]` is the row's filled positions. A prefill writes a group of new sequences into
-    free rows (`prefill`), a decode step appends one position to each of the first n rows at that row's own
-    length and attends over the filled part through a per-row mask (`decode`).
+    Buffers: keys/values of every layer, each (num_slots, heads, max_length, head_dim) in
+    `cache_dtype(dtype)`, one allocation as in KVCache. `lengths[row]` is the row's filled positions. A
+    prefill writes a group of new sequences into free rows (`prefill`), a decode step appends one position to
+    each of the first n rows at that row's own length and attends over the filled part through a per-row
+    mask (`decode`).
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_heads: int, max_length: int, head_dim: int,

@@ -171,14 +171,17 @@ class Int8DynamicLinear(Int8Linear):
         return self._finish(torch.ops.quantized.linear_dynamic(flat, self._packed, _REDUCE_RANGE), x)
 
 
+# The row count oneDNN's packing is told to expect: a packing for one row was as fast as the best one for
+# every row count from 1 to 283 (bench/linear.py), so one packing serves decoding and prompts alike.
+PACK_ROWS_HINT = 1
+
+
 class PackedLinear(QuantizedLinear):
     """An fp32 or bf16 weight (not quantized) in oneDNN's blocked layout; products in the weight's dtype."""
 
     def _store(self, weight):
         weight = weight.detach().to(self.dtype).contiguous()
-        # the layout hint is a row count: one packing serves every row count (bench/linear.py)
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
-        self.loaded = True
 
     def weight_bytes(self) -> int:
         return self.in_features * self.out_features * self.dtype.itemsize
@@ -189,9 +192,6 @@ class PackedLinear(QuantizedLinear):
         bias = None if self.bias is None else self.bias.to(self.dtype)
         out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, bias, "none", [], "")
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
-PACK_ROWS_HINT = 1
 
 
 def packing_supported(dtype: torch.dtype) -> bool:

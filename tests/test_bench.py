@@ -8,9 +8,9 @@ import sys
 from conftest import ROOT
 
 
-def run_bench(*flags):
+def run_bench(*flags, rounds=1):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "generate.py"), "--config", "tiny",
-                          "--repeats", "1", "--new_tokens", "4", "--threads", "1", *flags],
+                          "--repeats", "1", "--rounds", str(rounds), "--new_tokens", "4", "--threads", "1", *flags],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "failed" not in out.stdout, out.stdout
@@ -22,11 +22,15 @@ def rows_of(stdout):
 
 
 def test_bench_prints_a_row_per_path_dtype_and_batch():
-    rows = rows_of(run_bench("--dtype", "fp32", "--quant", "0", "--path", "ours", "upstream", "--batch", "1", "2"))
+    stdout = run_bench("--dtype", "fp32", "--quant", "0", "--path", "ours", "upstream", "--batch", "1", "2", rounds=2)
+    assert "round 2 of 2 done" in stdout  # every row ran once per round
+    rows = rows_of(stdout)
     assert [(r[0], r[3]) for r in rows] == [("ours", "1"), ("ours", "2"), ("upstream", "1")]
     for row in rows:
         prefill_s, tokens_per_s = float(row[4]), float(row[5])
         assert prefill_s >= 0 and tokens_per_s > 0  # the tiny prefill may print as 0.00 s
+        low, high = (float(t) for t in row[6].strip("()").split("-"))
+        assert low <= tokens_per_s <= high  # the median of the rounds' runs, within their range
 
 
 def test_bench_quantized_rows_and_ratios():
@@ -55,7 +59,7 @@ def test_linear_bench_times_every_kernel():
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith(("fp32", "bf16", "int8", "int4"))]
-    assert len(rows) == 11 and not any("n/a" in row for row in rows), out.stdout + out.stderr[-2000:]
+    assert len(rows) == 12 and not any("n/a" in row for row in rows), out.stdout + out.stderr[-2000:]
     assert sum(row.count("*") for row in rows) == 2 * 4  # one kernel used per dtype and row count
 
 

@@ -102,10 +102,10 @@ def load_model(source: Union[str, Checkpoint], *, device: str = "cpu", dtype: to
 
     dtype: parameter dtype. quant: 4 or 8 bits (models.quantization): on CPU the layers quantize while the
     checkpoint streams in, so the float weights are never all in memory; on CUDA after loading. pack (CPU
-    inference without quant): the float linear weights are stored in oneDNN's layout as they load
-    (models.quantization.PackedLinear: faster products, no float `weight` in the state dict; what the front
-    ends run). args: SAT
-    args to build on instead of `runtime_args(device, dtype, ...)` (a finetuning run passes its own).
+    inference without quant, one process): the float linear weights are stored in oneDNN's layout as they
+    load (models.quantization.PackedLinear: faster products, no float `weight` in the state dict; what the
+    front ends run). args: SAT args to build on instead of `runtime_args(device, dtype, ...)` (a finetuning
+    run passes its own).
     model_class: the class to build (default: the checkpoint's, for inference). overwrite: config fields to
     change (e.g. finetuning flags). Returns (model, SAT args); `model.config` is its CogVLMConfig.
     """
@@ -125,12 +125,12 @@ def load_model(source: Union[str, Checkpoint], *, device: str = "cpu", dtype: to
     if rank is None:
         rank = mpu.get_model_parallel_rank() if world_size > 1 else 0
     on_cuda = str(sat_args.device).startswith("cuda")
+    mode = getattr(sat_args, "mode", "inference")
     if quant and not on_cuda and not build_only:
         quantize_model(model, quant, weights_loaded=False)
-    elif pack and not on_cuda and not build_only and world_size == 1 and getattr(sat_args, "mode", None) == "inference":
+    elif pack and not on_cuda and not build_only and world_size == 1 and mode == "inference":
         pack_linears(model, weights_loaded=False)
     if not build_only:
-        mode = getattr(sat_args, "mode", "inference")
         load_weights(model, checkpoint, rank, world_size,
                      allow_missing=FINETUNE_PARAMETERS if mode != "inference" else ())
         if mode == "inference":

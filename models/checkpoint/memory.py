@@ -14,14 +14,11 @@ lives), hence the libc calls through ctypes. Elsewhere than Linux/glibc both are
 """
 import ctypes
 import ctypes.util
-import logging
 import os
 import sys
 from typing import Iterable, List, Optional, Tuple
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 _MADV_DONTNEED = 4  # Linux
 
