@@ -38,27 +38,17 @@ def candidates(options):
             return (lambda x, i: product(x, ws[i])), ws[0].numel() * ws[0].element_size()
         return build
 
-    def quantized(layer_class, weights):
+    def quantized(layer_class, weights, dtype=f32):
         built = []
         for w in weights:
-            layer = layer_class(w.shape[1], w.shape[0], False)
+            layer = layer_class(w.shape[1], w.shape[0], False, dtype)
             layer.quantize_(w)
             built.append(layer)
         return built
 
-    def layers(layer_class):
+    def layers(layer_class, dtype=f32):
         def build(weights, rows):
-            built = quantized(layer_class, weights)
-            return (lambda x, i: built[i](x)), built[0].weight_bytes()
-        return build
-
-    def packed(dtype):
-        def build(weights, rows):  # what the front ends run for float weights: one packing for every row count
-            built = []
-            for w in weights:
-                layer = quantization.PackedLinear(w.shape[1], w.shape[0], False, dtype)
-                layer.quantize_(w)
-                built.append(layer)
+            built = quantized(layer_class, weights, dtype)
             return (lambda x, i: built[i](x)), built[0].weight_bytes()
         return build
 
@@ -90,10 +80,11 @@ def candidates(options):
     # "used": what the front ends run; the MKL/oneDNN rows are what models.linear.linear picks from for float
     # layers left unpacked (training, model parallelism)
     table = {
-        "fp32 oneDNN prepacked (PackedLinear)": ("fp32", f32, packed(f32), lambda r: True),
+        "fp32 oneDNN prepacked (PackedLinear)": ("fp32", f32, layers(quantization.PackedLinear, f32), lambda r: True),
         "fp32 F.linear (MKL)": ("fp32", f32, plain(f32, F.linear), None),
         "fp32 W @ x^T (MKL)": ("fp32", f32, plain(f32, lambda x, w: torch.mm(w, x.t()).t()), None),
-        "bf16 oneDNN prepacked (PackedLinear)": ("bf16", bf16, packed(bf16), lambda r: True),
+        "bf16 oneDNN prepacked (PackedLinear)": ("bf16", bf16, layers(quantization.PackedLinear, bf16),
+                                                 lambda r: True),
         "bf16 F.linear (oneDNN)": ("bf16", bf16, plain(bf16, F.linear), None),
         "bf16 ATen GEMV (oneDNN off)": ("bf16", bf16, plain(bf16, lambda x, w: _without_onednn(F.linear, x, w)),
                                         None),

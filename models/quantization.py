@@ -189,8 +189,7 @@ class PackedLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
         flat = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
-        bias = None if self.bias is None else self.bias.to(self.dtype)
-        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.bias, "none", [], "")  # bias: self.dtype
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 

@@ -128,7 +128,7 @@ def load_model(source: Union[str, Checkpoint], *, device: str = "cpu", dtype: to
     mode = getattr(sat_args, "mode", "inference")
     if quant and not on_cuda and not build_only:
         quantize_model(model, quant, weights_loaded=False)
-    elif pack and not on_cuda and not build_only and world_size == 1 and mode == "inference":
+    elif pack and not on_cuda and not build_only and mode == "inference":  # one process only (pack_linears)
         pack_linears(model, weights_loaded=False)
     if not build_only:
         load_weights(model, checkpoint, rank, world_size,
