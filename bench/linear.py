@@ -52,12 +52,6 @@ def candidates(options):
             return (lambda x, i: built[i](x)), built[0].weight_bytes()
         return build
 
-    def fbgemm_fp16(weights, rows):
-        # fp16 weights (bf16 values are exact in fp16 within its range), fp32 activations
-        ws = [torch.ops.quantized.linear_prepack_fp16(w.bfloat16().float(), None) for w in weights]
-        return (lambda x, i: torch.ops.quantized.linear_dynamic_fp16(x.float(), ws[i]).bfloat16()), \
-            weights[0].numel() * 2
-
     def int8pack(weights, rows):
         scales = [w.abs().amax(1) / 127 for w in weights]
         qs = [(w / s[:, None]).round().to(torch.int8) for w, s in zip(weights, scales)]
@@ -74,27 +68,34 @@ def candidates(options):
         return build
 
     def int4_dequantized(weights, rows):
+        # bf16 GEMM where the CPU has bf16 instructions, else fp32 (what Int4WeightOnlyLinear does)
+        dtype = bf16 if quantization.native_bf16() else f32
         built = quantized(quantization.Int4WeightOnlyLinear, weights)
-        return (lambda x, i: torch.mm(x, built[i].dequantized_t())), built[0].weight_bytes()
+        return (lambda x, i: torch.mm(x.to(dtype), built[i].dequantized_t(dtype))), built[0].weight_bytes()
 
-    # "used": what the front ends run; the MKL/oneDNN rows are what models.linear.linear picks from for float
-    # layers left unpacked (training, model parallelism)
+    # "used": what the front ends run on this CPU; the MKL/oneDNN rows are what models.linear.linear picks from
+    # for float layers left unpacked (training, model parallelism)
+    bf16_layer, int8_layer = quantization.packed_layer_class(bf16), quantization._int8_linear_class()
     table = {
         "fp32 oneDNN prepacked (PackedLinear)": ("fp32", f32, layers(quantization.PackedLinear, f32), lambda r: True),
         "fp32 F.linear (MKL)": ("fp32", f32, plain(f32, F.linear), None),
         "fp32 W @ x^T (MKL)": ("fp32", f32, plain(f32, lambda x, w: torch.mm(w, x.t()).t()), None),
         "bf16 oneDNN prepacked (PackedLinear)": ("bf16", bf16, layers(quantization.PackedLinear, bf16),
-                                                 lambda r: True),
+                                                 lambda r: bf16_layer is quantization.PackedLinear),
         "bf16 F.linear (oneDNN)": ("bf16", bf16, plain(bf16, F.linear), None),
         "bf16 ATen GEMV (oneDNN off)": ("bf16", bf16, plain(bf16, lambda x, w: _without_onednn(F.linear, x, w)),
                                         None),
-        "bf16 as fp16, fbgemm": ("bf16", bf16, fbgemm_fp16, None),
-        "int8 fbgemm dynamic": ("int8", f32, layers(quantization.Int8DynamicLinear), lambda r: True),
+        "bf16 as fp16, fbgemm (Fp16PackedLinear)": ("bf16", bf16, layers(quantization.Fp16PackedLinear, bf16),
+                                                    lambda r: bf16_layer is quantization.Fp16PackedLinear),
+        "int8 fbgemm dynamic": ("int8", f32, layers(quantization.Int8DynamicLinear),
+                                lambda r: int8_layer is quantization.Int8DynamicLinear),
+        "int8 weights only (Int8WeightOnlyLinear)": ("int8", f32, layers(quantization.Int8WeightOnlyLinear),
+                                                     lambda r: int8_layer is quantization.Int8WeightOnlyLinear),
         "int8 _weight_int8pack_mm bf16": ("int8", bf16, int8pack, None),
         "int4 _weight_int4pack_mm g32": ("int4", bf16, int4_kernel(32),
                                          lambda r: r <= quantization.INT4_KERNEL_MAX_ROWS),
         "int4 _weight_int4pack_mm g128": ("int4", bf16, int4_kernel(128), None),
-        "int4 dequantize + bf16 GEMM": ("int4", bf16, int4_dequantized,
+        "int4 dequantize + GEMM": ("int4", bf16, int4_dequantized,
                                         lambda r: r > quantization.INT4_KERNEL_MAX_ROWS),
     }
     if options.torchao:

@@ -4,18 +4,22 @@ CPU: every linear layer (language model, visual expert, ViT, adapter, LM head) i
 keeps its weight in a kernel's own form. Decoding on a CPU is bound by reading weights, so smaller weights,
 read by kernels that stream them near the memory bandwidth, are what speed it up.
 The kernels are torch's own (bench/linear.py times them against torchao, oneDNN and inductor):
-  - fp32 / bf16 without --quant (`PackedLinear`, `pack_linears`): the float weight reordered once into
-    oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and multiplied by oneDNN's
-    `_linear_pointwise`, the pair torch's inductor uses for CPU linears. Faster at every row count than
-    plain `F.linear` (MKL for fp32, oneDNN without prepacking for bf16), which reorders per call.
-  - int8 (`Int8DynamicLinear`, x86): fbgemm's `quantized.linear_dynamic`: int8 weights with one scale
-    per output channel; each call quantizes its activations to int8 (per tensor) and runs an int8 GEMM.
-    Streams its weights near the memory bandwidth for 1-16 rows and is the fastest prefill product.
-    Elsewhere (`Int8WeightOnlyLinear`): `_weight_int8pack_mm`, activations stay in float.
+  - fp32 / bf16 without --quant (`pack_linears`, `packed_layer_class`): `PackedLinear`, the float weight
+    reordered once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and multiplied
+    by oneDNN's `_linear_pointwise`, the pair torch's inductor uses for CPU linears. Faster at every row
+    count than plain `F.linear` (MKL for fp32, oneDNN without prepacking for bf16), which reorders per call.
+    A CPU without bf16 instructions (no AVX-512 BW/VL/DQ, e.g. AVX2-only EPYCs) emulates every bf16 GEMM
+    and oneDNN refuses to pack bf16 there: bf16 weights go to `Fp16PackedLinear` (fbgemm, fp16 weights,
+    fp32 products) instead.
+  - int8 (`Int8DynamicLinear`, x86 with VNNI): fbgemm's `quantized.linear_dynamic`: int8 weights with one
+    scale per output channel; each call quantizes its activations to int8 (per tensor) and runs an int8
+    GEMM. Streams its weights near the memory bandwidth for 1-16 rows and is the fastest prefill product.
+    Without VNNI fbgemm's int8 sums saturate unless activations lose a bit, which costs too much accuracy
+    (`_int8_linear_class`): there, and off x86, `Int8WeightOnlyLinear` keeps activations in float.
   - int4 (`Int4WeightOnlyLinear`): 4-bit weights with a bf16 scale and zero point per group of
     `group_size` inputs, multiplied by `_weight_int4pack_mm_for_cpu` with bf16 activations for up to
-    INT4_KERNEL_MAX_ROWS rows; longer inputs (prefill) dequantize the layer to bf16 for the call and use
-    the bf16 GEMM, which is faster there than the int4 kernel.
+    INT4_KERNEL_MAX_ROWS rows; longer inputs (prefill) dequantize the layer for the call and use the
+    bf16 GEMM (fp32 on CPUs without bf16 instructions), which is faster there than the int4 kernel.
 Every such layer can be built empty and convert the float tensors `load_state_dict` hands it, so loading a
 checkpoint with `quantize_model(model, bits, weights_loaded=False)` (or `pack_linears`) never holds the
 float weights of more than the layers being read. These layers are for inference: they have no float
@@ -141,7 +145,9 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int8WeightOnlyLinear(Int8Linear):
-    """int8 weights, float activations: torch's `_weight_int8pack_mm` on CPU."""
+    """int8 weights, float activations: torch's `_weight_int8pack_mm` on CPU; on x86 (chosen there only
+    without VNNI) the weight dequantized to fp32 per call and MKL's GEMM, 3x faster than that kernel on an
+    AVX2 CPU for 1 row and more for many, and that kernel crashed there on bf16 activations (bench/linear.py)."""
 
     def _store_int8(self, weight, scales):
         self.register_buffer("weight_int8", (weight / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8))
@@ -150,7 +156,10 @@ class Int8WeightOnlyLinear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
         flat = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if x.device.type == "cpu" and _x86():
+            # the scales multiply the (rows, out) product rather than the (out, in) weight: fewer multiplies
+            out = torch.mm(flat.float(), self.weight_int8.t().float()).mul_(self.scales.float())
+        elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scales.to(x.dtype))
         else:  # no fused kernel here: dequantise on the fly
             out = F.linear(flat, self.weight_int8.to(x.dtype) * self.scales.to(x.dtype)[:, None])
@@ -193,24 +202,61 @@ class PackedLinear(QuantizedLinear):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-def packing_supported(dtype: torch.dtype) -> bool:
-    """Whether this torch and CPU run `PackedLinear` in `dtype` (oneDNN built in; bf16 needs its bf16 support)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
+class Fp16PackedLinear(QuantizedLinear):
+    """A bf16 weight held as fp16 in fbgemm's packed layout, products in fp32, outputs in the input's dtype.
+
+    For CPUs without bf16 instructions, where torch emulates bf16 GEMMs (a 283-row product took 9x fp32's
+    time in bench/linear.py on an AVX2 EPYC) and oneDNN cannot pack bf16: fbgemm's fp16 kernel reads the same
+    2 bytes per weight and converts them in registers (F16C). bf16 values convert to fp16 exactly from
+    2^-17 to 65504; smaller ones round to fp16's subnormals (an error below 2^-25 per weight); larger ones
+    do not fit and are refused.
+    """
+
+    def _store(self, weight):
+        weight = weight.detach().to(self.dtype).float()
+        largest = float(weight.abs().max()) if weight.numel() else 0.0
+        if not largest <= torch.finfo(torch.float16).max:
+            raise ValueError(f"a weight of magnitude {largest:g} does not fit fp16, which bf16 weights are packed "
+                             "in on this CPU (no bf16 instructions): load the model in fp32 instead of --bf16")
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
+
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_loaded()
+        flat = x.reshape(-1, self.in_features).float()
+        return self._finish(torch.ops.quantized.linear_dynamic_fp16(flat, self._packed), x)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions torch's GEMMs use (oneDNN: AVX-512 BW/VL/DQ or AVX-NE-CONVERT);
+    without them every bf16 product is emulated."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def packed_layer_class(dtype: torch.dtype):
+    """The layer `pack_linears` puts in place of a `dtype` linear on this CPU, or None (it stays plain)."""
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return PackedLinear
     if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32
+        if native_bf16():
+            return PackedLinear
+        if "fbgemm" in torch.backends.quantized.supported_engines:
+            return Fp16PackedLinear
+    return None
 
 
 def pack_linears(model: nn.Module, weights_loaded: bool = True) -> int:
-    """Replace the fp32/bf16 linear layers of a CPU inference model by `PackedLinear` ones (see
-    `quantize_linears` for weights_loaded); returns how many, 0 where `packing_supported` says no."""
+    """Replace the fp32/bf16 linear layers of a CPU inference model by `packed_layer_class` ones (see
+    `quantize_linears` for weights_loaded); returns how many, 0 where there is none for its dtype."""
     dtype = next(model.parameters()).dtype
-    if not packing_supported(dtype) or get_model_parallel_world_size() > 1:
+    layer_class = packed_layer_class(dtype)
+    if layer_class is None or get_model_parallel_world_size() > 1:
         return 0
-    count = quantize_linears(model, PackedLinear, weights_loaded)
-    logger.info("%s %d linear layers for oneDNN (%s)", "packed" if weights_loaded else "prepared", count,
-                str(dtype).replace("torch.", ""))
+    count = quantize_linears(model, layer_class, weights_loaded)
+    logger.info("%s %d linear layers as %s (%s)", "packed" if weights_loaded else "prepared", count,
+                layer_class.__name__, str(dtype).replace("torch.", ""))
     return count
 
 
@@ -283,8 +329,9 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return self.weight_int4.numel() + self.scales_and_zeros.numel() * 2
 
     @torch.no_grad()
-    def dequantized_t(self) -> torch.Tensor:
-        """The transposed bf16 weight (padded in, padded out) this layer multiplies by."""
+    def dequantized_t(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The transposed weight (padded in, padded out) this layer multiplies by, in `dtype` (its values are
+        those of bf16 arithmetic either way)."""
         block = _int4_block_rows()
         if block is None:
             raise RuntimeError("torch's int4 packing on this CPU has a layout this layer cannot read")
@@ -292,7 +339,8 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         q = q.reshape(-1, self.group_size, self.padded_out).to(torch.bfloat16)  # (groups, group_size, out)
         scale = self.scales_and_zeros[..., 0].contiguous()  # contiguous: a strided operand is far slower
         offset = self.scales_and_zeros[..., 1] - 8 * scale
-        return q.mul_(scale.unsqueeze(1)).add_(offset.unsqueeze(1)).reshape(self.padded_in, self.padded_out)
+        weight = q.mul_(scale.unsqueeze(1)).add_(offset.unsqueeze(1)).reshape(self.padded_in, self.padded_out)
+        return weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
@@ -302,8 +350,10 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         if len(flat) <= INT4_KERNEL_MAX_ROWS or _int4_block_rows() is None:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.weight_int4, self.group_size,
                                                              self.scales_and_zeros)
-        else:
+        elif native_bf16():
             out = torch.mm(flat, self.dequantized_t())
+        else:  # torch emulates bf16 GEMMs on this CPU, far slower than even the int4 kernel: fp32
+            out = torch.mm(flat.float(), self.dequantized_t(torch.float32))
         return self._finish(out[:, :self.out_features], x)
 
 
@@ -316,6 +366,11 @@ def _cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
+@functools.lru_cache(maxsize=None)
+def _x86() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines  # torch builds fbgemm on x86 only
+
+
 # Without VNNI, fbgemm's int8 dot products go through 16-bit sums that saturate on full-range
 # activations, so activations get 7 bits there (as torch's fbgemm qconfig does). With VNNI they keep
 # 8 bits: on the golden bundle that halves the logit error (0.14 -> 0.07 of max|logit|).
@@ -323,7 +378,10 @@ _REDUCE_RANGE = not _cpu_has_vnni()
 
 
 def _int8_linear_class():
-    if "fbgemm" in torch.backends.quantized.supported_engines:
+    """fbgemm's dynamic int8 where the CPU has VNNI. Without it (AVX2-only CPUs) its 7-bit activations cost
+    the golden bundle 0.15 of max|logit| and 26 of 64 greedy tokens, 8-bit activations saturate (0.73), and
+    7-bit weights with 8-bit activations still lose 16 tokens (bench/RESULTS.md): weights-only int8 there."""
+    if _x86() and _cpu_has_vnni():
         torch.backends.quantized.engine = "fbgemm"
         return Int8DynamicLinear
     return Int8WeightOnlyLinear
