@@ -4,7 +4,7 @@
     python bench/generate.py --config tiny --dtype fp32 --quant 0 4 --batch 1
     python bench/generate.py --path ours --quant 0 --no_pack   # float weights through plain F.linear
 
-Our float rows run the oneDNN-packed linears the front ends load (models.quantization.PackedLinear).
+Our float rows run the oneDNN-packed linears the front ends load (models.packed).
 
 Ends with the ratios the speed targets are stated in (each variant against fp32 of the same run).
 
@@ -46,7 +46,8 @@ def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None, p
     import torch
     from models import CogVLMModel
     from models.checkpoint.memory import trim_heap
-    from models.quantization import QuantizedLinear, pack_linears, quantize_model
+    from models.packed import pack_linears
+    from models.quantization import QuantizedLinear, quantize_model
 
     cfg = CONFIGS[name]
     eva = cfg["eva"]

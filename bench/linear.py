@@ -8,7 +8,7 @@
 Cycles through enough distinct weights (> last-level cache) that every product streams its weight from memory,
 as decoding does. Prints ms per product and the bandwidth at which it reads its weight (bytes of the weight in
 that format, scales included, / time). "*" marks what the front ends run for that row count
-(models.quantization). Decoding is 1-8 rows, a prefill's text and image tokens tens to hundreds.
+(models.quantization, models.packed). Decoding is 1-8 rows, a prefill's text and image tokens tens to hundreds.
 """
 import argparse
 import os
@@ -27,7 +27,7 @@ def candidates(options):
     import torch
     import torch.nn.functional as F
 
-    from models import quantization
+    from models import cpu, packed, quantization
     from models.linear import _without_onednn
 
     f32, bf16 = torch.float32, torch.bfloat16
@@ -69,24 +69,24 @@ def candidates(options):
 
     def int4_dequantized(weights, rows):
         # bf16 GEMM where the CPU has bf16 instructions, else fp32 (what Int4WeightOnlyLinear does)
-        dtype = bf16 if quantization.native_bf16() else f32
+        dtype = bf16 if cpu.native_bf16() else f32
         built = quantized(quantization.Int4WeightOnlyLinear, weights)
         return (lambda x, i: torch.mm(x.to(dtype), built[i].dequantized_t(dtype))), built[0].weight_bytes()
 
     # "used": what the front ends run on this CPU; the MKL/oneDNN rows are what models.linear.linear picks from
     # for float layers left unpacked (training, model parallelism)
-    bf16_layer, int8_layer = quantization.packed_layer_class(bf16), quantization._int8_linear_class()
+    bf16_layer, int8_layer = packed.packed_layer_class(bf16), quantization._int8_linear_class()
     table = {
-        "fp32 oneDNN prepacked (PackedLinear)": ("fp32", f32, layers(quantization.PackedLinear, f32), lambda r: True),
+        "fp32 oneDNN prepacked (PackedLinear)": ("fp32", f32, layers(packed.PackedLinear, f32), lambda r: True),
         "fp32 F.linear (MKL)": ("fp32", f32, plain(f32, F.linear), None),
         "fp32 W @ x^T (MKL)": ("fp32", f32, plain(f32, lambda x, w: torch.mm(w, x.t()).t()), None),
-        "bf16 oneDNN prepacked (PackedLinear)": ("bf16", bf16, layers(quantization.PackedLinear, bf16),
-                                                 lambda r: bf16_layer is quantization.PackedLinear),
+        "bf16 oneDNN prepacked (PackedLinear)": ("bf16", bf16, layers(packed.PackedLinear, bf16),
+                                                 lambda r: bf16_layer is packed.PackedLinear),
         "bf16 F.linear (oneDNN)": ("bf16", bf16, plain(bf16, F.linear), None),
         "bf16 ATen GEMV (oneDNN off)": ("bf16", bf16, plain(bf16, lambda x, w: _without_onednn(F.linear, x, w)),
                                         None),
-        "bf16 as fp16, fbgemm (Fp16PackedLinear)": ("bf16", bf16, layers(quantization.Fp16PackedLinear, bf16),
-                                                    lambda r: bf16_layer is quantization.Fp16PackedLinear),
+        "bf16 as fp16, fbgemm (Fp16PackedLinear)": ("bf16", bf16, layers(packed.Fp16PackedLinear, bf16),
+                                                    lambda r: bf16_layer is packed.Fp16PackedLinear),
         "int8 fbgemm dynamic": ("int8", f32, layers(quantization.Int8DynamicLinear),
                                 lambda r: int8_layer is quantization.Int8DynamicLinear),
         "int8 weights only (Int8WeightOnlyLinear)": ("int8", f32, layers(quantization.Int8WeightOnlyLinear),

@@ -1,6 +1,6 @@
 """Linear layers for decoding: a few rows of activations times a large weight, for float layers in their
 plain form (training, model parallelism, models loaded without `pack`). The front ends load CPU float
-weights packed for oneDNN instead (models.quantization.PackedLinear), faster than everything here.
+weights packed for oneDNN instead (models.packed), faster than everything here.
 
 Decoding one token per row is bandwidth-bound: every step streams each weight matrix once, so the
 product must read its weight near the memory bandwidth. `linear` picks the fastest of torch's CPU kernels

@@ -1,16 +1,10 @@
-"""CPU weight formats for inference: int8 and int4 (`--quant 8 | 4`), and float weights packed for oneDNN.
+"""CPU weight formats for inference: int8 and int4 (`--quant 8 | 4`); the base of the packed float layers.
 
 CPU: every linear layer (language model, visual expert, ViT, adapter, LM head) is replaced by one that
 keeps its weight in a kernel's own form. Decoding on a CPU is bound by reading weights, so smaller weights,
 read by kernels that stream them near the memory bandwidth, are what speed it up.
 The kernels are torch's own (bench/linear.py times them against torchao, oneDNN and inductor):
-  - fp32 / bf16 without --quant (`pack_linears`, `packed_layer_class`): `PackedLinear`, the float weight
-    reordered once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and multiplied
-    by oneDNN's `_linear_pointwise`, the pair torch's inductor uses for CPU linears. Faster at every row
-    count than plain `F.linear` (MKL for fp32, oneDNN without prepacking for bf16), which reorders per call.
-    A CPU without bf16 instructions (no AVX-512 BW/VL/DQ, e.g. AVX2-only EPYCs) emulates every bf16 GEMM
-    and oneDNN refuses to pack bf16 there: bf16 weights go to `Fp16PackedLinear` (fbgemm, fp16 weights,
-    fp32 products) instead.
+  - fp32 / bf16 without --quant: models.packed (the float weight in the kernel's layout, same base class).
   - int8 (`Int8DynamicLinear`, x86 with VNNI): fbgemm's `quantized.linear_dynamic`: int8 weights with one
     scale per output channel; each call quantizes its activations to int8 (per tensor) and runs an int8
     GEMM. Streams its weights near the memory bandwidth for 1-16 rows and is the fastest prefill product.
@@ -21,7 +15,7 @@ The kernels are torch's own (bench/linear.py times them against torchao, oneDNN 
     INT4_KERNEL_MAX_ROWS rows; longer inputs (prefill) dequantize the layer for the call and use the
     bf16 GEMM (fp32 on CPUs without bf16 instructions), which is faster there than the int4 kernel.
 Every such layer can be built empty and convert the float tensors `load_state_dict` hands it, so loading a
-checkpoint with `quantize_model(model, bits, weights_loaded=False)` (or `pack_linears`) never holds the
+checkpoint with `quantize_model(model, bits, weights_loaded=False)` (or models.packed) never holds the
 float weights of more than the layers being read. These layers are for inference: they have no float
 `weight` in their state dict.
 GPU: SAT's cpm_kernels quantization, as upstream (`sat.quantization.kernels.quantize`).
@@ -35,6 +29,7 @@ import torch.nn.functional as F
 
 from sat.mpu import ColumnParallelLinear, RowParallelLinear, get_model_parallel_world_size
 
+from models.cpu import has_vnni, is_x86, native_bf16
 from models.errors import CogVLMError
 
 logger = logging.getLogger(__name__)
@@ -144,25 +139,42 @@ class Int8Linear(QuantizedLinear):
         return self.in_features * self.out_features  # one byte per weight (+ out_features scales)
 
 
+# Up to this many rows Int8WeightOnlyLinear runs `_weight_int8pack_mm`; longer inputs dequantize its weight,
+# a block of INT8_DEQUANTIZE_BLOCK weights at a time (bounded temporaries, the block stays in cache), for
+# MKL's fp32 GEMM (bench/linear.py on an AVX2 CPU: the kernel is faster up to ~64 rows, 1.5x slower at 283).
+INT8_KERNEL_MAX_ROWS = 64
+INT8_DEQUANTIZE_BLOCK = 2**19
+_INT8_IN_ALIGN = 32  # `_weight_int8pack_mm` crashed on an AVX2 CPU for inputs of other widths (172) and > 1 row
+
+
 class Int8WeightOnlyLinear(Int8Linear):
-    """int8 weights, float activations: torch's `_weight_int8pack_mm` on CPU; on x86 (chosen there only
-    without VNNI) the weight dequantized to fp32 per call and MKL's GEMM, 3x faster than that kernel on an
-    AVX2 CPU for 1 row and more for many, and that kernel crashed there on bf16 activations (bench/linear.py)."""
+    """int8 weights, float activations: torch's `_weight_int8pack_mm` for up to INT8_KERNEL_MAX_ROWS rows,
+    a dequantized fp32 GEMM for more. On x86 (chosen there only without VNNI) the kernel gets its activations
+    in bf16: its fp32 form streamed the weight at a fifth of the speed (bench/linear.py). The weight is
+    padded with zero inputs to a multiple of 32."""
 
     def _store_int8(self, weight, scales):
-        self.register_buffer("weight_int8", (weight / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8))
+        q = (weight / scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.padded_in = -(-self.in_features // _INT8_IN_ALIGN) * _INT8_IN_ALIGN
+        self.register_buffer("weight_int8", F.pad(q, (0, self.padded_in - self.in_features)))  # (out, padded_in)
         self.register_buffer("scales", scales.to(self.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
         flat = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and _x86():
-            # the scales multiply the (rows, out) product rather than the (out, in) weight: fewer multiplies
-            out = torch.mm(flat.float(), self.weight_int8.t().float()).mul_(self.scales.float())
-        elif x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scales.to(x.dtype))
-        else:  # no fused kernel here: dequantise on the fly
+        if self.padded_in != self.in_features:
+            flat = F.pad(flat, (0, self.padded_in - self.in_features))
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             out = F.linear(flat, self.weight_int8.to(x.dtype) * self.scales.to(x.dtype)[:, None])
+        elif len(flat) <= INT8_KERNEL_MAX_ROWS:
+            kernel_dtype = torch.bfloat16 if is_x86() else x.dtype
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(kernel_dtype).contiguous(), self.weight_int8,
+                                                     self.scales.to(kernel_dtype))
+        else:
+            flat = flat.float()
+            block = max(1, INT8_DEQUANTIZE_BLOCK // self.padded_in)
+            out = torch.cat([torch.mm(flat, self.weight_int8[start:start + block].float().t())
+                             for start in range(0, self.out_features, block)], dim=1).mul_(self.scales.float())
         return self._finish(out, x)
 
 
@@ -178,86 +190,6 @@ class Int8DynamicLinear(Int8Linear):
         self._check_loaded()
         flat = x.reshape(-1, self.in_features).float()
         return self._finish(torch.ops.quantized.linear_dynamic(flat, self._packed, _REDUCE_RANGE), x)
-
-
-# The row count oneDNN's packing is told to expect: a packing for one row was as fast as the best one for
-# every row count from 1 to 283 (bench/linear.py), so one packing serves decoding and prompts alike.
-PACK_ROWS_HINT = 1
-
-
-class PackedLinear(QuantizedLinear):
-    """An fp32 or bf16 weight (not quantized) in oneDNN's blocked layout; products in the weight's dtype."""
-
-    def _store(self, weight):
-        weight = weight.detach().to(self.dtype).contiguous()
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
-
-    def weight_bytes(self) -> int:
-        return self.in_features * self.out_features * self.dtype.itemsize
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_loaded()
-        flat = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.bias, "none", [], "")  # bias: self.dtype
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
-class Fp16PackedLinear(QuantizedLinear):
-    """A bf16 weight held as fp16 in fbgemm's packed layout, products in fp32, outputs in the input's dtype.
-
-    For CPUs without bf16 instructions, where torch emulates bf16 GEMMs (a 283-row product took 9x fp32's
-    time in bench/linear.py on an AVX2 EPYC) and oneDNN cannot pack bf16: fbgemm's fp16 kernel reads the same
-    2 bytes per weight and converts them in registers (F16C). bf16 values convert to fp16 exactly from
-    2^-17 to 65504; smaller ones round to fp16's subnormals (an error below 2^-25 per weight); larger ones
-    do not fit and are refused.
-    """
-
-    def _store(self, weight):
-        weight = weight.detach().to(self.dtype).float()
-        largest = float(weight.abs().max()) if weight.numel() else 0.0
-        if not largest <= torch.finfo(torch.float16).max:
-            raise ValueError(f"a weight of magnitude {largest:g} does not fit fp16, which bf16 weights are packed "
-                             "in on this CPU (no bf16 instructions): load the model in fp32 instead of --bf16")
-        self._packed = torch.ops.quantized.linear_prepack_fp16(weight, None)
-
-    def weight_bytes(self) -> int:
-        return self.in_features * self.out_features * 2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_loaded()
-        flat = x.reshape(-1, self.in_features).float()
-        return self._finish(torch.ops.quantized.linear_dynamic_fp16(flat, self._packed), x)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions torch's GEMMs use (oneDNN: AVX-512 BW/VL/DQ or AVX-NE-CONVERT);
-    without them every bf16 product is emulated."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def packed_layer_class(dtype: torch.dtype):
-    """The layer `pack_linears` puts in place of a `dtype` linear on this CPU, or None (it stays plain)."""
-    if dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        return PackedLinear
-    if dtype == torch.bfloat16:
-        if native_bf16():
-            return PackedLinear
-        if "fbgemm" in torch.backends.quantized.supported_engines:
-            return Fp16PackedLinear
-    return None
-
-
-def pack_linears(model: nn.Module, weights_loaded: bool = True) -> int:
-    """Replace the fp32/bf16 linear layers of a CPU inference model by `packed_layer_class` ones (see
-    `quantize_linears` for weights_loaded); returns how many, 0 where there is none for its dtype."""
-    dtype = next(model.parameters()).dtype
-    layer_class = packed_layer_class(dtype)
-    if layer_class is None or get_model_parallel_world_size() > 1:
-        return 0
-    count = quantize_linears(model, layer_class, weights_loaded)
-    logger.info("%s %d linear layers as %s (%s)", "packed" if weights_loaded else "prepared", count,
-                layer_class.__name__, str(dtype).replace("torch.", ""))
-    return count
 
 
 # Up to this many rows `_weight_int4pack_mm_for_cpu` is faster than dequantizing the layer to bf16 and a
@@ -357,31 +289,17 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         return self._finish(out[:, :self.out_features], x)
 
 
-def _cpu_has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-@functools.lru_cache(maxsize=None)
-def _x86() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines  # torch builds fbgemm on x86 only
-
-
 # Without VNNI, fbgemm's int8 dot products go through 16-bit sums that saturate on full-range
 # activations, so activations get 7 bits there (as torch's fbgemm qconfig does). With VNNI they keep
 # 8 bits: on the golden bundle that halves the logit error (0.14 -> 0.07 of max|logit|).
-_REDUCE_RANGE = not _cpu_has_vnni()
+_REDUCE_RANGE = not has_vnni()
 
 
 def _int8_linear_class():
     """fbgemm's dynamic int8 where the CPU has VNNI. Without it (AVX2-only CPUs) its 7-bit activations cost
     the golden bundle 0.15 of max|logit| and 26 of 64 greedy tokens, 8-bit activations saturate (0.73), and
     7-bit weights with 8-bit activations still lose 16 tokens (bench/RESULTS.md): weights-only int8 there."""
-    if _x86() and _cpu_has_vnni():
+    if is_x86() and has_vnni():
         torch.backends.quantized.engine = "fbgemm"
         return Int8DynamicLinear
     return Int8WeightOnlyLinear

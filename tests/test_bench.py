@@ -7,7 +7,7 @@ import sys
 
 from conftest import ROOT
 
-from models.quantization import native_bf16
+from models.cpu import native_bf16
 
 
 def run_bench(*flags, rounds=1):

@@ -11,8 +11,10 @@ from test_golden import case_inputs
 from utils.generation import GenerationConfig, generate_stream
 from models.errors import CogVLMError
 from models import quantization
-from models.quantization import (Fp16PackedLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
-                                 PackedLinear, QuantizedLinear, pack_linears, packed_layer_class, quantize_model)
+from models.cpu import is_x86
+from models.packed import Fp16PackedLinear, PackedLinear, pack_linears, packed_layer_class
+from models.quantization import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizedLinear,
+                                 quantize_model)
 
 # per LLM layer 5 language + 5 visual-expert linears; lm_head; 4 per ViT layer; 4 in the GLU adapter
 GOLDEN_LINEARS = 2 * 10 + 1 + 2 * 4 + 4
@@ -126,15 +128,22 @@ def test_unsupported_bits_are_a_clear_error(golden_model):
         quantize_model(copy.deepcopy(golden_model[0]), 3)
 
 
+@pytest.mark.parametrize("rows", [1, 15, 40])  # the int8 kernel (bf16 activations on x86), the dequantized GEMM
 @torch.no_grad()
-def test_weight_only_kernel_matches_dequantized_weights(golden_model):
-    """The fallback for machines without fbgemm: int8 weights, fp activations."""
-    linear = golden_model[0].transformer.layers[0].attention.query_key_value
+def test_weight_only_int8_multiplies_by_its_int8_weights(golden_model, rows):
+    """int8 weights, float activations (CPUs without VNNI, or fbgemm): the product of the int8 weights
+    times their scales, the inputs padded to a multiple of 32 (172 -> 192 here)."""
+    linear = golden_model[0].transformer.layers[0].mlp.dense_4h_to_h
     int8 = Int8WeightOnlyLinear.from_linear(linear)
-    x = torch.randn(3, 5, linear.weight.shape[1])
-    dequantized = int8.weight_int8.float() * int8.scales[:, None]
-    assert torch.allclose(int8(x), x @ dequantized.T, atol=1e-4)
+    in_features = linear.weight.shape[1]
+    assert int8.weight_int8.shape == (linear.weight.shape[0], 192) and not int8.weight_int8[:, in_features:].any()
+    dequantized = int8.weight_int8[:, :in_features].float() * int8.scales[:, None]
     assert (dequantized - linear.weight).abs().max() <= int8.scales.max() / 2 + 1e-6
+    x = torch.randn(rows, in_features)
+    if rows <= quantization.INT8_KERNEL_MAX_ROWS and is_x86():
+        assert_close_rel(int8(x), x.bfloat16().float() @ dequantized.T, rel=1e-2, what="kernel, bf16 activations")
+    else:
+        assert_close_rel(int8(x), x @ dequantized.T, rel=1e-5, what="dequantized GEMM")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -245,7 +254,7 @@ def test_packed_layer_is_the_float_product(dtype, rows):
 
 def test_fp16_packing_refuses_bf16_weights_beyond_fp16s_range():
     layer = Fp16PackedLinear(4, 2, False, torch.bfloat16)
-    with pytest.raises(ValueError, match="does not fit fp16.*fp32 instead of --bf16"):
+    with pytest.raises(CogVLMError, match="does not fit fp16.*fp32 instead of --bf16"):
         layer.quantize_(torch.tensor([[1.0, 7e4, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]))
     layer.quantize_(torch.tensor([[1.0, 6e4, 2.0 ** -20, 0.0], [0.0, 0.0, 0.0, -3.0]]))
     out = layer(torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=torch.bfloat16))
@@ -264,7 +273,7 @@ def test_front_ends_load_float_weights_packed(golden, golden_model, flags, dtype
 
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", golden.checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu"] + flags)
-    with caplog.at_level(logging.INFO, logger="models.quantization"):
+    with caplog.at_level(logging.INFO, logger="models.packed"):
         model = load_pipeline(args).model
     layer_class = packed_layer_class(dtype)
     assert f"prepared {GOLDEN_LINEARS} linear layers as {layer_class.__name__}" in caplog.text  # before loading
