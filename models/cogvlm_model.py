@@ -13,14 +13,17 @@ import logging
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sat.model.base_model import BaseMixin
 from sat.model.finetune import PTuningV2Mixin
 from sat.model.finetune.lora2 import LoraMixin
 from sat.model.official.llama_model import LLaMAModel, LMMixin
 from sat.mpu.layers import unscaled_init_method
+from sat.ops.layernorm import RMSNorm
 
 from models.eva_clip_model import EVA2CLIPModel
+from models.kv_cache import KVCacheMixin, cached_attention
 from models.linear import apply_linear
 from models.mixin import LlamaVisionExpertAttnMixin, LlamaVisionExpertFCMixin
 from models.vision_expert_lora import VisionExpertLoraMixin
@@ -141,10 +144,44 @@ class CogVLMModel(LLaMAModel):
 
     def forward(self, input_ids, vision_expert_mask=None, image_embed_mask=None, images=None, **kwargs):
         kwargs.pop("parallel_output", None)
+        if self._decodes_directly(input_ids, kwargs):
+            return (self.decode_step(input_ids, kwargs["position_ids"], kwargs["attention_mask"], kwargs["kv_cache"]),)
         if input_ids.shape[1] > 1 and vision_expert_mask is not None:
             return super().forward(input_ids=input_ids, vision_expert_mask=vision_expert_mask,
                                    image_embed_mask=image_embed_mask, images=images, **kwargs)
         return super().forward(input_ids=input_ids, **kwargs)
+
+    def _decodes_directly(self, input_ids, kwargs) -> bool:
+        """Whether this forward is a cached decode step that `decode_step` computes: one token per row,
+        inference, and no mixin beyond the inference ones (LoRA, P-tuning and any added hook go through SAT)."""
+        return (input_ids.shape[1] == 1 and kwargs.get("kv_cache") is not None and not self.training
+                and not torch.is_grad_enabled() and set(kwargs) == {"position_ids", "attention_mask", "kv_cache"}
+                and all(type(self.mixins[name]) is kind for name, kind in _DIRECT_DECODE_MIXINS.items())
+                and len(self.mixins) == len(_DIRECT_DECODE_MIXINS))
+
+    def decode_step(self, input_ids, position_ids, attention_mask, kv_cache) -> torch.Tensor:
+        """One cached decoding step, the language expert's pre-LN LLaMA layers written out.
+
+        input_ids, position_ids (B, 1); attention_mask (B or 1, 1, 1, cached + 1), 1 = attend; kv_cache: a
+        models.kv_cache cache holding the rows' earlier positions -> logits (B, 1, vocab).
+
+        The same operations as `forward` (SAT's layer_forward_default with this model's mixins, bit for bit:
+        tests/test_decode.py) without SAT's per-layer plumbing (three module calls, hook lookups and keyword
+        dictionaries per layer), which on a CPU costs as much as a quantized model's products of a layer
+        take for one token (bench/RESULTS.md).
+        """
+        attention_mixin, mlp_mixin = self.get_mixin("rotary"), self.get_mixin("mlp")
+        hidden = self.transformer.word_embeddings(input_ids)  # (B, 1, hidden)
+        for layer_id, layer in enumerate(self.transformer.layers):
+            attention = layer.attention
+            qkv = apply_linear(attention.query_key_value, _rms_norm(layer.input_layernorm, hidden))  # (B, 1, 3 hidden)
+            query, key, value = attention_mixin.rotated_qkv(qkv, position_ids)  # (B, heads, 1, head_dim) each
+            key, value = kv_cache.append(layer_id, key, value)  # (B, heads, cached + 1, head_dim)
+            context = cached_attention(query, key, value, attention_mask)  # (B, heads, 1, head_dim)
+            context = context.transpose(1, 2).reshape(*hidden.shape[:2], attention.hidden_size_per_partition)
+            hidden = hidden + apply_linear(attention.dense, context)
+            hidden = hidden + mlp_mixin.language_mlp(_rms_norm(layer.post_attention_layernorm, hidden), layer_id)
+        return self.get_mixin("lm").final_forward(_rms_norm(self.transformer.final_layernorm, hidden))
 
     @classmethod
     def add_model_specific_args(cls, parser):
@@ -165,6 +202,19 @@ class CogVLMModel(LLaMAModel):
         if cls.checkpoint_loader is None:
             raise RuntimeError("import models.checkpoint (or models) before CogVLMModel.from_pretrained")
         return cls.checkpoint_loader(name, args, build_only=build_only, overwrite_args=overwrite_args, **kwargs)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` for SAT's RMSNorm through torch's `F.rms_norm`: the same numbers (tests/test_decode.py) in
+    fewer operations."""
+    if type(norm) is RMSNorm:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm(x)
+
+
+# The mixins an inference model has (`decode_step` computes exactly their forward).
+_DIRECT_DECODE_MIXINS = {"lm": LMHeadMixin, "eva": ImageMixin, "mlp": LlamaVisionExpertFCMixin,
+                         "rotary": LlamaVisionExpertAttnMixin, "kv-cache": KVCacheMixin}
 
 
 class FineTuneTrainCogVLMModel(CogVLMModel):

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from sat.model.base_model import BaseMixin
 from sat.mpu import ColumnParallelLinear, RowParallelLinear
-from sat.mpu.utils import split_tensor_along_last_dim
 from sat.transformer_defaults import attention_fn_default
 
 from models.linear import apply_linear
@@ -44,8 +43,13 @@ class RotaryEmbedding(nn.Module):
         query, key: (batch, heads, seq, head_dim); position_ids: (batch or 1, seq).
         Returns the rotated (query, key) in their input dtype.
         """
-        cos, signed_sin = self._cos_sin(position_ids, query.device)
-        return _rotate(query, cos, signed_sin), _rotate(key, cos, signed_sin)
+        return self.rotate(query, position_ids), self.rotate(key, position_ids)
+
+    def rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """x (..., batch, heads, seq, head_dim), e.g. query and key stacked, rotated by position_ids
+        (batch or 1, seq); in x's dtype."""
+        cos, signed_sin = self._cos_sin(position_ids, x.device)
+        return _rotate(x, cos, signed_sin)
 
     def _cos_sin(self, position_ids: torch.Tensor, device):
         """(cos, sin) of every position and frequency, each (batch, 1, seq, head_dim) fp32, the sin
@@ -127,8 +131,7 @@ class LlamaVisionExpertFCMixin(BaseMixin):
         act = mlp.activation_func
 
         def language(x):
-            gate, up = apply_linear(self.gate_proj[layer_id], x), apply_linear(mlp.dense_h_to_4h, x)
-            return apply_linear(mlp.dense_4h_to_h, _gated(act, gate, up))
+            return self.language_mlp(x, layer_id)
 
         if not _use_vision_expert(kw_args, hidden_states.shape[1]):
             return language(hidden_states)
@@ -138,6 +141,12 @@ class LlamaVisionExpertFCMixin(BaseMixin):
             return self.vision_dense_4h_to_h_list[layer_id](_gated(act, self.vision_gate_proj[layer_id](x), up))
 
         return _route(hidden_states, kw_args["vision_expert_mask"], language, vision, hidden_states.shape[-1])
+
+    def language_mlp(self, x: torch.Tensor, layer_id: int) -> torch.Tensor:
+        """The language expert's SwiGLU MLP of layer `layer_id`: (..., hidden) -> (..., hidden)."""
+        mlp = self.transformer.layers[layer_id].mlp
+        gate, up = apply_linear(self.gate_proj[layer_id], x), apply_linear(mlp.dense_h_to_4h, x)
+        return apply_linear(mlp.dense_4h_to_h, _gated(mlp.activation_func, gate, up))
 
 
 class LlamaVisionExpertAttnMixin(BaseMixin):
@@ -169,8 +178,7 @@ class LlamaVisionExpertAttnMixin(BaseMixin):
                            self.vision_query_key_value_list[layer_id], 3 * attn.hidden_size_per_partition)
         else:
             mixed = apply_linear(attn.query_key_value, hidden_states)
-        query, key, value = (attn._transpose_for_scores(t) for t in split_tensor_along_last_dim(mixed, attn.stride))
-        query, key = self.rotary_emb(query, key, kw_args["position_ids"])
+        query, key, value = self.rotated_qkv(mixed, kw_args["position_ids"])
 
         dropout_fn = attn.attention_dropout if attn.training else None
         context = attention_fn(query, key, value, mask, dropout_fn, **kw_args)
@@ -184,3 +192,16 @@ class LlamaVisionExpertAttnMixin(BaseMixin):
         if attn.training:
             output = attn.output_dropout(output)
         return output
+
+    def rotated_qkv(self, mixed: torch.Tensor, position_ids: torch.Tensor):
+        """mixed (batch, seq, 3 * heads * head_dim), laid out [query | key | value] -> query, key, value, each
+        (batch, heads, seq, head_dim) (views of `mixed` but for the rotated query and key).
+
+        The heads of SAT's `_transpose_for_scores` on `split_tensor_along_last_dim(mixed, 3)`; query and key
+        are rotated together, one set of elementwise ops for both.
+        """
+        batch, length, width = mixed.shape
+        head_dim = self.rotary_emb.head_dim
+        qkv = mixed.view(batch, length, 3, width // (3 * head_dim), head_dim).permute(2, 0, 3, 1, 4)
+        query, key = self.rotary_emb.rotate(qkv[:2], position_ids).unbind(0)
+        return query, key, qkv[2]
