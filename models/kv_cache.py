@@ -88,13 +88,13 @@ def cached_attention(query, key, value, mask):
 
     SAT's default attention makes the keys/values contiguous first (for multi-query heads), which
     would copy the whole cache view in every layer at every step; SDPA reads the views in place.
-    query (B, H, q, D), key/value (B, H, k, D) in the cache's dtype, mask (B or 1, 1, q, k) -> (B, H, q, D)
-    in the query's dtype.
+    query (B, H, q, D), key/value (B, H, k, D) in the cache's dtype, mask (B or 1, 1, q, k), or None where
+    every query attends to every key -> (B, H, q, D) in the query's dtype.
     """
     if query.dtype != key.dtype:  # a 16-bit model's query against an fp32 cache (cache_dtype)
         return cached_attention(query.to(key.dtype), key, value, mask).to(query.dtype)
     q_len, k_len = query.shape[2], key.shape[2]
-    if bool(mask.all()):
+    if mask is None or bool(mask.all()):
         return F.scaled_dot_product_attention(query, key, value)
     if q_len == k_len and mask.shape[0] == 1 and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all()):
         return F.scaled_dot_product_attention(query, key, value, is_causal=True)

@@ -58,12 +58,13 @@ def apply_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     LoRA, quantized and model-parallel layers run their own forward unchanged.
     """
-    if type(layer) in (ColumnParallelLinear, RowParallelLinear) and _single_partition():
+    if type(layer) in (ColumnParallelLinear, RowParallelLinear) and single_partition():
         return linear(x, layer.weight, layer.bias)
     return layer(x)
 
 
-def _single_partition() -> bool:
+def single_partition() -> bool:
+    """Whether the model runs unsplit (one model-parallel partition)."""
     try:
         return mpu.get_model_parallel_world_size() == 1
     except (AssertionError, AttributeError, RuntimeError):  # model parallelism not initialised: one process
