@@ -114,6 +114,9 @@ def test_models_with_other_mixins_or_autograd_decode_through_sat(tiny_model):
         assert not tiny_model._decodes_directly(torch.ones(1, 2, dtype=torch.long), kwargs)
         assert not tiny_model._decodes_directly(input_ids, dict(kwargs, output_hidden_states=True))
     assert not tiny_model._decodes_directly(input_ids, kwargs)  # autograd on
+    without_cache_mixin = CogVLMModel(tiny_args()).eval()  # SAT would ignore kv_cache: not a decode step
+    with torch.no_grad():
+        assert not without_cache_mixin._decodes_directly(input_ids, kwargs)
     for flags in (dict(use_lora=True), dict(use_ptuning=True)):
         lora = FineTuneTestCogVLMModel(tiny_args(lora_rank=2, pre_seq_len=2, layer_range=None, **flags)).eval()
         ensure_kv_cache_mixin(lora)
