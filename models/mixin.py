@@ -127,20 +127,16 @@ class LlamaVisionExpertFCMixin(BaseMixin):
 
     def mlp_forward(self, hidden_states, **kw_args):
         layer_id = int(kw_args["layer_id"])
-        mlp = self.transformer.layers[layer_id].mlp
-        act = mlp.activation_func
-
-        def language(x):
-            return self.language_mlp(x, layer_id)
-
         if not _use_vision_expert(kw_args, hidden_states.shape[1]):
-            return language(hidden_states)
+            return self.language_mlp(hidden_states, layer_id)
+        act = self.transformer.layers[layer_id].mlp.activation_func
 
         def vision(x):
             up = self.vision_dense_h_to_4h_list[layer_id](x)
             return self.vision_dense_4h_to_h_list[layer_id](_gated(act, self.vision_gate_proj[layer_id](x), up))
 
-        return _route(hidden_states, kw_args["vision_expert_mask"], language, vision, hidden_states.shape[-1])
+        return _route(hidden_states, kw_args["vision_expert_mask"], lambda x: self.language_mlp(x, layer_id), vision,
+                      hidden_states.shape[-1])
 
     def language_mlp(self, x: torch.Tensor, layer_id: int) -> torch.Tensor:
         """The language expert's SwiGLU MLP of layer `layer_id`: (..., hidden) -> (..., hidden)."""
