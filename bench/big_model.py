@@ -114,7 +114,7 @@ def child(options) -> None:
     runs = [run_ours(model, args, 1, options.new_tokens) for _ in range(options.repeats)]
     prompt_length = runs[0][2]
     length = prompt_length + options.new_tokens
-    # keys and values of every layer, as the cache stores them (fp32 on a CPU: models.kv_cache.cache_dtype)
+    # keys and values of every layer, as the cache stores them (models.kv_cache.cache_dtype)
     kv_bytes = 2 * args.num_layers * args.hidden_size * length * cache_dtype(torch.bfloat16, "cpu").itemsize
     print(json.dumps(dict(
         base_rss=base, built_rss=built_rss, build_s=build_s, load_s=load_s, loaded=loaded,

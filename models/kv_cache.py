@@ -8,8 +8,9 @@ and attends over a view of the filled part: no copies. `KVCache` holds one batch
 (utils.generation); `SlotKVCache` holds independent sequences of different lengths, one per row, for
 the serving engine (utils/engine.py).
 
-On a CPU the caches of a 16-bit model hold fp32 (`cache_dtype`): a decode step's attention reads the whole
-cache, and torch's CPU attention reads a bf16 cache at a third of the speed it reads an fp32 one.
+On a CPU the caches of a 16-bit model hold fp32 (`cache_dtype`) unless our decode attention kernel runs
+there (models.native, which reads bf16 as fast as fp32): a decode step's attention reads the whole cache, and
+torch's CPU attention reads a bf16 cache at a third of the speed it reads an fp32 one.
 """
 from typing import List, Sequence
 
@@ -19,18 +20,21 @@ import torch.nn.functional as F
 from sat.model.base_model import BaseMixin, non_conflict
 from sat.transformer_defaults import attention_fn_default
 
+from models import native
+
 
 def cache_dtype(dtype: torch.dtype, device) -> torch.dtype:
     """The dtype a KV cache stores for a model computing in `dtype` on `device`.
 
-    fp32 on a CPU for bf16/fp16 models: a step with one query per row runs a tiny GEMM per (row, head), and
-    torch's CPU kernels for 16-bit ones (SDPA's flash and math kernels, bmm through oneDNN) stream the cache
-    at 4-6 GB/s against 12-15 GB/s for fp32 (bench/RESULTS.md, issue 18's second pass): twice the bytes, read
-    about 2x sooner. The values are the model's own (16-bit numbers are exact in fp32); only the memory of
-    the cache doubles. Elsewhere (CUDA) the model's dtype.
+    A step with one query per row reads the whole cache. On a CPU with our kernel (models.native) a bf16
+    model's cache stays bf16: the kernel reads bf16 as fast as fp32 per element, half the bytes. Elsewhere
+    on a CPU, 16-bit models get an fp32 cache: torch's CPU kernels for 16-bit attention (SDPA's flash and
+    math kernels, bmm through oneDNN) stream the cache at 4-6 GB/s against 12-15 GB/s for fp32
+    (bench/RESULTS.md, issue 18's second pass). The values are the model's own (16-bit numbers are exact in
+    fp32); only the memory of the cache doubles. Elsewhere (CUDA) the model's dtype.
     """
     if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
+        return dtype if dtype in native.CACHE_DTYPES and native.available() else torch.float32
     return dtype
 
 
@@ -87,14 +91,18 @@ def cached_attention(query, key, value, mask):
     """Scaled dot-product attention over cache views, for masks as SAT gives them (1 = attend).
 
     SAT's default attention makes the keys/values contiguous first (for multi-query heads), which
-    would copy the whole cache view in every layer at every step; SDPA reads the views in place.
+    would copy the whole cache view in every layer at every step; SDPA, and for one query per row on a CPU
+    our kernel (models.native: it streams the cache at about twice SDPA's speed), read the views in place.
     query (B, H, q, D), key/value (B, H, k, D) in the cache's dtype, mask (B or 1, 1, q, k), or None where
     every query attends to every key -> (B, H, q, D) in the query's dtype.
     """
+    attend_all = mask is None or bool(mask.all())
+    if native.can_decode_attention(query, key):
+        return native.decode_attention(query, key, value, None if attend_all else mask.bool()).to(query.dtype)
     if query.dtype != key.dtype:  # a 16-bit model's query against an fp32 cache (cache_dtype)
         return cached_attention(query.to(key.dtype), key, value, mask).to(query.dtype)
     q_len, k_len = query.shape[2], key.shape[2]
-    if mask is None or bool(mask.all()):
+    if attend_all:
         return F.scaled_dot_product_attention(query, key, value)
     if q_len == k_len and mask.shape[0] == 1 and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all()):
         return F.scaled_dot_product_attention(query, key, value, is_causal=True)

@@ -183,12 +183,17 @@ def test_bf16_on_cpu_tracks_fp32(golden):
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("our_kernel", [True, False], ids=["native-attention", "torch-attention"])
 @torch.no_grad()
-def test_bf16_decoding_on_cpu_attends_over_an_fp32_cache(golden):
-    """A bf16 model's KV cache holds fp32 on CPU (models.kv_cache.cache_dtype); a cached decode step gives the
-    logits of an uncached forward over the same tokens, in bf16's precision."""
-    from models import CogVLMModel
+def test_bf16_decoding_on_cpu_attends_over_its_cache(golden, our_kernel, monkeypatch):
+    """A bf16 model's KV cache on CPU holds bf16 where our decode attention runs (models.native), fp32 under
+    torch's attention (models.kv_cache.cache_dtype); either way a cached decode step gives the logits of an
+    uncached forward over the same tokens, in bf16's precision."""
+    from models import CogVLMModel, native
     from models.kv_cache import KVCache, ensure_kv_cache_mixin
+
+    if not our_kernel:
+        monkeypatch.setattr(native, "available", lambda: False)
 
     args = inference_args()
     args.bf16 = True
@@ -200,7 +205,7 @@ def test_bf16_decoding_on_cpu_attends_over_an_fp32_cache(golden):
     attention = model.transformer.layers[0].attention
     cache = KVCache(len(model.transformer.layers), 1, attention.num_attention_heads_per_partition, length + 1,
                     attention.hidden_size_per_attention_head, torch.bfloat16, "cpu")
-    assert cache.buffer.dtype == torch.float32
+    assert cache.buffer.dtype == (torch.bfloat16 if our_kernel and native.available() else torch.float32)
     model(**inputs, kv_cache=cache)
     cache.length = length
     token = golden["chat.gen_ids"][:1][None]

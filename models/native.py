@@ -1,0 +1,129 @@
+"""Our own CPU decode kernel (models/csrc/cpu_kernels.c): attention of one query per row over an fp32 or bf16
+KV cache, for CPUs with AVX-512.
+
+The C file is compiled on first use with the system's C compiler (`cc`, or $CC) for this CPU
+(`-march=native`) into ~/.cache/cogvlm/kernels (or $COGVLM_KERNEL_CACHE), keyed by the source, the flags
+and the CPU, and loaded with ctypes (a C file without torch headers builds in about a second, where a torch
+C++ extension takes half a minute). Without a compiler, on other CPUs, or with COGVLM_NATIVE_KERNELS=0,
+`library()` is None and every caller keeps torch's kernels.
+"""
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import torch
+
+from models.cpu import is_x86
+
+logger = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+MAX_HEAD_DIM = 256  # as in the C file
+CACHE_DTYPES = (torch.float32, torch.bfloat16)
+
+_i64, _f32p, _u8p, _i64p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
+_SIGNATURES = {
+    "cogvlm_native_kernels": ([], ctypes.c_int),
+    "cogvlm_decode_attention": ([_f32p, _i64p, _f32p, _f32p, _i64p, ctypes.c_int, _u8p, _i64, _f32p, _i64, _i64,
+                                 _i64, ctypes.c_int, ctypes.c_float, ctypes.c_int], None),
+}
+
+
+def _cache_dir() -> str:
+    return os.environ.get("COGVLM_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cogvlm", "kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build(compiler: str) -> str:
+    """Path of the compiled library for this source, compiler and CPU (built now if missing)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read() + " ".join(FLAGS + [version, _cpu_flags()]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    path = os.path.join(folder, f"cpu_kernels-{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=folder)
+        os.close(handle)
+        try:
+            subprocess.run([compiler, *FLAGS, SOURCE, "-o", partial], check=True, capture_output=True, text=True)
+            os.replace(partial, path)  # whole or absent: another process may be building the same file
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, or None where they cannot run here (the reason is logged once)."""
+    if os.environ.get("COGVLM_NATIVE_KERNELS", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if not is_x86() or compiler is None:
+        logger.info("native CPU kernels off: %s", "not an x86 CPU" if compiler else "no C compiler (cc) found")
+        return None
+    try:
+        lib = ctypes.CDLL(_build(compiler))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        logger.warning("native CPU kernels off: building %s failed: %s", SOURCE, detail.strip().splitlines()[:1])
+        return None
+    for name, (arguments, result) in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = arguments, result
+    if not lib.cogvlm_native_kernels():
+        logger.info("native CPU kernels off: this CPU lacks AVX-512")
+        return None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def can_decode_attention(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes these: one query per row, CPU tensors, an fp32 or bf16 cache, a head
+    size it handles."""
+    return (query.device.type == "cpu" and query.shape[2] == 1 and query.dtype in CACHE_DTYPES
+            and key.dtype in CACHE_DTYPES and key.stride(-1) == 1 and key.shape[-1] % 16 == 0
+            and key.shape[-1] <= MAX_HEAD_DIM and available())
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v for one query per (row, head), in fp32, reading the cache in place.
+
+    query (B, H, 1, D); key/value (B, H, T, D), fp32 or bf16, with the same strides (views of a KV cache);
+    mask None (attend to all) or bool (B or 1, 1, 1, T) -> (B, H, 1, D) fp32. Check `can_decode_attention` first.
+    """
+    batch, heads, length, head_dim = key.shape
+    if value.stride() != key.stride() or value.dtype != key.dtype:
+        raise ValueError("decode_attention: keys and values need the same dtype and layout")
+    query = query.float().contiguous()  # B * H * D numbers; the kernel reads each query as one vector
+    out = torch.empty(batch, heads, 1, head_dim, dtype=torch.float32)
+    mask_bytes, mask_stride = None, 0
+    if mask is not None:
+        mask_bytes = mask.reshape(mask.shape[0], length).to(torch.uint8).contiguous()
+        mask_stride = length if mask.shape[0] > 1 else 0
+    q_strides = (ctypes.c_int64 * 2)(query.stride(0), query.stride(1))
+    kv_strides = (ctypes.c_int64 * 3)(key.stride(0), key.stride(1), key.stride(2))
+    library().cogvlm_decode_attention(
+        query.data_ptr(), q_strides, key.data_ptr(), value.data_ptr(), kv_strides, key.dtype == torch.bfloat16,
+        None if mask_bytes is None else mask_bytes.data_ptr(), mask_stride, out.data_ptr(), batch, heads, length,
+        head_dim, head_dim ** -0.5, torch.get_num_threads())
+    return out
