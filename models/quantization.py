@@ -279,14 +279,16 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.padded_in != self.in_features:
             flat = F.pad(flat, (0, self.padded_in - self.in_features))
-        if len(flat) <= INT4_KERNEL_MAX_ROWS or _int4_block_rows() is None:
+        if flat.shape[0] <= INT4_KERNEL_MAX_ROWS or _int4_block_rows() is None:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.weight_int4, self.group_size,
                                                              self.scales_and_zeros)
         elif native_bf16():
             out = torch.mm(flat, self.dequantized_t())
         else:  # torch emulates bf16 GEMMs on this CPU, far slower than even the int4 kernel: fp32
             out = torch.mm(flat.float(), self.dequantized_t(torch.float32))
-        return self._finish(out[:, :self.out_features], x)
+        if self.padded_out != self.out_features:
+            out = out[:, :self.out_features]
+        return self._finish(out, x)
 
 
 # Without VNNI, fbgemm's int8 dot products go through 16-bit sums that saturate on full-range
