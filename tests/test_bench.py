@@ -1,5 +1,5 @@
 """The benchmarks keep working (numbers not judged): bench/generate.py on every path, int8 and int4 included,
-bench/big_model.py, bench/linear.py and bench/accuracy.py on tiny shapes."""
+bench/big_model.py, bench/linear.py, bench/attention.py and bench/accuracy.py on tiny shapes."""
 import json
 import os
 import subprocess
@@ -7,6 +7,7 @@ import sys
 
 from conftest import ROOT
 
+from models import native
 from models.cpu import native_bf16
 
 
@@ -66,6 +67,16 @@ def test_linear_bench_times_every_kernel():
     assert len(rows) == 13 and all(("n/a" in row) == row.startswith(tuple(lacking)) for row in rows), \
         out.stdout + out.stderr[-2000:]
     assert sum(row.count("*") for row in rows) == 2 * 4  # one kernel used per dtype and row count
+
+
+def test_attention_bench_times_torchs_kernels_and_ours_where_built():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "attention.py"), "--threads", "1", "--heads", "2",
+                          "--head_dim", "16", "--length", "20", "--layers", "2", "--repeats", "1", "--batch", "1", "3"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith(("SDPA", "ours"))]
+    assert len(rows) == (4 if native.available() else 2), out.stdout
+    assert all(len(row.split("(")) == 3 for row in rows), out.stdout  # a time and a bandwidth per batch size
 
 
 def test_accuracy_bench_scores_every_model_at_a_precision(tmp_path):
