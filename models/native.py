@@ -1,5 +1,5 @@
 """Our own CPU decode kernel (models/csrc/cpu_kernels.c): attention of one query per row over an fp32 or bf16
-KV cache, for CPUs with AVX-512.
+KV cache, for x86 CPUs with AVX-512 or AVX2 + FMA.
 
 The C file is compiled on first use with the system's C compiler (`cc`, or $CC) for this CPU
 (`-march=native`) into ~/.cache/cogvlm/kernels (or $COGVLM_KERNEL_CACHE), keyed by the source, the flags
@@ -24,7 +24,7 @@ from models.cpu import is_x86
 logger = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 MAX_HEAD_DIM = 256  # as in the C file
 CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -48,11 +48,13 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build(compiler: str) -> str:
-    """Path of the compiled library for this source, compiler and CPU (built now if missing)."""
+def _build(compiler: str, arch: str) -> str:
+    """Path of the compiled library for this source, compiler, target (`-march=arch`) and CPU (built now if
+    missing)."""
+    flags = FLAGS + [f"-march={arch}"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(FLAGS + [version, _cpu_flags()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + " ".join(flags + [version, _cpu_flags()]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     path = os.path.join(folder, f"cpu_kernels-{key}.so")
     if not os.path.exists(path):
@@ -60,7 +62,7 @@ def _build(compiler: str) -> str:
         handle, partial = tempfile.mkstemp(suffix=".so.partial", dir=folder)
         os.close(handle)
         try:
-            subprocess.run([compiler, *FLAGS, SOURCE, "-o", partial], check=True, capture_output=True, text=True)
+            subprocess.run([compiler, *flags, SOURCE, "-o", partial], check=True, capture_output=True, text=True)
             os.replace(partial, path)  # whole or absent: another process may be building the same file
         finally:
             if os.path.exists(partial):
@@ -68,28 +70,35 @@ def _build(compiler: str) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=None)
-def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernels, or None where they cannot run here (the reason is logged once)."""
-    if os.environ.get("COGVLM_NATIVE_KERNELS", "1") == "0":
-        return None
+def load(arch: str = "native") -> Optional[ctypes.CDLL]:
+    """The kernels built for `-march=arch` (this CPU by default; tests also build "haswell", the AVX2 one), or
+    None where they cannot be built or have no kernel for that target (the reason is logged)."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if not is_x86() or compiler is None:
         logger.info("native CPU kernels off: %s", "not an x86 CPU" if compiler else "no C compiler (cc) found")
         return None
     try:
-        lib = ctypes.CDLL(_build(compiler))
+        lib = ctypes.CDLL(_build(compiler, arch))
     except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or str(error)
-        logger.warning("native CPU kernels off: building %s failed: %s", SOURCE, detail.strip().splitlines()[:1])
+        lines = (getattr(error, "stderr", "") or str(error)).strip().splitlines() or [""]
+        logger.warning("native CPU kernels off: building %s failed: %s", SOURCE,
+                       next((line for line in lines if "error" in line), lines[0]))
         return None
     for name, (arguments, result) in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = arguments, result
     if not lib.cogvlm_native_kernels():
-        logger.info("native CPU kernels off: this CPU lacks AVX-512")
+        logger.info("native CPU kernels off: this CPU has neither AVX-512 nor AVX2 with FMA")
         return None
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The kernels for this CPU, loaded once (None: switched off by COGVLM_NATIVE_KERNELS=0, or `load` failed)."""
+    if os.environ.get("COGVLM_NATIVE_KERNELS", "1") == "0":
+        return None
+    return load()
 
 
 def available() -> bool:

@@ -12,18 +12,39 @@ from models import native
 from models.kv_cache import KVCache, SlotKVCache, cache_dtype, cached_attention
 
 
-def cpu_has_avx512() -> bool:
+def cpu_flags() -> str:
     with open("/proc/cpuinfo") as f:
-        return "avx512f" in f.read()
+        return f.read()
+
+
+def cpu_has_vectors() -> bool:
+    """AVX-512, or AVX2 with FMA: what the kernel is written for."""
+    flags = cpu_flags().split()
+    return "avx512f" in flags or ("avx2" in flags and "fma" in flags)
+
+
+HAS_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
 
 
 def test_kernel_is_built_where_it_can_run():
-    """With a C compiler on an AVX-512 CPU the kernel must load (else every decode step silently takes torch's
-    slower attention)."""
-    if shutil.which(os.environ.get("CC", "cc")) and cpu_has_avx512() and os.environ.get("COGVLM_NATIVE_KERNELS") != "0":
+    """With a C compiler on an AVX-512 or AVX2 CPU the kernel must load (else every decode step silently takes
+    torch's slower attention), with the widest vectors the CPU has."""
+    if HAS_COMPILER and cpu_has_vectors() and os.environ.get("COGVLM_NATIVE_KERNELS") != "0":
         assert native.available()
+        assert native.library().cogvlm_native_kernels() == (16 if "avx512f" in cpu_flags().split() else 8)
     else:
         assert not native.available()
+
+
+@pytest.fixture(params=["this-cpu", "avx2"])
+def kernel_build(request, monkeypatch):
+    """The kernel built for this CPU, and its AVX2 build (`-march=haswell`, which every AVX2 CPU runs): both are
+    checked wherever this CPU can run them."""
+    if request.param == "avx2" and HAS_COMPILER and "avx2" in cpu_flags().split():
+        build = native.load("haswell")
+        assert build is not None and build.cogvlm_native_kernels() == 8
+        monkeypatch.setattr(native, "library", lambda: build)
+    return request.param
 
 
 def cache_views(batch, heads, length, head_dim, dtype, capacity_extra=5, seed=0):
@@ -42,7 +63,7 @@ def reference(query, key, value, mask):
 @pytest.mark.parametrize("batch, heads, length, head_dim", [(1, 16, 310, 64), (3, 4, 37, 16), (2, 2, 17, 128)])
 @pytest.mark.parametrize("mask_kind", ["none", "ones", "per-row", "shared"])
 @torch.no_grad()
-def test_one_query_attention_is_sdpas(batch, heads, length, head_dim, mask_kind):
+def test_one_query_attention_is_sdpas(batch, heads, length, head_dim, mask_kind, kernel_build):
     key, value = cache_views(batch, heads, length, head_dim, torch.float32)
     # strided, as the rotated query is (heads and head_dim interleaved with other rows)
     query = torch.randn(batch, 1, head_dim, heads).permute(0, 3, 1, 2)
@@ -57,7 +78,7 @@ def test_one_query_attention_is_sdpas(batch, heads, length, head_dim, mask_kind)
 
 
 @torch.no_grad()
-def test_bf16_cache_is_attended_as_its_fp32_values():
+def test_bf16_cache_is_attended_as_its_fp32_values(kernel_build):
     """A bf16 model keeps a bf16 cache where the kernel runs; its attention is that of the same numbers in
     fp32, bit for bit, returned in the query's dtype."""
     key, value = cache_views(2, 4, 45, 64, torch.bfloat16)
@@ -74,7 +95,7 @@ def test_bf16_cache_is_attended_as_its_fp32_values():
 
 
 @torch.no_grad()
-def test_serving_cache_rows_of_different_lengths():
+def test_serving_cache_rows_of_different_lengths(kernel_build):
     """SlotKVCache's decode step: each row attends over its own filled positions only."""
     cache = SlotKVCache(1, 3, 2, 40, 64, torch.float32, "cpu")
     lengths = [30, 7, 19]
@@ -100,7 +121,7 @@ def test_without_a_compiler_torch_attends(monkeypatch, tmp_path, caplog):
     try:
         assert native.library() is None
         assert os.listdir(tmp_path) == []
-        if cpu_has_avx512():
+        if cpu_has_vectors():
             assert "building" in caplog.text and "failed" in caplog.text
         key, value = cache_views(1, 2, 9, 64, torch.float32)
         assert cache_dtype(torch.bfloat16, "cpu") == torch.float32

@@ -1,11 +1,13 @@
-/* Decode attention for AVX-512 CPUs, called from models/native.py (which compiles this file on first use).
+/* Decode attention for x86 CPUs with AVX-512 or AVX2 + FMA, called from models/native.py (which compiles this
+ * file on first use for the CPU it runs on).
  *
  * Why our own: a decode step attends one query per (row, head) over the whole KV cache, which should stream
  * the cache at the memory bandwidth. torch's CPU attention kernels (SDPA's flash and math kernels, matmul +
  * softmax) read an fp32 cache at a third to a half of it for one query, a bf16 one slower still
- * (bench/RESULTS.md, "Decode attention"); this loop reads each key and value row once (fp32 or bf16) and
- * keeps scores, softmax and weighted sum in fp32.
+ * (bench/RESULTS.md, "Native decode attention"); this loop reads each key and value row once (fp32 or bf16)
+ * and keeps scores, softmax and weighted sum in fp32.
  *
+ * The kernel is written once over a few vector helpers (`vec`: 16 floats with AVX-512, 8 with AVX2).
  * Threads: OpenMP, the runtime torch uses (libgomp.so.1 is loaded once per process), with the thread count
  * passed in from torch.get_num_threads().
  */
@@ -15,57 +17,105 @@
 #include <stdlib.h>
 
 #if defined(__AVX512F__)
-#define COGVLM_NATIVE 1
-#else
-#define COGVLM_NATIVE 0
+#define LANES 16
+typedef __m512 vec;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vset1(float x) { return _mm512_set1_ps(x); }
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vload_bf16(const uint16_t *p) { /* bf16 is the high half of an fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vfmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vfnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }
+static inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec vpow2(vec n) { /* 2^n for whole n in [-126, 127] */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+static inline vec vzero_below(vec x, vec limit, vec value) { /* value where x >= limit, else 0 */
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_GE_OQ), value);
+}
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+typedef __m256 vec;
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vset1(float x) { return _mm256_set1_ps(x); }
+static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+static inline vec vfmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vfnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec vpow2(vec n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+static inline vec vzero_below(vec x, vec limit, vec value) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, limit, _CMP_GE_OQ), value);
+}
+static inline float vsum(vec v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_hadd_ps(half, half);
+    return _mm_cvtss_f32(_mm_hadd_ps(half, half));
+}
 #endif
 
-/* 1 when this build has the kernel below (the CPU has AVX-512), else 0 and nothing else. */
-int cogvlm_native_kernels(void) { return COGVLM_NATIVE; }
+/* The vector width this build's kernel uses (16 or 8 floats), or 0 where the CPU has neither AVX-512 nor AVX2
+ * with FMA (then nothing else is defined). */
+#ifdef LANES
+int cogvlm_native_kernels(void) { return LANES; }
+#else
+int cogvlm_native_kernels(void) { return 0; }
+#endif
 
-#if COGVLM_NATIVE
+#ifdef LANES
 
 #define MAX_HEAD_DIM 256
 
 /* exp(x) for x <= 0 (softmax after subtracting the maximum): Cody-Waite reduction to [-ln2/2, ln2/2] and
- * Cephes' degree-6 polynomial, about 1 ulp; exp(x) < 2^-126 (and -inf) gives 0. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
-    return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+ * Cephes' degree-6 polynomial, about 1 ulp; exp(x) < 2^-125 (and -inf) gives 0. */
+static inline vec exp_nonpositive(vec x) {
+    const vec limit = vset1(-87.0f), clamped = vmax(x, limit);
+    const vec n = vround(vmul(clamped, vset1(1.44269504088896341f)));
+    vec f = vfnmadd(n, vset1(0.693359375f), clamped);
+    f = vfnmadd(n, vset1(-2.12194440e-4f), f);
+    vec p = vset1(1.9875691500e-4f);
+    p = vfmadd(p, f, vset1(1.3981999507e-3f));
+    p = vfmadd(p, f, vset1(8.3334519073e-3f));
+    p = vfmadd(p, f, vset1(4.1665795894e-2f));
+    p = vfmadd(p, f, vset1(1.6666665459e-1f));
+    p = vfmadd(p, f, vset1(5.0000001201e-1f));
+    p = vfmadd(p, vmul(f, f), vadd(f, vset1(1.0f)));
+    return vzero_below(x, limit, vmul(p, vpow2(n)));
 }
 
-/* 16 cache elements from element `index` of `base` as floats: fp32, or bf16 (the high half of an fp32). */
-static inline __attribute__((always_inline)) __m512 load16(const void *base, int64_t index, int bf16) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)base + index))), 16));
-    return _mm512_loadu_ps((const float *)base + index);
+/* 16 or 8 cache elements at element `index` of `base` as floats: fp32, or bf16 if `bf16`. */
+static inline __attribute__((always_inline)) vec load_cache(const void *base, int64_t index, int bf16) {
+    return bf16 ? vload_bf16((const uint16_t *)base + index) : vload((const float *)base + index);
 }
 
 /* One (row, head): softmax(q . k_t * scale) over t < length with mask[t] != 0 (all if mask is NULL), then
  * the weighted sum of v_t. k/v rows are head_dim elements (fp32, or bf16 if `bf16`), `row_stride` elements
- * apart; scores: room for length floats. */
+ * apart; scores: room for length floats rounded up to whole vectors. */
 static inline __attribute__((always_inline)) void attend_one(const float *q, const void *k, const void *v,
                                                              int64_t row_stride, const uint8_t *mask, int64_t length,
                                                              int head_dim, float scale, float *scores, float *out,
                                                              int bf16) {
-    const int chunks = head_dim / 16;
-    __m512 query[MAX_HEAD_DIM / 16], acc[MAX_HEAD_DIM / 16];
+    const int chunks = head_dim / LANES;
+    vec query[MAX_HEAD_DIM / LANES], acc[MAX_HEAD_DIM / LANES];
     for (int c = 0; c < chunks; c++) {
-        query[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
-        acc[c] = _mm512_setzero_ps();
+        query[c] = vmul(vload(q + LANES * c), vset1(scale));
+        acc[c] = vzero();
     }
     float maximum = -INFINITY;
     for (int64_t t = 0; t < length; t++) {
@@ -73,32 +123,32 @@ static inline __attribute__((always_inline)) void attend_one(const float *q, con
             scores[t] = -INFINITY;
             continue;
         }
-        __m512 dot = _mm512_mul_ps(query[0], load16(k, t * row_stride, bf16));
-        for (int c = 1; c < chunks; c++) dot = _mm512_fmadd_ps(query[c], load16(k, t * row_stride + 16 * c, bf16), dot);
-        const float s = _mm512_reduce_add_ps(dot);
+        vec dot = vmul(query[0], load_cache(k, t * row_stride, bf16));
+        for (int c = 1; c < chunks; c++) dot = vfmadd(query[c], load_cache(k, t * row_stride + LANES * c, bf16), dot);
+        const float s = vsum(dot);
         scores[t] = s;
         maximum = s > maximum ? s : maximum;
     }
     if (maximum == -INFINITY) { /* no key to attend to: zeros */
-        for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + 16 * c, acc[c]);
+        for (int c = 0; c < chunks; c++) vstore(out + LANES * c, acc[c]);
         return;
     }
-    const __m512 shift = _mm512_set1_ps(maximum);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t t = 0; t < length; t += 16) {
-        const __mmask16 part = length - t >= 16 ? 0xFFFF : (__mmask16)((1u << (length - t)) - 1);
-        const __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(part, scores + t), shift));
-        _mm512_mask_storeu_ps(scores + t, part, p);
-        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(part, p));
+    const int64_t padded = (length + LANES - 1) / LANES * LANES;
+    for (int64_t t = length; t < padded; t++) scores[t] = -INFINITY; /* exp gives 0 */
+    const vec shift = vset1(maximum);
+    vec total = vzero();
+    for (int64_t t = 0; t < padded; t += LANES) {
+        const vec p = exp_nonpositive(vsub(vload(scores + t), shift));
+        vstore(scores + t, p);
+        total = vadd(total, p);
     }
     for (int64_t t = 0; t < length; t++) {
         if (scores[t] == 0.0f) continue; /* masked (or negligible) */
-        const __m512 weight = _mm512_set1_ps(scores[t]);
-        for (int c = 0; c < chunks; c++)
-            acc[c] = _mm512_fmadd_ps(weight, load16(v, t * row_stride + 16 * c, bf16), acc[c]);
+        const vec weight = vset1(scores[t]);
+        for (int c = 0; c < chunks; c++) acc[c] = vfmadd(weight, load_cache(v, t * row_stride + LANES * c, bf16), acc[c]);
     }
-    const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-    for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inverse));
+    const vec inverse = vset1(1.0f / vsum(total));
+    for (int c = 0; c < chunks; c++) vstore(out + LANES * c, vmul(acc[c], inverse));
 }
 
 /* Attention of one query per (row, head) over an fp32 or (bf16 != 0) bf16 cache, in fp32.
