@@ -25,12 +25,12 @@ logger = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.c")
 FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
-MAX_HEAD_DIM = 256  # as in the C file
 CACHE_DTYPES = (torch.float32, torch.bfloat16)
 
 _i64, _f32p, _u8p, _i64p = ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p
 _SIGNATURES = {
     "cogvlm_native_kernels": ([], ctypes.c_int),
+    "cogvlm_max_head_dim": ([], ctypes.c_int),
     "cogvlm_decode_attention": ([_f32p, _i64p, _f32p, _f32p, _i64p, ctypes.c_int, _u8p, _i64, _f32p, _i64, _i64,
                                  _i64, ctypes.c_int, ctypes.c_float, ctypes.c_int], None),
 }
@@ -90,6 +90,7 @@ def load(arch: str = "native") -> Optional[ctypes.CDLL]:
     if not lib.cogvlm_native_kernels():
         logger.info("native CPU kernels off: this CPU has neither AVX-512 nor AVX2 with FMA")
         return None
+    lib.max_head_dim = lib.cogvlm_max_head_dim()
     return lib
 
 
@@ -110,7 +111,7 @@ def can_decode_attention(query: torch.Tensor, key: torch.Tensor) -> bool:
     size it handles."""
     return (query.device.type == "cpu" and query.shape[2] == 1 and query.dtype in CACHE_DTYPES
             and key.dtype in CACHE_DTYPES and key.stride(-1) == 1 and key.shape[-1] % 16 == 0
-            and key.shape[-1] <= MAX_HEAD_DIM and available())
+            and available() and key.shape[-1] <= library().max_head_dim)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -82,6 +82,9 @@ int cogvlm_native_kernels(void) { return 0; }
 
 #define MAX_HEAD_DIM 256
 
+/* The largest head size the kernel takes (its registers hold one query). */
+int cogvlm_max_head_dim(void) { return MAX_HEAD_DIM; }
+
 /* exp(x) for x <= 0 (softmax after subtracting the maximum): Cody-Waite reduction to [-ln2/2, ln2/2] and
  * Cephes' degree-6 polynomial, about 1 ulp; exp(x) < 2^-125 (and -inf) gives 0. */
 static inline vec exp_nonpositive(vec x) {
