@@ -204,6 +204,7 @@ def run_upstream(model, args, batch_size: int, new_tokens: int):
 def child(options):
     import torch
     from models.kv_cache import cache_dtype
+    from models.quantization import has_low_bit_weights
 
     torch.set_num_threads(options.threads)
     options.dtype, options.path, options.batch, options.quant = (options.dtype[0], options.path[0], options.batch[0],
@@ -225,7 +226,7 @@ def child(options):
     first = model.transformer.layers[0].attention
     param = next(model.parameters())
     kv_bytes = (2 * len(model.transformer.layers) * first.hidden_size_per_attention_head
-                * first.num_attention_heads_per_partition * cache_dtype(param.dtype, param.device).itemsize
+                * first.num_attention_heads_per_partition * cache_dtype(param.dtype, param.device, has_low_bit_weights(model)).itemsize
                 * (prompt_length + options.new_tokens // 2))  # mean cache length over the decode
     model_bytes = weight_bytes(model)
     cache_bytes = kv_bytes * (prompt_length + options.new_tokens) // (prompt_length + options.new_tokens // 2)

@@ -8,9 +8,10 @@ and attends over a view of the filled part: no copies. `KVCache` holds one batch
 (utils.generation); `SlotKVCache` holds independent sequences of different lengths, one per row, for
 the serving engine (utils/engine.py).
 
-On a CPU the caches of a 16-bit model hold fp32 (`cache_dtype`) unless our decode attention kernel runs
-there (models.native, which reads bf16 as fast as fp32): a decode step's attention reads the whole cache, and
-torch's CPU attention reads a bf16 cache at a third of the speed it reads an fp32 one.
+On a CPU where our decode attention kernel runs (models.native, which reads bf16 as fast as fp32) the caches
+of 16-bit models and of models with int8 / int4 weights hold bf16; elsewhere on a CPU 16-bit models get an
+fp32 cache (`cache_dtype`): a decode step's attention reads the whole cache, and torch's CPU attention reads
+a bf16 cache at a third of the speed it reads an fp32 one.
 """
 from typing import List, Sequence
 
@@ -23,34 +24,43 @@ from sat.transformer_defaults import attention_fn_default
 from models import native
 
 
-def cache_dtype(dtype: torch.dtype, device) -> torch.dtype:
-    """The dtype a KV cache stores for a model computing in `dtype` on `device`.
+def cache_dtype(dtype: torch.dtype, device, low_bit_weights: bool = False) -> torch.dtype:
+    """The dtype a KV cache stores for a model computing in `dtype` on `device`; `low_bit_weights`: the model
+    multiplies by int8 or int4 weights (models.quantization.has_low_bit_weights).
 
-    A step with one query per row reads the whole cache. On a CPU with our kernel (models.native) a bf16
-    model's cache stays bf16: the kernel reads bf16 as fast as fp32 per element, half the bytes. Elsewhere
-    on a CPU, 16-bit models get an fp32 cache: torch's CPU kernels for 16-bit attention (SDPA's flash and
-    math kernels, bmm through oneDNN) stream the cache at 4-6 GB/s against 12-15 GB/s for fp32
-    (bench/RESULTS.md, issue 18's second pass). The values are the model's own (16-bit numbers are exact in
-    fp32); only the memory of the cache doubles. Elsewhere (CUDA) the model's dtype.
+    A step with one query per row reads the whole cache. On a CPU with our kernel (models.native) the cache
+    is bf16 for a bf16 model and for low-bit weights: the kernel reads bf16 as fast as fp32 per element, half
+    the bytes (at batch 8 an fp32 cache is read more than the int8 weights). For an fp32 model with int4
+    weights the values are exact in bf16 (the int4 kernel's outputs are bf16 numbers) and the keys are rounded
+    after their rotation; with int8 weights both are rounded, as llama.cpp's default f16 cache does with every
+    weight type (what it costs: bench/RESULTS.md, accuracy). Elsewhere on a CPU, 16-bit models get an fp32
+    cache: torch's CPU kernels for 16-bit attention (SDPA's flash and math kernels, bmm through oneDNN)
+    stream the cache at 4-6 GB/s against 12-15 GB/s for fp32 (bench/RESULTS.md, issue 18's second pass).
+    The values are the model's own (16-bit numbers are exact in fp32); only the memory of the cache
+    doubles. Elsewhere (CUDA) the model's dtype.
     """
-    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return dtype if dtype in native.CACHE_DTYPES and native.available() else torch.float32
-    return dtype
+    if torch.device(device).type != "cpu":
+        return dtype
+    kernel_reads_bf16 = torch.bfloat16 in native.CACHE_DTYPES and native.available()
+    if dtype == torch.bfloat16 or (low_bit_weights and dtype == torch.float32):
+        return torch.bfloat16 if kernel_reads_bf16 else torch.float32
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class KVCache:
-    """Keys and values of every layer: each (batch, heads, max_length, head_dim), in `cache_dtype(dtype)`.
+    """Keys and values of every layer: each (batch, heads, max_length, head_dim), in
+    `cache_dtype(dtype, device, low_bit_weights)`.
 
     `length` is the number of filled positions; the generation loop advances it after each forward.
     """
 
     def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_length: int, head_dim: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, low_bit_weights: bool = False):
         # One allocation for all layers: glibc serves it with mmap and returns it to the OS when the
         # cache is freed. Per-layer tensors (a few MB each) came from the heap, and glibc kept the
         # freed ones: every generation left its cache resident (bench/RESULTS.md, "memory").
         self.buffer = torch.empty((num_layers, 2, batch_size, num_heads, max_length, head_dim),
-                                  dtype=cache_dtype(dtype, device), device=device)
+                                  dtype=cache_dtype(dtype, device, low_bit_weights), device=device)
         self.keys = list(self.buffer[:, 0].unbind(0))
         self.values = list(self.buffer[:, 1].unbind(0))
         self.length = 0
@@ -99,8 +109,9 @@ def cached_attention(query, key, value, mask):
     attend_all = mask is None or bool(mask.all())
     if native.can_decode_attention(query, key):
         return native.decode_attention(query, key, value, None if attend_all else mask.bool()).to(query.dtype)
-    if query.dtype != key.dtype:  # a 16-bit model's query against an fp32 cache (cache_dtype)
-        return cached_attention(query.to(key.dtype), key, value, mask).to(query.dtype)
+    if query.dtype != key.dtype:  # an fp32 cache of a 16-bit model or a bf16 one of an fp32 model (cache_dtype)
+        wider = torch.promote_types(query.dtype, key.dtype)
+        return cached_attention(query.to(wider), key.to(wider), value.to(wider), mask).to(query.dtype)
     q_len, k_len = query.shape[2], key.shape[2]
     if attend_all:
         return F.scaled_dot_product_attention(query, key, value)
@@ -123,16 +134,16 @@ class SlotKVCache:
     sequence per row, each at its own length (utils/engine.py keeps the running sequences in rows 0..n-1).
 
     Buffers: keys/values of every layer, each (num_slots, heads, max_length, head_dim) in
-    `cache_dtype(dtype)`, one allocation as in KVCache. `lengths[row]` is the row's filled positions. A
-    prefill writes a group of new sequences into free rows (`prefill`), a decode step appends one position to
-    each of the first n rows at that row's own length and attends over the filled part through a per-row
-    mask (`decode`).
+    `cache_dtype(dtype, device, low_bit_weights)`, one allocation as in KVCache. `lengths[row]` is the row's
+    filled positions. A prefill writes a group of new sequences into free rows (`prefill`), a decode step
+    appends one position to each of the first n rows at that row's own length and attends over the filled part
+    through a per-row mask (`decode`).
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_heads: int, max_length: int, head_dim: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, low_bit_weights: bool = False):
         self.buffer = torch.empty((num_layers, 2, num_slots, num_heads, max_length, head_dim),
-                                  dtype=cache_dtype(dtype, device), device=device)
+                                  dtype=cache_dtype(dtype, device, low_bit_weights), device=device)
         self.keys = list(self.buffer[:, 0].unbind(0))
         self.values = list(self.buffer[:, 1].unbind(0))
         self.num_slots, self.max_length = num_slots, max_length

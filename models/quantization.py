@@ -46,6 +46,8 @@ class QuantizedLinear(nn.Module):
     replaces, and it keeps only the quantized form.
     """
 
+    low_bit = False  # whether the kept weight has fewer bits than the model's float dtype (int8, int4)
+
     def __init__(self, in_features: int, out_features: int, has_bias: bool, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features, self.has_bias, self.dtype = in_features, out_features, has_bias, dtype
@@ -124,6 +126,8 @@ class QuantizedLinear(nn.Module):
 
 class Int8Linear(QuantizedLinear):
     """int8 weights with one scale per output channel (symmetric, absmax/127)."""
+
+    low_bit = True
 
     def _store(self, weight):
         weight = weight.float()
@@ -232,6 +236,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     """
 
     group_size = INT4_GROUP_SIZE
+    low_bit = True
 
     def __init__(self, in_features, out_features, has_bias, dtype=torch.float32):
         super().__init__(in_features, out_features, has_bias, dtype)
@@ -321,6 +326,11 @@ def quantize_linears(model: nn.Module, layer_class, weights_loaded: bool = True)
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer_class.from_linear(module) if weights_loaded else layer_class.like(module))
     return len(targets)
+
+
+def has_low_bit_weights(model: nn.Module) -> bool:
+    """Whether `model` runs int8 or int4 CPU layers (`quantize_model`)."""
+    return any(isinstance(module, QuantizedLinear) and module.low_bit for module in model.modules())
 
 
 def quantize_int8(model: nn.Module, weights_loaded: bool = True) -> int:

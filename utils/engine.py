@@ -33,6 +33,7 @@ import torch
 from models.config import EOS_ID
 from models.errors import CogVLMError, PromptError
 from models.kv_cache import SlotKVCache
+from models.quantization import has_low_bit_weights
 from utils.generation import GenerationConfig, Sampler, collate, ensure_kv_cache, new_generator
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,8 @@ class Engine:
         attention = model.transformer.layers[0].attention
         self.cache = SlotKVCache(len(model.transformer.layers), max_batch_size,
                                  attention.num_attention_heads_per_partition, max_length,
-                                 attention.hidden_size_per_attention_head, self.dtype, self.device)
+                                 attention.hidden_size_per_attention_head, self.dtype, self.device,
+                                 low_bit_weights=has_low_bit_weights(model))
         logger.info("engine: %d rows x %d positions of KV memory (%.2f GB)", max_batch_size, max_length,
                     self.cache.nbytes() / 1e9)
         self._waiting: Deque[Request] = collections.deque()

@@ -22,6 +22,7 @@ from sat import mpu
 from models.config import EOS_ID
 from models.errors import SamplingError
 from models.kv_cache import KVCache, ensure_kv_cache_mixin
+from models.quantization import has_low_bit_weights
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ def generate_batch_stream(model, batch: Dict[str, torch.Tensor], configs, genera
 
     first_layer = model.transformer.layers[0].attention
     cache = KVCache(len(model.transformer.layers), batch_size, first_layer.num_attention_heads_per_partition,
-                    prompt_length + max(budgets), first_layer.hidden_size_per_attention_head, dtype, device)
+                    prompt_length + max(budgets), first_layer.hidden_size_per_attention_head, dtype, device,
+                    low_bit_weights=has_low_bit_weights(model))
     prompt_kwargs = {"vision_expert_mask": batch["vision_expert_mask"].to(device),
                      "image_embed_mask": batch["image_embed_mask"].to(device)}
     if bool(batch["image_embed_mask"].any()):
