@@ -31,13 +31,13 @@ def cache_dtype(dtype: torch.dtype, device, low_bit_weights: bool = False) -> to
     A step with one query per row reads the whole cache. On a CPU with our kernel (models.native) the cache
     is bf16 for a bf16 model and for low-bit weights: the kernel reads bf16 as fast as fp32 per element, half
     the bytes (at batch 8 an fp32 cache is read more than the int8 weights). For an fp32 model with int4
-    weights the values are exact in bf16 (the int4 kernel's outputs are bf16 numbers) and the keys are rounded
-    after their rotation; with int8 weights both are rounded, as llama.cpp's default f16 cache does with every
-    weight type (what it costs: bench/RESULTS.md, accuracy). Elsewhere on a CPU, 16-bit models get an fp32
-    cache: torch's CPU kernels for 16-bit attention (SDPA's flash and math kernels, bmm through oneDNN)
-    stream the cache at 4-6 GB/s against 12-15 GB/s for fp32 (bench/RESULTS.md, issue 18's second pass).
-    The values are the model's own (16-bit numbers are exact in fp32); only the memory of the cache
-    doubles. Elsewhere (CUDA) the model's dtype.
+    weights (and no bias, as CogVLM's) the values are exact in bf16, the int4 kernel's outputs being bf16
+    numbers, and the keys are rounded after their rotation; with int8 weights both are rounded, as llama.cpp's
+    default f16 cache does with every weight type (what it costs: bench/RESULTS.md, accuracy). Elsewhere on a
+    CPU, 16-bit models get an fp32 cache: torch's CPU kernels for 16-bit attention (SDPA's flash and math
+    kernels, bmm through oneDNN) stream the cache at 4-6 GB/s against 12-15 GB/s for fp32 (bench/RESULTS.md,
+    issue 18's second pass). The values are the model's own (16-bit numbers are exact in fp32); only the
+    memory of the cache doubles. Elsewhere (CUDA) the model's dtype.
     """
     if torch.device(device).type != "cpu":
         return dtype

@@ -43,7 +43,8 @@ class PackedLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
         flat = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self.bias, "none", [], "")  # bias: self.dtype
+        # bias in self.dtype; read from the buffer dict (nn.Module's attribute fallback costs ~1 us a call)
+        out = torch.ops.mkldnn._linear_pointwise(flat, self._packed, self._buffers["bias"], "none", [], "")
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 

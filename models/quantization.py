@@ -89,9 +89,10 @@ class QuantizedLinear(nn.Module):
     def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(rows, out) product -> the input's dtype and shape, bias added."""
         out = out.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        bias = self._buffers["bias"]  # see `forward`s: a buffer through nn.Module's attribute fallback is slow
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -182,6 +183,9 @@ class Int8WeightOnlyLinear(Int8Linear):
         return self._finish(out, x)
 
 
+_INT8_DYNAMIC_MM = torch.ops.quantized.linear_dynamic.default  # the overload itself: no resolution per call
+
+
 class Int8DynamicLinear(Int8Linear):
     """int8 per-channel weights packed for fbgemm; activations are quantized to int8 per call."""
 
@@ -193,7 +197,7 @@ class Int8DynamicLinear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
         flat = x.reshape(-1, self.in_features).float()
-        return self._finish(torch.ops.quantized.linear_dynamic(flat, self._packed, _REDUCE_RANGE), x)
+        return self._finish(_INT8_DYNAMIC_MM(flat, self._packed, _REDUCE_RANGE), x)
 
 
 # Up to this many rows `_weight_int4pack_mm_for_cpu` is faster than dequantizing the layer to bf16 and a
@@ -225,6 +229,9 @@ def _unpack_int4_t(packed: torch.Tensor, block: int, rows: int, cols: int) -> to
     """torch's CPU int4 packing of a (rows, cols) matrix -> its transpose (cols, rows), uint8 values 0..15."""
     grouped = packed.reshape(rows // block, cols, block // 2)
     return torch.cat([grouped & 15, grouped >> 4], dim=-1).transpose(0, 1).reshape(cols, rows)
+
+
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default  # the overload itself: no resolution per call
 
 
 class Int4WeightOnlyLinear(QuantizedLinear):
@@ -281,12 +288,14 @@ class Int4WeightOnlyLinear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
+        # The buffers from the module's dict directly: `self.weight_int4` goes through nn.Module.__getattr__,
+        # about 1 us per buffer, a tenth of the overhead of a one-row call; there are 81 such calls per step.
+        buffers = self._buffers
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.padded_in != self.in_features:
             flat = F.pad(flat, (0, self.padded_in - self.in_features))
         if flat.shape[0] <= INT4_KERNEL_MAX_ROWS or _int4_block_rows() is None:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.weight_int4, self.group_size,
-                                                             self.scales_and_zeros)
+            out = _INT4_MM(flat.contiguous(), buffers["weight_int4"], self.group_size, buffers["scales_and_zeros"])
         elif native_bf16():
             out = torch.mm(flat, self.dequantized_t())
         else:  # torch emulates bf16 GEMMs on this CPU, far slower than even the int4 kernel: fp32

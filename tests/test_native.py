@@ -84,6 +84,8 @@ def test_bf16_cache_is_attended_as_its_fp32_values(kernel_build):
     key, value = cache_views(2, 4, 45, 64, torch.bfloat16)
     if native.available():
         assert key.dtype == torch.bfloat16 and cache_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+        assert cache_dtype(torch.float32, "cpu", low_bit_weights=True) == torch.bfloat16  # int8 / int4 models
+        assert cache_dtype(torch.float32, "cpu") == torch.float32
     query = torch.randn(2, 4, 1, 64).bfloat16()
     mask = (torch.rand(2, 1, 1, 45) > 0.3).float()
     mask[..., -1] = 1
@@ -125,6 +127,7 @@ def test_without_a_compiler_torch_attends(monkeypatch, tmp_path, caplog):
             assert "building" in caplog.text and "failed" in caplog.text
         key, value = cache_views(1, 2, 9, 64, torch.float32)
         assert cache_dtype(torch.bfloat16, "cpu") == torch.float32
+        assert cache_dtype(torch.float32, "cpu", low_bit_weights=True) == torch.float32
         query = torch.randn(1, 2, 1, 64)
         torch.testing.assert_close(cached_attention(query, key, value, None).double(),
                                    reference(query, key, value, None), rtol=1e-5, atol=1e-6)
