@@ -51,6 +51,17 @@ class RotaryEmbedding(nn.Module):
         cos, signed_sin = self._cos_sin(position_ids, x.device)
         return _rotate(x, cos, signed_sin)
 
+    def rotate_(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """`rotate` in place of x (no autograd): the same numbers, without a fresh tensor per operation. For a
+        prompt each fresh (..., seq, head_dim) temporary is a new memory mapping whose page faults cost more
+        than the arithmetic on this CPU (bench/RESULTS.md, "bf16 KV cache for low-bit models")."""
+        cos, signed_sin = self._cos_sin(position_ids, x.device)
+        full = x if x.dtype == cos.dtype else x.to(cos.dtype)
+        first, second = full.chunk(2, dim=-1)
+        turned = torch.cat((second, first), dim=-1).mul_(signed_sin)
+        full.mul_(cos).add_(turned)
+        return x if full is x else x.copy_(full)
+
     def _cos_sin(self, position_ids: torch.Tensor, device):
         """(cos, sin) of every position and frequency, each (batch, 1, seq, head_dim) fp32, the sin
         negated on the first half. Every layer of a forward passes the same `position_ids` tensor, so
@@ -191,7 +202,8 @@ class LlamaVisionExpertAttnMixin(BaseMixin):
 
     def rotated_qkv(self, mixed: torch.Tensor, position_ids: torch.Tensor):
         """mixed (batch, seq, 3 * heads * head_dim), laid out [query | key | value] -> query, key, value, each
-        (batch, heads, seq, head_dim) (views of `mixed` but for the rotated query and key).
+        (batch, heads, seq, head_dim): views of `mixed`, whose query and key are rotated in place without
+        autograd (with it, the rotated query and key are new tensors).
 
         The heads of SAT's `_transpose_for_scores` on `split_tensor_along_last_dim(mixed, 3)`; query and key
         are rotated together, one set of elementwise ops for both.
@@ -199,5 +211,6 @@ class LlamaVisionExpertAttnMixin(BaseMixin):
         batch, length, width = mixed.shape
         head_dim = self.rotary_emb.head_dim
         qkv = mixed.view(batch, length, 3, width // (3 * head_dim), head_dim).permute(2, 0, 3, 1, 4)
-        query, key = self.rotary_emb.rotate(qkv[:2], position_ids).unbind(0)
+        rotate = self.rotary_emb.rotate if torch.is_grad_enabled() else self.rotary_emb.rotate_
+        query, key = rotate(qkv[:2], position_ids).unbind(0)
         return query, key, qkv[2]

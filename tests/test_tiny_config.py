@@ -136,6 +136,23 @@ def test_greedy_pick_equals_sat_strategy_at_top_k_1(tiny):  # tiny: SAT initiali
     assert fast.tolist() == sat.tolist() and fast.shape == (4,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_gives_the_same_numbers(dtype):
+    """`rotate_` (inference: no fresh tensor per operation) rotates a strided view of the QKV projection in
+    place, bit for bit as `rotate` computes it, and leaves the values part alone."""
+    from models.mixin import RotaryEmbedding
+
+    rotary = RotaryEmbedding(8)
+    mixed = torch.randn(2, 5, 3 * 4 * 8).to(dtype)  # (batch, seq, [query | key | value] x 4 heads x 8)
+    qkv = mixed.view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    positions = torch.arange(3, 8)[None]
+    expected, values = rotary.rotate(qkv[:2], positions), qkv[2].clone()
+    with torch.no_grad():
+        rotated = rotary.rotate_(qkv[:2], positions)
+    assert rotated.data_ptr() == mixed.data_ptr() and rotated.dtype == dtype
+    assert torch.equal(rotated, expected) and torch.equal(qkv[2], values)
+
+
 def test_rotary_reuses_angles_only_for_the_same_unchanged_positions():
     """The rotary embedding computes cos/sin once per forward (all layers pass one position_ids tensor);
     a new tensor, or the same one changed in place, must get fresh angles."""
