@@ -216,7 +216,9 @@ def child(options):
                               pack=options.path == "ours" and not options.no_pack)
     weights = weight_bytes(model, decode_only=True)
     run = run_upstream if options.path == "upstream" else run_ours
-    run(model, args, options.batch, 4)  # warm-up (allocations, oneDNN primitive caches)
+    # warm-up at the timed runs' shapes: oneDNN primitive caches, and heap memory for a KV cache of the timed
+    # length (a shorter warm-up left the first timed prefill touching fresh pages of its larger cache)
+    run(model, args, options.batch, options.new_tokens)
     load_before = os.getloadavg()[0]
     # this VM's speed drifts by +-15% between runs: report the median of several
     runs = [run(model, args, options.batch, options.new_tokens) for _ in range(options.repeats)]

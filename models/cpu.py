@@ -10,14 +10,24 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def has_vnni() -> bool:
-    """AVX-512 VNNI or AVX-VNNI: int8 dot products summed in 32 bits (fbgemm then keeps 8-bit activations)."""
+def cpu_flags() -> str:
+    """The first CPU's `flags` line of /proc/cpuinfo ('' where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
+        return ""
+
+
+def has_vnni() -> bool:
+    """AVX-512 VNNI or AVX-VNNI: int8 dot products summed in 32 bits (fbgemm then keeps 8-bit activations)."""
+    flags = cpu_flags().split()
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def has_amx_bf16() -> bool:
+    """AMX tiles for bf16 products (Intel Sapphire Rapids and later), which torch's CPU attention kernel uses."""
+    return "amx_bf16" in cpu_flags().split()
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,12 +16,12 @@ a bf16 cache at a third of the speed it reads an fp32 one.
 from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from sat.model.base_model import BaseMixin, non_conflict
 from sat.transformer_defaults import attention_fn_default
 
 from models import native
+from models.attention import prompt_attention
 
 
 def cache_dtype(dtype: torch.dtype, device, low_bit_weights: bool = False) -> torch.dtype:
@@ -101,8 +101,9 @@ def cached_attention(query, key, value, mask):
     """Scaled dot-product attention over cache views, for masks as SAT gives them (1 = attend).
 
     SAT's default attention makes the keys/values contiguous first (for multi-query heads), which
-    would copy the whole cache view in every layer at every step; SDPA, and for one query per row on a CPU
-    our kernel (models.native: it streams the cache at about twice SDPA's speed), read the views in place.
+    would copy the whole cache view in every layer at every step; models.attention (SDPA, or bf16 matmuls on
+    CPU), and for one query per row on a CPU our kernel (models.native: it streams the cache at about twice
+    SDPA's speed), read the views in place.
     query (B, H, q, D), key/value (B, H, k, D) in the cache's dtype, mask (B or 1, 1, q, k), or None where
     every query attends to every key -> (B, H, q, D) in the query's dtype.
     """
@@ -114,10 +115,10 @@ def cached_attention(query, key, value, mask):
         return cached_attention(query.to(wider), key.to(wider), value.to(wider), mask).to(query.dtype)
     q_len, k_len = query.shape[2], key.shape[2]
     if attend_all:
-        return F.scaled_dot_product_attention(query, key, value)
+        return prompt_attention(query, key, value)
     if q_len == k_len and mask.shape[0] == 1 and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all()):
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask.bool())
+        return prompt_attention(query, key, value, causal=True)
+    return prompt_attention(query, key, value, mask=mask.bool())
 
 
 def ensure_kv_cache_mixin(model) -> None:

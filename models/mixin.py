@@ -91,12 +91,16 @@ def _route(hidden_states, vision_expert_mask, language_fn, vision_fn, out_featur
 
     hidden_states: (batch, seq, in); vision_expert_mask: (batch, seq) -> (batch, seq, out_features).
     """
-    is_vision = vision_expert_mask.bool()
-    language, vision = language_fn(hidden_states[~is_vision]), vision_fn(hidden_states[is_vision])
-    output = language.new_empty(*hidden_states.shape[:-1], out_features)  # the experts' dtype (autocast)
-    output[~is_vision] = language
-    output[is_vision] = vision
-    return output
+    # rows of the flattened (batch * seq, in) states, found once: boolean-mask indexing finds them again in
+    # each of its four gathers / scatters
+    is_vision = vision_expert_mask.reshape(-1).bool()
+    vision_rows, language_rows = is_vision.nonzero().squeeze(1), (~is_vision).nonzero().squeeze(1)
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    language, vision = language_fn(flat.index_select(0, language_rows)), vision_fn(flat.index_select(0, vision_rows))
+    output = language.new_empty(flat.shape[0], out_features)  # the experts' dtype (autocast)
+    output.index_copy_(0, language_rows, language)
+    output.index_copy_(0, vision_rows, vision.to(output.dtype))
+    return output.view(*hidden_states.shape[:-1], out_features)
 
 
 def _gated(act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

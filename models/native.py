@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from models.cpu import is_x86
+from models.cpu import cpu_flags, is_x86
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +40,13 @@ def _cache_dir() -> str:
     return os.environ.get("COGVLM_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cogvlm", "kernels")
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
 def _build(compiler: str, arch: str) -> str:
     """Path of the compiled library for this source, compiler, target (`-march=arch`) and CPU (built now if
     missing)."""
     flags = FLAGS + [f"-march={arch}"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(flags + [version, _cpu_flags()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + " ".join(flags + [version, cpu_flags()]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     path = os.path.join(folder, f"cpu_kernels-{key}.so")
     if not os.path.exists(path):

@@ -1,0 +1,60 @@
+"""Attention of many queries at once (a prompt's prefill, the ViT), and the one place that picks its kernel.
+
+On a CPU with bf16 vector instructions but no AMX, torch's SDPA kernel for bf16 (flash attention over blocks
+of queries x 512 keys, small oneDNN calls in between fp32 softmax steps) is no faster than its fp32 kernel:
+2.6 ms for config M's causal 283-token, 16-head prompt, where two oneDNN bf16 matmuls with an fp32 softmax
+between them take 1.4 ms (bench/RESULTS.md, issue 18's fifth pass). There, without autograd, blocks of
+queries are attended that way. The scores leave the first matmul rounded to bf16 (summed in fp32), as in
+transformers' eager attention. Elsewhere (fp32, CUDA, AMX, training) torch's SDPA.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from models.cpu import has_amx_bf16, native_bf16
+
+# The fp32 scores of one block of queries, (batch, heads, block, keys), are kept near this size (at least
+# MIN_QUERY_BLOCK queries): config M's 283-token prompt fits in one block (blocks of 32 / 64 / 128 queries
+# took 37% / 11% / 1% longer there); a 17B prompt at 490 px, 1,200+ keys, runs in about 100-query blocks,
+# each causal block multiplying only the keys its queries see.
+SCORE_BYTES = 16 * 2**20
+MIN_QUERY_BLOCK = 16
+
+
+def uses_matmul_attention(query: torch.Tensor) -> bool:
+    """Whether `prompt_attention` takes the two-matmul path for this query (bf16 on a CPU with native bf16
+    products and no AMX, no autograd)."""
+    return (query.dtype == torch.bfloat16 and query.device.type == "cpu" and not torch.is_grad_enabled()
+            and native_bf16() and not has_amx_bf16())
+
+
+def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool = False,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scaled dot-product attention, softmax scale 1/sqrt(head_dim).
+
+    query (B, H, q, D), key/value (B, H, k, D), one dtype; causal (q == k): query i sees keys 0..i; mask
+    (bool, broadcastable to (B, H, q, k), True = attend) instead of `causal`, or neither: every query sees
+    every key -> (B, H, q, D).
+    """
+    if mask is not None or not uses_matmul_attention(query):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal and mask is None)
+    if causal and query.shape[2] != key.shape[2]:
+        raise ValueError(f"causal attention needs as many queries as keys, got {query.shape[2]} and {key.shape[2]}")
+    length, scale = query.shape[2], 1 / math.sqrt(query.shape[-1])
+    # heads are usually strided views of the QKV projection: made contiguous once, not by every block's matmul
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    output = torch.empty_like(query)
+    block = max(MIN_QUERY_BLOCK, SCORE_BYTES // (4 * query.shape[0] * query.shape[1] * key.shape[2]))
+    for start in range(0, length, block):
+        end = min(length, start + block)
+        keys = end if causal else key.shape[2]  # a causal block's last query sees keys [0, end)
+        scores = torch.matmul(query[:, :, start:end], key[:, :, :keys].transpose(-1, -2)).float().mul_(scale)
+        if causal:  # query start + r sees keys 0..start + r: only the block's diagonal square has keys to hide
+            # the lowest float rather than -inf: torch's CPU softmax takes a slow path on infinities
+            scores[..., start:].masked_fill_(torch.ones(end - start, end - start, dtype=torch.bool).triu_(1),
+                                             torch.finfo(scores.dtype).min)
+        probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
+        output[:, :, start:end] = torch.matmul(probabilities, value[:, :, :keys])
+    return output
