@@ -5,8 +5,9 @@ of queries x 512 keys, small oneDNN calls in between fp32 softmax steps) is no f
 2.6 ms for config M's causal 283-token, 16-head prompt, where two oneDNN bf16 matmuls with an fp32 softmax
 between them take 1.4 ms (bench/RESULTS.md, issue 18's fifth pass). There, without autograd, blocks of
 queries are attended that way. The scores leave the first matmul rounded to bf16 (summed in fp32), as in
-transformers' eager attention. Elsewhere (fp32, CUDA, AMX, training) torch's SDPA.
+transformers' eager attention; the softmax runs in fp32 inside torch's bf16 kernel. Elsewhere (fp32, CUDA, AMX, training) torch's SDPA.
 """
+import functools
 import math
 from typing import Optional
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from models.cpu import has_amx_bf16, native_bf16
 
-# The fp32 scores of one block of queries, (batch, heads, block, keys), are kept near this size (at least
+# The scores of one block of queries, (batch, heads, block, keys), at 4 bytes each are kept near this size (at least
 # MIN_QUERY_BLOCK queries): config M's 283-token prompt fits in one block (blocks of 32 / 64 / 128 queries
 # took 37% / 11% / 1% longer there); a 17B prompt at 490 px, 1,200+ keys, runs in about 100-query blocks,
 # each causal block multiplying only the keys its queries see.
@@ -43,18 +44,27 @@ def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if causal and query.shape[2] != key.shape[2]:
         raise ValueError(f"causal attention needs as many queries as keys, got {query.shape[2]} and {key.shape[2]}")
     length, scale = query.shape[2], 1 / math.sqrt(query.shape[-1])
-    # heads are usually strided views of the QKV projection: made contiguous once, not by every block's matmul
-    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    # the scale folded into the queries (exact for head sizes 64 and 128), written contiguous: heads are usually
+    # strided views of the QKV projection, which every block's matmul would otherwise copy
+    query = torch.mul(query, scale, out=torch.empty_like(query, memory_format=torch.contiguous_format))
+    key, value = key.contiguous(), value.contiguous()
     output = torch.empty_like(query)
     block = max(MIN_QUERY_BLOCK, SCORE_BYTES // (4 * query.shape[0] * query.shape[1] * key.shape[2]))
     for start in range(0, length, block):
         end = min(length, start + block)
         keys = end if causal else key.shape[2]  # a causal block's last query sees keys [0, end)
-        scores = torch.matmul(query[:, :, start:end], key[:, :, :keys].transpose(-1, -2)).float().mul_(scale)
+        scores = torch.matmul(query[:, :, start:end], key[:, :, :keys].transpose(-1, -2))  # (B, H, block, keys)
         if causal:  # query start + r sees keys 0..start + r: only the block's diagonal square has keys to hide
-            # the lowest float rather than -inf: torch's CPU softmax takes a slow path on infinities
-            scores[..., start:].masked_fill_(torch.ones(end - start, end - start, dtype=torch.bool).triu_(1),
-                                             torch.finfo(scores.dtype).min)
-        probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
-        output[:, :, start:end] = torch.matmul(probabilities, value[:, :, :keys])
+            scores[..., start:].add_(_causal_bias(end - start, scores.dtype))
+        # torch's CPU softmax of bf16 computes in fp32 and rounds once: the probabilities the second matmul
+        # takes, without fp32 temporaries (fresh prompt-sized tensors cost page faults here)
+        output[:, :, start:end] = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :keys])
     return output
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_bias(size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(size, size): 0 on and below the diagonal, the lowest float above it (not -inf: torch's CPU softmax takes a
+    slow path on infinities)."""
+    hidden = torch.ones(size, size, dtype=torch.bool).triu_(1)
+    return torch.zeros(size, size, dtype=dtype).masked_fill_(hidden, torch.finfo(dtype).min)

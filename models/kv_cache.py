@@ -107,18 +107,43 @@ def cached_attention(query, key, value, mask):
     query (B, H, q, D), key/value (B, H, k, D) in the cache's dtype, mask (B or 1, 1, q, k), or None where
     every query attends to every key -> (B, H, q, D) in the query's dtype.
     """
-    attend_all = mask is None or bool(mask.all())
+    kind = mask_kind(mask)
+    attend_all = kind == "all"
     if native.can_decode_attention(query, key):
         return native.decode_attention(query, key, value, None if attend_all else mask.bool()).to(query.dtype)
     if query.dtype != key.dtype:  # an fp32 cache of a 16-bit model or a bf16 one of an fp32 model (cache_dtype)
         wider = torch.promote_types(query.dtype, key.dtype)
         return cached_attention(query.to(wider), key.to(wider), value.to(wider), mask).to(query.dtype)
-    q_len, k_len = query.shape[2], key.shape[2]
     if attend_all:
         return prompt_attention(query, key, value)
-    if q_len == k_len and mask.shape[0] == 1 and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all()):
+    if kind == "causal":
         return prompt_attention(query, key, value, causal=True)
     return prompt_attention(query, key, value, mask=mask.bool())
+
+
+# (mask, its version, its kind) of the last call: every layer of a forward passes the same mask tensor
+_last_mask = (None, -1, "all")
+
+
+def mask_kind(mask) -> str:
+    """What a SAT mask (B or 1, 1, q, k; 1 = attend) or None asks for: "all" (every query sees every key),
+    "causal" (q == k, one mask for the batch, the lower triangle) or "mask". Decided once per mask tensor, not in
+    each layer (four small ops each)."""
+    global _last_mask
+    if mask is None:
+        return "all"
+    last, version, kind = _last_mask
+    if last is mask and version == mask._version:
+        return kind
+    if bool(mask.all()):
+        kind = "all"
+    elif (mask.shape[0] == 1 and mask.shape[-1] == mask.shape[-2]
+          and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all())):
+        kind = "causal"
+    else:
+        kind = "mask"
+    _last_mask = (mask, mask._version, kind)  # holding the mask keeps its identity unique
+    return kind
 
 
 def ensure_kv_cache_mixin(model) -> None:

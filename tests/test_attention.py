@@ -103,3 +103,18 @@ def test_the_vit_attends_through_prompt_attention_only_in_inference(monkeypatch)
     torch.testing.assert_close(ours, sat)
     vit.train()(images)
     assert len(calls) == 1
+
+
+def test_a_mask_is_classified_once_per_tensor_and_again_after_it_changes():
+    from models.kv_cache import mask_kind
+
+    causal = torch.ones(1, 1, 5, 5).tril()
+    assert mask_kind(None) == "all"
+    assert mask_kind(torch.ones(1, 1, 5, 5)) == "all"
+    assert mask_kind(causal) == "causal"
+    assert mask_kind(torch.ones(2, 1, 5, 5).tril()) == "mask"  # one mask per row: padding may differ
+    assert mask_kind(torch.ones(1, 1, 3, 5).tril(2)) == "mask"  # queries after cached keys
+    causal[0, 0, 4, 0] = 0  # in place: the same tensor, a new version
+    assert mask_kind(causal) == "mask"
+    causal.fill_(1)
+    assert mask_kind(causal) == "all"
