@@ -5,7 +5,8 @@ of queries x 512 keys, small oneDNN calls in between fp32 softmax steps) is no f
 2.6 ms for config M's causal 283-token, 16-head prompt, where two oneDNN bf16 matmuls with an fp32 softmax
 between them take 1.4 ms (bench/RESULTS.md, issue 18's fifth pass). There, without autograd, blocks of
 queries are attended that way. The scores leave the first matmul rounded to bf16 (summed in fp32), as in
-transformers' eager attention; the softmax runs in fp32 inside torch's bf16 kernel. Elsewhere (fp32, CUDA, AMX, training) torch's SDPA.
+transformers' eager attention; the softmax runs in fp32 inside torch's bf16 kernel. Elsewhere (fp32, CUDA,
+AMX, training) torch's SDPA.
 """
 import functools
 import math
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 
 from models.cpu import has_amx_bf16, native_bf16
 
-# The scores of one block of queries, (batch, heads, block, keys), at 4 bytes each are kept near this size (at least
-# MIN_QUERY_BLOCK queries): config M's 283-token prompt fits in one block (blocks of 32 / 64 / 128 queries
-# took 37% / 11% / 1% longer there); a 17B prompt at 490 px, 1,200+ keys, runs in about 100-query blocks,
+# The scores of one block of queries, (batch, heads, block, keys), counted at 4 bytes each, are kept near this
+# size (at least MIN_QUERY_BLOCK queries): config M's 283-token prompt fits in one block (blocks of 32 / 64 /
+# 128 queries took 37% / 11% / 1% longer there); a 17B prompt at 490 px, 1,200+ keys, runs in about 100-query blocks,
 # each causal block multiplying only the keys its queries see.
 SCORE_BYTES = 16 * 2**20
 MIN_QUERY_BLOCK = 16

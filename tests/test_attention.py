@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import models.attention as attention
 from models.attention import prompt_attention
 from models.cpu import has_amx_bf16, native_bf16
+from models.kv_cache import mask_kind
 
 
 def heads(length: int, seed: int, batch: int = 2, num_heads: int = 3, head_dim: int = 16):
@@ -106,8 +107,6 @@ def test_the_vit_attends_through_prompt_attention_only_in_inference(monkeypatch)
 
 
 def test_a_mask_is_classified_once_per_tensor_and_again_after_it_changes():
-    from models.kv_cache import mask_kind
-
     causal = torch.ones(1, 1, 5, 5).tril()
     assert mask_kind(None) == "all"
     assert mask_kind(torch.ones(1, 1, 5, 5)) == "all"
