@@ -63,6 +63,31 @@ def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return output
 
 
+# (mask, its version, its kind) of the last call: every layer of a forward passes the same mask tensor
+_last_mask = (None, -1, "all")
+
+
+def mask_kind(mask) -> str:
+    """What a SAT mask (B or 1, 1, q, k; 1 = attend, 0 = not) or None asks for: "all" (every query sees every key),
+    "causal" (q == k, one mask for the batch, the lower triangle) or "mask". Decided once per mask tensor, not in
+    each layer (four small ops each)."""
+    global _last_mask
+    if mask is None:
+        return "all"
+    last, version, kind = _last_mask
+    if last is mask and version == mask._version:
+        return kind
+    if bool(mask.all()):
+        kind = "all"
+    elif (mask.shape[0] == 1 and mask.shape[-1] == mask.shape[-2]
+          and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all())):
+        kind = "causal"
+    else:
+        kind = "mask"
+    _last_mask = (mask, mask._version, kind)  # holding the mask keeps its identity unique
+    return kind
+
+
 @functools.lru_cache(maxsize=4)
 def _causal_bias(size: int, dtype: torch.dtype) -> torch.Tensor:
     """(size, size): 0 on and below the diagonal, the lowest float above it (not -inf: torch's CPU softmax takes a

@@ -12,7 +12,7 @@ from sat.model.base_model import BaseMixin, non_conflict
 from sat.model.official.eva_clip_model import EVA2CLIPModel as SATEVA2CLIPModel
 from sat.transformer_defaults import attention_fn_default
 
-from models.attention import prompt_attention
+from models.attention import mask_kind, prompt_attention
 
 
 class PromptAttentionMixin(BaseMixin):
@@ -21,7 +21,7 @@ class PromptAttentionMixin(BaseMixin):
 
     @non_conflict
     def attention_fn(self, q, k, v, mask, dropout_fn, old_impl=attention_fn_default, **kw_args):
-        if old_impl is attention_fn_default and dropout_fn is None and (mask is None or bool((mask > 0).all())):
+        if old_impl is attention_fn_default and dropout_fn is None and mask_kind(mask) == "all":
             return prompt_attention(q, k, v)
         return old_impl(q, k, v, mask, dropout_fn, **kw_args)
 

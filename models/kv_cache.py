@@ -21,7 +21,7 @@ from sat.model.base_model import BaseMixin, non_conflict
 from sat.transformer_defaults import attention_fn_default
 
 from models import native
-from models.attention import prompt_attention
+from models.attention import mask_kind, prompt_attention
 
 
 def cache_dtype(dtype: torch.dtype, device, low_bit_weights: bool = False) -> torch.dtype:
@@ -119,31 +119,6 @@ def cached_attention(query, key, value, mask):
     if kind == "causal":
         return prompt_attention(query, key, value, causal=True)
     return prompt_attention(query, key, value, mask=mask.bool())
-
-
-# (mask, its version, its kind) of the last call: every layer of a forward passes the same mask tensor
-_last_mask = (None, -1, "all")
-
-
-def mask_kind(mask) -> str:
-    """What a SAT mask (B or 1, 1, q, k; 1 = attend) or None asks for: "all" (every query sees every key),
-    "causal" (q == k, one mask for the batch, the lower triangle) or "mask". Decided once per mask tensor, not in
-    each layer (four small ops each)."""
-    global _last_mask
-    if mask is None:
-        return "all"
-    last, version, kind = _last_mask
-    if last is mask and version == mask._version:
-        return kind
-    if bool(mask.all()):
-        kind = "all"
-    elif (mask.shape[0] == 1 and mask.shape[-1] == mask.shape[-2]
-          and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all())):
-        kind = "causal"
-    else:
-        kind = "mask"
-    _last_mask = (mask, mask._version, kind)  # holding the mask keeps its identity unique
-    return kind
 
 
 def ensure_kv_cache_mixin(model) -> None:

@@ -4,9 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import models.attention as attention
-from models.attention import prompt_attention
+from models.attention import mask_kind, prompt_attention
 from models.cpu import has_amx_bf16, native_bf16
-from models.kv_cache import mask_kind
 
 
 def heads(length: int, seed: int, batch: int = 2, num_heads: int = 3, head_dim: int = 16):
