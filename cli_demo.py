@@ -131,7 +131,7 @@ def run(args) -> int:
                 return 0
             if query == "clear":
                 break
-            turn, failed = console.attempt(lambda: pipeline.chat(conversation, "" if args.no_prompt else query))
+            turn, failed = console.attempt(lambda: pipeline.chat(conversation, query))
             if failed:
                 if not console.interactive:
                     return 1

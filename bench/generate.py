@@ -124,7 +124,7 @@ def _synchronize(device: str):
 def prompt_batch(model, args, batch_size: int, text_tokens: int = 24):
     import torch
     from utils.generation import collate
-    from utils.language import position_ids_from_rope_mask
+    from models.inputs import rope_position_ids
 
     length = 1 + args.image_length + 2 + text_tokens
     prompt = {"input_ids": torch.randint(3, args.vocab_size, (1, length)), "image_embed_mask": torch.zeros(1, length, dtype=torch.long),
@@ -134,7 +134,7 @@ def prompt_batch(model, args, batch_size: int, text_tokens: int = 24):
     prompt["vision_expert_mask"][0, 1:args.image_length + 2] = 1
     rope = torch.zeros(1, length, dtype=torch.long)
     rope[0, 2:args.image_length + 2] = 1
-    prompt["position_ids"] = position_ids_from_rope_mask(rope)
+    prompt["position_ids"] = rope_position_ids(rope)
     size = args.eva_args["image_size"][0]
     images = torch.randn(batch_size, 3, size, size)
     return collate([prompt] * batch_size), images

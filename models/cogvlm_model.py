@@ -23,6 +23,7 @@ from sat.mpu.layers import unscaled_init_method
 from sat.ops.layernorm import RMSNorm
 
 from models.eva_clip_model import EVA2CLIPModel
+from models.inputs import accepted_keywords, check_image_inputs, check_keywords, take_vision_inputs
 from models.kv_cache import KVCacheMixin, cached_attention
 from models.linear import apply_linear, single_partition
 from models.mixin import LlamaVisionExpertAttnMixin, LlamaVisionExpertFCMixin
@@ -83,25 +84,24 @@ class ImageMixin(BaseMixin):
         """images (N, 3, S, S) -> image embeddings at LLM width (N, image_length, hidden)."""
         return self.linear_proj(self.vit_model(images)[0])
 
-    def word_embedding_forward(self, input_ids, output_cross_layer, images=None, image_embed_mask=None, **kw_args):
+    def word_embedding_forward(self, input_ids, output_cross_layer, images=None, image_embed_mask=None,
+                               image_embeds=None, **kw_args):
         embeddings = self.transformer.word_embeddings(input_ids)
-        if images is None or input_ids.shape[1] == 1:
+        if images is None and image_embeds is None:
             return embeddings
-        image_emb = self.encode_image(images.to(embeddings.dtype))
+        image_emb = self.encode_image(images.to(embeddings.dtype)) if image_embeds is None else image_embeds
         batch, _, hidden = image_emb.shape
         block = torch.cat([self.boi.expand(batch, 1, hidden), image_emb, self.eoi.expand(batch, 1, hidden)], dim=1)
-        image_embed_mask = image_embed_mask.bool()
-        if int(image_embed_mask.sum()) != block.shape[0] * block.shape[1]:
-            raise ValueError(f"image_embed_mask marks {int(image_embed_mask.sum())} positions but {batch} image(s) "
-                             f"need {block.shape[1]} each (image_length + boi + eoi)")
         embeddings = embeddings.clone()
-        embeddings[image_embed_mask] = block.reshape(-1, hidden).to(embeddings.dtype)
+        embeddings[image_embed_mask.bool()] = block.reshape(-1, hidden).to(embeddings.dtype)
         return embeddings
 
 
 class LMHeadMixin(LMMixin):
     """SAT's LM head that can project only the last position (`last_logits_only=True`): a prefill
     needs one row of logits, and the full (L x vocab) projection is ~10% of its compute."""
+
+    forward_inputs = ("last_logits_only",)
 
     def final_forward(self, logits, **kw_args):
         if kw_args.get("last_logits_only"):
@@ -115,9 +115,14 @@ class CogVLMModel(LLaMAModel):
 
     input_ids, position_ids, vision_expert_mask, image_embed_mask: (B, L); attention_mask (B or 1, 1, L, L),
     1 = attend; images (N, 3, S, S) for the N rows whose image block `image_embed_mask` marks, in row order.
-    The image inputs are optional (text-only prompts); single-token steps of cached decoding use the
-    language expert only. Built from SAT args (models.config.CogVLMConfig.sat_args); loading weights is
-    the checkpoint layer's job (models/checkpoint), which also provides the upstream `from_pretrained`.
+    Upstream's spelling works the same: `model(..., **{"vision_" + k: v for k, v in image_processor(img).items()})`
+    (`vision_image` is `images`; the ViT's token inputs beside it are checked). image_rope_mask (B, L), as
+    the text processor returns it, is checked against position_ids (or gives them when they are left out).
+    The image inputs are optional (text-only prompts). A single-token step with a cache (`kv_cache`, or SAT's
+    `mems`) uses the language expert only; the image inputs SAT's generation loop passes again at every step
+    belong to the cached prompt and are not read. Everything else is used or refused with a CogVLMError.
+    Built from SAT args (models.config.CogVLMConfig.sat_args); loading weights is the checkpoint layer's job
+    (models/checkpoint), which also provides the upstream `from_pretrained`.
     """
 
     def __init__(self, args, transformer=None, params_dtype=torch.float, **kwargs):
@@ -142,14 +147,42 @@ class CogVLMModel(LLaMAModel):
         self.add_mixin("rotary", LlamaVisionExpertAttnMixin(args.hidden_size, args.num_attention_heads, args.num_layers,
                                                             **expert_kwargs))
 
-    def forward(self, input_ids, vision_expert_mask=None, image_embed_mask=None, images=None, **kwargs):
-        kwargs.pop("parallel_output", None)
-        if self._decodes_directly(input_ids, kwargs):
-            return (self.decode_step(input_ids, kwargs["position_ids"], kwargs["attention_mask"], kwargs["kv_cache"]),)
-        if input_ids.shape[1] > 1 and vision_expert_mask is not None:
-            return super().forward(input_ids=input_ids, vision_expert_mask=vision_expert_mask,
-                                   image_embed_mask=image_embed_mask, images=images, **kwargs)
-        return super().forward(input_ids=input_ids, **kwargs)
+    def forward(self, input_ids, position_ids=None, attention_mask=None, *, vision_expert_mask=None,
+                image_embed_mask=None, images=None, image_rope_mask=None, image_embeds=None, **kwargs):
+        """Logits of `input_ids`; see the class docstring for the inputs. Every keyword is used or refused
+        (`CogVLMError` naming it): `forward_inputs` of the model's mixins are the only extra keywords.
+        image_embeds (N, image_length, hidden): the images' `encode_image` output, given instead of `images`."""
+        images = take_vision_inputs(kwargs, images, input_ids.device)
+        if image_embeds is not None:
+            if images is not None:
+                raise CogVLMError("forward got both images and image_embeds; pass the pixels or their embeddings")
+            hidden = self.transformer.word_embeddings.weight.shape[1]
+            if image_embeds.dim() != 3 or tuple(image_embeds.shape[1:]) != (self.image_length, hidden):
+                raise CogVLMError(f"image_embeds has shape {tuple(image_embeds.shape)}; it must be (N, "
+                                  f"{self.image_length}, {hidden}), encode_image's output")
+        check_keywords(kwargs, self.accepted_inputs())
+        cached_step = input_ids.shape[1] == 1 and (kwargs.get("kv_cache") is not None
+                                                   or kwargs.get("mems") is not None)
+        if cached_step:
+            # the prompt's image is in the cache already; SAT's filling_sequence passes the prompt's image
+            # inputs again at every step, and they have the prompt's length, not this step's
+            kwargs.update(position_ids=position_ids, attention_mask=attention_mask)
+            if self._decodes_directly(input_ids, kwargs):
+                return (self.decode_step(input_ids, position_ids, attention_mask, kwargs["kv_cache"]),)
+            return super().forward(input_ids=input_ids, **kwargs)
+        position_ids = check_image_inputs(input_ids, position_ids, vision_expert_mask, image_embed_mask,
+                                          image_rope_mask, images if image_embeds is None else image_embeds,
+                                          self.image_length)
+        if images is None and image_embeds is None:
+            return super().forward(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   **kwargs)
+        return super().forward(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                               vision_expert_mask=vision_expert_mask, image_embed_mask=image_embed_mask,
+                               images=images, image_embeds=image_embeds, **kwargs)
+
+    def accepted_inputs(self) -> frozenset:
+        """The keywords `forward` takes besides its named ones: SAT's and those the model's mixins read."""
+        return accepted_keywords(self.mixins.values())
 
     def _decodes_directly(self, input_ids, kwargs) -> bool:
         """Whether this forward is a cached decode step that `decode_step` computes: one token per row,
@@ -201,12 +234,15 @@ class CogVLMModel(LLaMAModel):
     checkpoint_loader = None
 
     @classmethod
-    def from_pretrained(cls, name, args=None, *, build_only=False, overwrite_args=None, **kwargs):
-        """Build this class from the checkpoint `name` (a directory, or a released name under $SAT_HOME) and
-        load its weights; returns (model, args) as SAT does. See models.checkpoint.loader.from_pretrained."""
+    def from_pretrained(cls, name, args=None, *, home_path=None, url=None, prefix="", build_only=False,
+                        use_node_group=True, overwrite_args=None, **kwargs):
+        """Build this class from the checkpoint `name` (a directory, or a name under `home_path` / $SAT_HOME)
+        and load its weights; returns (model, args) as SAT does, with SAT's arguments. See
+        models.checkpoint.loader.from_pretrained."""
         if cls.checkpoint_loader is None:
             raise RuntimeError("import models.checkpoint (or models) before CogVLMModel.from_pretrained")
-        return cls.checkpoint_loader(name, args, build_only=build_only, overwrite_args=overwrite_args, **kwargs)
+        return cls.checkpoint_loader(name, args, home_path=home_path, url=url, prefix=prefix, build_only=build_only,
+                                     use_node_group=use_node_group, overwrite_args=overwrite_args, **kwargs)
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

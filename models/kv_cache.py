@@ -86,6 +86,8 @@ class KVCache:
 class KVCacheMixin(BaseMixin):
     """Routes attention through a `KVCache` passed to the model as `kv_cache=`; a no-op without one."""
 
+    forward_inputs = ("kv_cache",)
+
     @non_conflict
     def attention_fn(self, q, k, v, mask, dropout_fn, kv_cache=None, old_impl=attention_fn_default, **kw_args):
         if kv_cache is None or kw_args.get("cross_attention", False):

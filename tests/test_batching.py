@@ -21,7 +21,7 @@ def golden_prompts(golden, tokenizers, model_args):
             prompts.append(processor(case["prompt"]))
             images.append(None)
         else:
-            prompts.append(processor(processor.history_to_prompt(case["query"], [tuple(t) for t in case["history"]])))
+            prompts.append(processor(processor.history_to_prompt([tuple(t) for t in case["history"]], case["query"])))
             images.append(image)
     return prompts, images
 

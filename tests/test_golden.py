@@ -12,6 +12,20 @@ INPUT_KEYS = ["input_ids", "position_ids", "image_embed_mask", "vision_expert_ma
 NEW_TOKENS = 16
 
 
+def upstream_inputs(golden, name, processor_output=None):
+    """The keywords upstream's chat() gives the model: the text processor's masks and positions, and the image
+    processor's outputs under a `vision_` prefix (no `images=`)."""
+    length = golden[f"{name}.input_ids"].shape[0]
+    inputs = dict(input_ids=golden[f"{name}.input_ids"][None], position_ids=golden[f"{name}.position_ids"][None],
+                  attention_mask=torch.ones(1, 1, length, length).tril())
+    if name != "text_only":
+        inputs.update(vision_expert_mask=golden[f"{name}.vision_expert_mask"][None],
+                      image_embed_mask=golden[f"{name}.image_embed_mask"][None])
+        image = processor_output or get_image_processor(56)(Image.open(golden.image_path).convert("RGB"))
+        inputs.update({"vision_" + key: value for key, value in image.items()})
+    return inputs
+
+
 def case_inputs(golden, name, with_image=True):
     kwargs = {}
     if with_image and name != "text_only":
@@ -59,7 +73,7 @@ def test_processor_builds_reference_inputs(golden, golden_model, tokenizers, nam
     if name == "text_only":
         prompt = case["prompt"]
     else:
-        prompt = processor.history_to_prompt(case["query"], [tuple(turn) for turn in case["history"]])
+        prompt = processor.history_to_prompt([tuple(turn) for turn in case["history"]], case["query"])
         assert prompt == case["prompt"]
     inputs = processor(prompt)
     for key in INPUT_KEYS:
@@ -77,6 +91,62 @@ def test_full_forward_logits(golden, golden_model, name):
     assert_close_rel(logits[0], golden[f"{name}.logits"], what=f"{name}.logits")
 
 
+@pytest.mark.parametrize("name", ALL_CASES)
+@torch.no_grad()
+def test_full_forward_logits_upstream_call_form(golden, golden_model, name):
+    """`model(input_ids=, position_ids=, attention_mask=, vision_expert_mask=, image_embed_mask=,
+    **{"vision_" + k: v for k, v in image_processor(img).items()})`, as upstream's chat.py calls it: the
+    reference logits, and exactly those of `images=`."""
+    model, _ = golden_model
+    logits = model(**upstream_inputs(golden, name))[0]
+    assert_close_rel(logits[0], golden[f"{name}.logits"], what=f"{name}.logits (vision_image)")
+    assert torch.equal(logits, model(**case_inputs(golden, name))[0])
+
+
+@pytest.mark.parametrize("name", IMAGE_CASES)
+@torch.no_grad()
+def test_full_forward_logits_with_the_text_processors_whole_output(golden, golden_model, tokenizers, name):
+    """Upstream's chat() passes everything the text processor returns (image_rope_mask included) beside the
+    `vision_` inputs; positions may then be left to image_rope_mask."""
+    model, model_args = golden_model
+    case = golden.case(name)
+    inputs = processor_for(golden, tokenizers, name, model_args)(case["prompt"])
+    vision = {"vision_" + k: v for k, v in get_image_processor(56)(Image.open(golden.image_path)).items()}
+    logits = model(**inputs, **vision)[0]
+    assert_close_rel(logits[0], golden[f"{name}.logits"], what=f"{name}.logits (whole processor output)")
+    del inputs["position_ids"]
+    assert torch.equal(model(**inputs, **vision)[0], logits)
+
+
+@pytest.mark.parametrize("name", IMAGE_CASES)
+@torch.no_grad()
+def test_greedy_tokens_through_sats_filling_sequence(golden, tokenizers, name):
+    """Upstream's generation path: SAT's filling_sequence with its CachedAutoregressiveMixin and the text
+    processor's get_func, image inputs as `vision_*` keywords (passed again at every step, as SAT does)."""
+    from sat.generation.autoregressive_sampling import filling_sequence
+    from sat.generation.sampling_strategies import BaseStrategy
+    from sat.model.cached_autoregressive_model import CachedAutoregressiveMixin
+
+    from models import CogVLMModel
+
+    model, model_args = CogVLMModel.from_pretrained(golden.checkpoint, args=inference_args())
+    model.eval().add_mixin("auto-regressive", CachedAutoregressiveMixin())
+    case = golden.case(name)
+    text_processor = processor_for(golden, tokenizers, name, model_args)
+    inputs = text_processor(case["prompt"])
+    image = get_image_processor(56)(Image.open(golden.image_path))
+    input_ids = inputs.pop("input_ids")[0]
+    seq = torch.cat([input_ids, torch.full((NEW_TOKENS,), -1)])
+    get_func = text_processor.get_func(input_ids, **inputs)
+    for key in ("position_ids", "attention_mask"):  # get_func makes these, as upstream's processor left them out
+        inputs.pop(key)
+    with torch.no_grad():
+        output = filling_sequence(model, seq, batch_size=1, strategy=BaseStrategy(top_k=1, end_tokens=[]),
+                                  get_masks_and_position_ids=get_func,
+                                  **{"vision_" + k: v for k, v in image.items()}, **inputs)[0]
+    assert output[0, len(input_ids):].tolist() == golden[f"{name}.gen_ids"].tolist()
+
+
 @pytest.mark.parametrize("name", IMAGE_CASES)
 @torch.no_grad()
 def test_teacher_forced_logits(golden, golden_model, name):
@@ -90,6 +160,12 @@ def test_teacher_forced_logits(golden, golden_model, name):
                    image_embed_mask=torch.cat([golden[f"{name}.image_embed_mask"][None], pad], 1),
                    images=golden["image"])[0]
     assert_close_rel(logits[0], golden[f"{name}.logits_teacher_forced"], what=f"{name}.logits_teacher_forced")
+    upstream = model(input_ids=ids, position_ids=golden[f"{name}.position_ids_full_seq"][None],
+                     attention_mask=torch.ones(1, 1, length, length).tril(),
+                     vision_expert_mask=torch.cat([golden[f"{name}.vision_expert_mask"][None], pad], 1),
+                     image_embed_mask=torch.cat([golden[f"{name}.image_embed_mask"][None], pad], 1),
+                     vision_image=golden["image"])[0]
+    assert torch.equal(upstream, logits)
 
 
 @pytest.mark.parametrize("name", ALL_CASES)
@@ -156,12 +232,13 @@ def test_chat_api_multi_turn_history(golden, golden_model, tokenizers):
     stop_at = golden["chat.gen_ids"][2].item()  # end the first answer after three greedy tokens
     image_processor = get_image_processor(56)
     response, history, image = chat(golden.image_path, model, processor, image_processor, "What is in the image?",
-                                    max_length=200, top_k=1, end_token_ids=[stop_at])
+                                    max_length=200, top_k=1, repetition_penalty=1.0, end_token_ids=[stop_at])
     expected = tokenizers["chat"].decode(golden["chat.gen_ids"][:2].tolist()).strip()
     assert response == expected and history == [("What is in the image?", response)]
     pieces = []
     response2, history2, _ = chat(None, model, processor, image_processor, "What color is the sky?", history=history,
-                                  image=image, max_length=200, top_k=1, end_token_ids=[stop_at], on_text=pieces.append)
+                                  image=image, max_length=200, top_k=1, repetition_penalty=1.0, end_token_ids=[stop_at],
+                                  on_text=pieces.append)
     assert history2 == history + [("What color is the sky?", response2)]
     assert "".join(pieces).strip() == response2
 

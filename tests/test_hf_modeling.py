@@ -232,7 +232,7 @@ def test_hf_model_equals_sat_model_on_a_new_conversation(golden, golden_model, h
     query, history = "How many squares are there?", [("Describe it.", "A red square.")]
     sample = hf_model.build_conversation_input_ids(tokenizer, query=query, history=history, images=[image])
     sat_processor = llama2_text_processor_inference(tokenizers["chat"], 300, model_args.image_length)
-    sat_inputs = sat_processor(sat_processor.history_to_prompt(query, history))
+    sat_inputs = sat_processor(sat_processor.history_to_prompt(history, query))
     assert torch.equal(sample["input_ids"], sat_inputs["input_ids"][0])
     assert torch.equal(sample["token_type_ids"], sat_inputs["image_embed_mask"][0])
     assert torch.equal(cogvlm_position_ids(sample["token_type_ids"][None]), sat_inputs["position_ids"])

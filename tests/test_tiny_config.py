@@ -6,7 +6,8 @@ from PIL import Image
 from conftest import inference_args
 from models import CogVLMModel
 from utils.generation import GenerationConfig, Sampler, generate_stream
-from utils.language import llama2_text_processor_inference, position_ids_from_rope_mask
+from models.inputs import rope_position_ids
+from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor
 
 
@@ -121,8 +122,8 @@ def test_generation_stops_at_end_token_and_max_length(tiny):
 
 def test_position_ids_share_one_position_per_image_run():
     mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0]])
-    assert position_ids_from_rope_mask(mask).tolist() == [[0, 1, 2, 2, 2, 3, 4]]
-    assert position_ids_from_rope_mask(torch.zeros(1, 4, dtype=torch.long)).tolist() == [[0, 1, 2, 3]]
+    assert rope_position_ids(mask).tolist() == [[0, 1, 2, 2, 2, 3, 4]]
+    assert rope_position_ids(torch.zeros(1, 4, dtype=torch.long)).tolist() == [[0, 1, 2, 3]]
 
 
 def test_greedy_pick_equals_sat_strategy_at_top_k_1(tiny):  # tiny: SAT initialised (model parallel group)

@@ -14,6 +14,7 @@ from PIL import Image
 from utils.conversation import Conversation, History
 from utils.generation import GenerationConfig, generate_stream
 from utils.processor import CogVLMProcessor, TextDeltas
+from models.errors import ImageError
 from utils.vision import load_image
 
 
@@ -85,28 +86,58 @@ class ChatStream:
 
 
 def chat(image_path, model, text_processor, img_processor, query: str, history: Optional[History] = None,
-         image=None, max_length: int = 2048, top_p: float = 0.4, top_k: int = 1, temperature: float = 0.8,
-         repetition_penalty: float = 1.0, invalid_slices: Sequence[slice] = (), no_prompt: bool = False,
-         end_token_ids: Optional[Sequence[int]] = None, on_text: Optional[Callable[[str], None]] = None):
-    """The upstream API: answer `query` about the image at `image_path` (or the cached `image`), given
-    `history`. Returns (response, history + [(query, response)], (image_tensors, pil_image)).
+         image=None, max_length: int = 1024, top_p: float = 0.7, top_k: int = 30, temperature: float = 0.95,
+         repetition_penalty: float = 1.2, invalid_slices: Sequence[slice] = (), no_prompt: bool = False,
+         force_pil_image: Optional[Image.Image] = None, *, end_token_ids: Optional[Sequence[int]] = None,
+         on_text: Optional[Callable[[str], None]] = None):
+    """The upstream API, with upstream's arguments and defaults: answer `query` about an image, given
+    `history`. Returns (response, history + [(query, response)], (image_inputs, pil_image)).
 
-    text_processor: utils.language.llama2_text_processor_inference (its tokenizer's `signal_type` is the
-    template); img_processor: utils.vision.get_image_processor(size). `on_text` receives the answer's text
-    as it is generated. no_prompt: send the image with an empty query.
+    The image is `force_pil_image`, else `image` (a PIL image, or the third value an earlier call returned),
+    else the file / URL `image_path`; none of them: a text-only chat. text_processor:
+    utils.language.llama2_text_processor_inference (its tokenizer's `signal_type` is the template);
+    img_processor: utils.vision.get_image_processor(size); image_inputs is its output for the image, in the
+    model's dtype and on its device. no_prompt: send the image alone (no template, history or question).
+    Ours besides upstream's: `end_token_ids` (default: the tokenizer's eos), `on_text` (receives the answer's
+    text as it is generated).
     """
-    pil_image: Optional[Image.Image] = image[1] if image is not None else None
-    if pil_image is None and image_path:
-        pil_image = load_image(image_path)
+    image_inputs, pil_image = _chat_image(image_path, image, force_pil_image, img_processor)
     processor = CogVLMProcessor(text_processor.tokenizer, img_processor.image_size, text_processor.image_length,
                                 text_processor.max_target_length)
-    conversation = Conversation(text_processor.signal_type, pil_image, list(history or []))
+    conversation = Conversation(text_processor.signal_type, pil_image, list(history or []), no_prompt=no_prompt)
     config = GenerationConfig(max_length=max_length, top_p=top_p, top_k=top_k, temperature=temperature,
                               repetition_penalty=repetition_penalty, invalid_slices=list(invalid_slices or ()),
                               end_token_ids=end_token_ids)
-    turn = ChatStream(model, processor, conversation, "" if no_prompt else query, config)
+    turn = ChatStream(model, processor, conversation, query, config)
     for delta in turn:
         if on_text is not None:
             on_text(delta)
-    image_pair = (img_processor(pil_image), pil_image) if pil_image is not None else (None, None)
-    return turn.response, conversation.history, image_pair
+    if image_inputs is not None:
+        parameter = next(model.parameters())
+        image_inputs = {k: v.to(parameter.device, parameter.dtype if v.is_floating_point() else v.dtype)
+                        if isinstance(v, torch.Tensor) else v for k, v in image_inputs.items()}
+    return turn.response, conversation.history, (image_inputs, pil_image)
+
+
+def _chat_image(image_path, image, force_pil_image, img_processor):
+    """(image processor output or None, PIL image or None) of chat()'s three ways to give the image."""
+    if force_pil_image is not None:
+        return img_processor(force_pil_image), force_pil_image
+    if isinstance(image, tuple):
+        if len(image) != 2:
+            raise ImageError(f"chat(image=...) got a tuple of {len(image)}; pass a PIL image or the "
+                             "(image_inputs, pil_image) pair an earlier chat() call returned")
+        image_inputs, pil_image = image
+        if pil_image is not None:
+            return image_inputs if image_inputs is not None else img_processor(pil_image), pil_image
+        image = None
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+        return img_processor(image), image
+    if image is not None:
+        raise ImageError(f"chat(image=...) got a {type(image).__name__}; pass a PIL image or the "
+                         "(image_inputs, pil_image) pair an earlier chat() call returned")
+    if image_path:
+        pil_image = load_image(image_path)
+        return img_processor(pil_image), pil_image
+    return None, None

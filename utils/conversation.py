@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 from PIL import Image
 
 from models.config import DEFAULT_TEMPLATE
-from utils.language import get_template, history_to_prompt
+from utils.language import IMAGE_MARKER, get_template, history_to_prompt
 
 History = List[Tuple[str, str]]
 
@@ -17,16 +17,20 @@ History = List[Tuple[str, str]]
 @dataclass
 class Conversation:
     """template: a `--version` name (utils.language.PROMPT_TEMPLATES). image: RGB, or None for text only.
-    history: earlier (question, answer) turns."""
+    history: earlier (question, answer) turns. no_prompt (`--no_prompt`, as upstream): with an image, the
+    prompt is the image alone (no template, history or question)."""
     template: str = DEFAULT_TEMPLATE
     image: Optional[Image.Image] = None
     history: History = field(default_factory=list)
+    no_prompt: bool = False
 
     def __post_init__(self):
         get_template(self.template)  # an unknown name fails here, before any work
 
     def prompt(self, query: str) -> str:
         """The prompt text for the next question (the image marker first when there is an image)."""
+        if self.no_prompt and self.image is not None:
+            return IMAGE_MARKER
         return history_to_prompt(self.template, query, self.history, with_image=self.image is not None)
 
     def add_turn(self, query: str, answer: str) -> None:

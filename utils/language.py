@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from models.checkpoint.download import hub_endpoint, is_offline
+from models.inputs import rope_position_ids
 from models.config import DEFAULT_TEMPLATE
 from models.errors import PromptError, TokenizerError
 
@@ -121,16 +122,11 @@ def llama2_tokenizer(tokenizer_path: str = DEFAULT_TOKENIZER, signal_type: str =
 
 # Inputs ------------------------------------------------------------------------------------
 
-def position_ids_from_rope_mask(image_rope_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) 0/1 mask of image patches -> (B, L) positions: +1 per token, one shared by a patch run."""
-    rope = image_rope_mask.bool()
-    continues_run = torch.zeros_like(rope)
-    continues_run[:, 1:] = rope[:, 1:] & rope[:, :-1]
-    return torch.cumsum((~continues_run).long(), dim=1) - 1
-
-
 class llama2_text_processor_inference:  # noqa: N801 (upstream name, kept for ported scripts)
-    """Turns a prompt string into model inputs (each (1, L), attention_mask (1, 1, L, L)).
+    """Turns a prompt string into model inputs (each (1, L), attention_mask (1, 1, L, L)), with upstream's
+    methods and attributes (`history_to_prompt(history, query)`, `sep`, `invalid_slices`, `get_func`,
+    `process_response`). A prompt with the image marker `<EOI>` gets the image block there; one without it
+    is text only (upstream supported image prompts only).
 
     max_target_length is the total sequence budget (prompt + generated tokens), as `--max_length`.
     """
@@ -140,9 +136,36 @@ class llama2_text_processor_inference:  # noqa: N801 (upstream name, kept for po
         self.max_target_length = max_target_length
         self.image_length = image_length
         self.signal_type = getattr(tokenizer, "signal_type", DEFAULT_TEMPLATE)
+        self.invalid_slices: List[slice] = []  # token ranges never sampled: none for these vocabularies
 
-    def history_to_prompt(self, query: str, history: Sequence[Tuple[str, str]] = ()) -> str:
+    @property
+    def sep(self) -> str:
+        """What the answer follows in a decoded prompt + answer ('<unk>' for the base template, as upstream)."""
+        return get_template(self.signal_type).answer_separator or "<unk>"
+
+    def history_to_prompt(self, history: Sequence[Tuple[str, str]], query: str) -> str:
+        """Upstream's argument order: earlier (question, answer) turns first, then the new question."""
+        if isinstance(history, str):
+            raise PromptError("history_to_prompt takes (history, query), in upstream's order; the history "
+                              "is a list of (question, answer) pairs")
         return history_to_prompt(self.signal_type, query, history, with_image=True)
+
+    def get_func(self, inputs=None, **kwargs):
+        """For SAT's filling_sequence (`get_masks_and_position_ids=`): a function of the whole sequence (n,)
+        -> (tokens (1, n), causal attention_mask (1, 1, n, n), position_ids (1, n)); the prompt's positions
+        come from `image_rope_mask` (1, L) in kwargs, generated tokens continue the count."""
+        if "image_rope_mask" not in kwargs:
+            raise PromptError("get_func needs image_rope_mask=, as the processor returns it: "
+                              "text_processor.get_func(input_ids, **inputs)")
+        prompt_positions = rope_position_ids(kwargs["image_rope_mask"])[0]
+
+        def masks_and_positions(seq: torch.Tensor):
+            length = seq.shape[0]
+            generated = prompt_positions[-1] + torch.arange(1, max(length - len(prompt_positions), 0) + 1)
+            positions = torch.cat([prompt_positions, generated])[:length].to(seq.device)
+            mask = torch.ones(1, 1, length, length, device=seq.device).tril()
+            return seq.unsqueeze(0), mask, positions.unsqueeze(0)
+        return masks_and_positions
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -169,7 +192,7 @@ class llama2_text_processor_inference:  # noqa: N801 (upstream name, kept for po
             image_rope_mask[0, start + 1:start + self.image_length + 1] = 1
         return {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "position_ids": position_ids_from_rope_mask(image_rope_mask),
+            "position_ids": rope_position_ids(image_rope_mask),
             "attention_mask": torch.ones(1, 1, length, length).tril(),
             "image_embed_mask": image_embed_mask,
             "vision_expert_mask": vision_expert_mask,

@@ -80,7 +80,8 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--local_tokenizer", type=str, default=None,
                         help=f"tokenizer directory or hub name (default: the checkpoint's own tokenizer/ folder, "
                              f"else {DEFAULT_TOKENIZER})")
-    parser.add_argument("--no_prompt", action="store_true", help="send the image with an empty query")
+    parser.add_argument("--no_prompt", action="store_true",
+                        help="send the image alone, without template, history or question (as upstream)")
     add_precision_args(parser)
     parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     parser.add_argument("--quant", type=int, choices=[4, 8], default=None,
@@ -111,6 +112,7 @@ class InferencePipeline:
     rank: int = 0
     world_size: int = 1
     generator: Optional[torch.Generator] = None
+    no_prompt: bool = False
 
     @property
     def tokenizer(self):
@@ -125,7 +127,7 @@ class InferencePipeline:
         return self.model.config.vocab_size
 
     def conversation(self, image: Optional[Image.Image] = None) -> Conversation:
-        return Conversation(self.template, image)
+        return Conversation(self.template, image, no_prompt=self.no_prompt)
 
     def chat(self, conversation: Conversation, query: str, config: Optional[GenerationConfig] = None,
              engine=None) -> ChatStream:
@@ -190,5 +192,6 @@ def load_pipeline(args) -> InferencePipeline:
     generator = torch.Generator().manual_seed(_shared_seed(world_size))
     logger.info("serving %s: template %s, tokenizer %s, max_length %d", checkpoint.path, template, tokenizer_path,
                 defaults.max_length)
-    return InferencePipeline(model, checkpoint, processor, template, defaults, rank, world_size, generator)
+    return InferencePipeline(model, checkpoint, processor, template, defaults, rank, world_size, generator,
+                             no_prompt=args.no_prompt)
 

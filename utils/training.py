@@ -132,6 +132,8 @@ class AnswerLogitsMixin(BaseMixin):
     logits (1, N, vocab). Training needs logits only where a label follows (the answers), and the
     full (B, L, vocab) projection and its log-softmax are a large share of a small model's step."""
 
+    forward_inputs = ("loss_positions",)
+
     @non_conflict
     def final_forward(self, logits, old_impl=None, **kw_args):
         positions = kw_args.get("loss_positions")

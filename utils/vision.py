@@ -42,7 +42,9 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 class ImageProcessor:
     """PIL image -> ViT inputs: RGB, bicubic resize to (S, S), [0, 1], CLIP mean/std normalisation.
 
-    Returns {'image': (1, 3, S, S) float32}.
+    Called on an image it returns upstream's dict: {'image': (1, 3, S, S) float32} and the ViT's token inputs
+    {'input_ids': (1, 1) zeros, 'position_ids': None, 'attention_mask': (1, 1) ones}, so that
+    `model(..., **{"vision_" + k: v for k, v in processor(image).items()})` works as upstream.
     """
 
     def __init__(self, image_size: int):
@@ -63,8 +65,9 @@ class ImageProcessor:
         pixels = (pixels.astype(np.float32) / 255.0 - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
-    def __call__(self, image: Image.Image) -> Dict[str, torch.Tensor]:
-        return {"image": self.to_tensor(image).unsqueeze(0)}
+    def __call__(self, image: Image.Image) -> Dict[str, Optional[torch.Tensor]]:
+        return {"image": self.to_tensor(image).unsqueeze(0), "input_ids": torch.zeros(1, 1, dtype=torch.long),
+                "position_ids": None, "attention_mask": torch.ones(1, 1, dtype=torch.long)}
 
 
 def get_image_processor(image_size: int) -> ImageProcessor:

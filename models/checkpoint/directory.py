@@ -95,14 +95,16 @@ class Checkpoint:
         return sat_format.SATReader(self.path, self.config)
 
 
-def find_checkpoint_dir(name_or_dir: str, local_files_only: bool = False) -> str:
-    """The directory of a path, of a name under $SAT_HOME (a released one is downloaded there when missing),
-    or of a hub repo id `owner/name` in HF format (downloaded into the HF cache). With `local_files_only`
-    (or HF_HUB_OFFLINE=1) nothing is fetched: what is not on disk is an error."""
+def find_checkpoint_dir(name_or_dir: str, local_files_only: bool = False, home: Optional[str] = None) -> str:
+    """The directory of a path, of a name under `home` (default $SAT_HOME; a released name is downloaded there
+    when missing), or of a hub repo id `owner/name` in HF format (downloaded into the HF cache). With
+    `local_files_only` (or HF_HUB_OFFLINE=1) nothing is fetched: what is not on disk is an error."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
+    where = f"$SAT_HOME={sat_home()}" if home is None else home
+    home = sat_home() if home is None else os.path.expanduser(home)
     looks_like_path = os.sep in name_or_dir or name_or_dir.startswith(".")
-    candidate = os.path.join(sat_home(), name_or_dir)
+    candidate = os.path.join(home, name_or_dir)
     if not looks_like_path and os.path.isdir(candidate):
         return candidate
     if name_or_dir in RELEASED_CHECKPOINTS:
@@ -114,7 +116,7 @@ def find_checkpoint_dir(name_or_dir: str, local_files_only: bool = False) -> str
     if looks_like_path:
         raise CheckpointError(f"checkpoint directory '{name_or_dir}' does not exist; pass an existing directory, "
                               f"a hub repo id (owner/name) or a released name ({released})")
-    raise CheckpointError(f"unknown checkpoint '{name_or_dir}': it is not a directory, not in $SAT_HOME={sat_home()}, "
+    raise CheckpointError(f"unknown checkpoint '{name_or_dir}': it is not a directory, not in {where}, "
                           f"and not a released name ({released})")
 
 
@@ -127,11 +129,11 @@ def _tokenizer_dir(path: str, fmt: str) -> Optional[str]:
     return None
 
 
-def open_checkpoint(name_or_dir: str, local_files_only: bool = False) -> Checkpoint:
+def open_checkpoint(name_or_dir: str, local_files_only: bool = False, home: Optional[str] = None) -> Checkpoint:
     """Find the checkpoint `name_or_dir` names (downloading a released name or hub repo id unless
-    `local_files_only`) and read its config (once). A directory with a SAT model_config.json is SAT format;
-    one with only an HF config.json is HF format."""
-    path = find_checkpoint_dir(name_or_dir, local_files_only)
+    `local_files_only`; names under `home`, default $SAT_HOME) and read its config (once). A directory with a
+    SAT model_config.json is SAT format; one with only an HF config.json is HF format."""
+    path = find_checkpoint_dir(name_or_dir, local_files_only, home)
     if sat_format.is_sat_dir(path):
         fmt, config = "sat", sat_format.read_sat_config(path)
     elif hf_format.is_hf_dir(path):

@@ -141,16 +141,39 @@ def load_model(source: Union[str, Checkpoint], *, device: str = "cpu", dtype: to
     return model, sat_args
 
 
-def from_pretrained(cls, name, args=None, *, build_only=False, overwrite_args=None, **kwargs):
-    """`CogVLMModel.from_pretrained(name, args)` as SAT spells it: `args` carries the runtime (device, fp16 /
-    bf16, mode, distribution). Returns (model, args with the checkpoint's config in it)."""
-    if args is None:
-        args = runtime_args()
+def from_pretrained(cls, name, args=None, *, home_path=None, url=None, prefix="", build_only=False,
+                    use_node_group=True, overwrite_args=None, **kwargs):
+    """`CogVLMModel.from_pretrained(name, args, overwrite_args=...)` with SAT's signature: `args` carries the
+    runtime (device, fp16 / bf16, mode, distribution); returns (model, args with the checkpoint's config in it).
+
+    name: a checkpoint directory, or a name under `home_path` (default $SAT_HOME; a released name is
+    downloaded there when missing). overwrite_args: config fields to change; its `model_parallel_size` is the
+    split to build (each rank reads its share from the files, so SAT's `use_node_group` rank-0 broadcast has
+    nothing to choose). SAT's other arguments have no meaning for these checkpoints and are refused
+    (CheckpointError naming them): a download `url` (released names come from the hub repo; HF_ENDPOINT
+    sets a mirror), a key `prefix`, constructor keywords.
+    """
+    refused = [f"{key}=" for key in kwargs]
+    if url is not None:
+        refused.append("url= (released names download from the hub; set HF_ENDPOINT for a mirror)")
+    if prefix:
+        refused.append("prefix= (CogVLM checkpoints load whole)")
+    if not use_node_group:
+        refused.append("use_node_group=False (every rank reads its own share; nothing is broadcast)")
+    if refused:
+        raise CheckpointError(f"from_pretrained does not use {'; '.join(refused)}; leave them out")
+    args = runtime_args() if args is None else argparse.Namespace(**vars(args))
+    overwrite = dict(overwrite_args or {})
     world_size = int(getattr(args, "model_parallel_size", 1) or 1)
-    if kwargs:
-        raise TypeError(f"from_pretrained got unexpected arguments: {', '.join(kwargs)}")
-    return load_model(name, dtype=dtype_of(args), args=argparse.Namespace(**vars(args)), model_class=cls,
-                      world_size=world_size, build_only=build_only, overwrite=overwrite_args)
+    if "model_parallel_size" in overwrite:
+        split = int(overwrite.pop("model_parallel_size"))
+        if hasattr(args, "model_parallel_size") and int(args.model_parallel_size or 1) not in (1, split):
+            raise CheckpointError(f"args.model_parallel_size is {args.model_parallel_size} but overwrite_args asks "
+                                  f"for {split}; give one split (the number of processes)")
+        world_size = args.model_parallel_size = split
+    source = open_checkpoint(name, home=home_path) if home_path is not None else name
+    return load_model(source, dtype=dtype_of(args), args=args, model_class=cls, world_size=world_size,
+                      build_only=build_only, overwrite=overwrite)
 
 
 def install_upstream_api() -> None:

@@ -224,18 +224,18 @@ def check_weights_match_config(model_class, config: CogVLMConfig, directory: str
 
 
 def _stack_images(images, count: int, image_tokens: int) -> torch.Tensor:
-    """`images` as a (N, C, S, S) tensor or per-sample lists ([[image], [], ...]) -> (N, C, S, S)."""
+    """`images` (a (N, C, S, S) tensor, per-sample lists [[image], [], ...], or None) -> (N, C, S, S) or None."""
     if isinstance(images, torch.Tensor):
         stacked = images if images.dim() == 4 else images[None]
     else:
         flat = []
-        for sample in images:
+        for sample in images or []:
             sample = [sample] if isinstance(sample, torch.Tensor) else list(sample or [])
             if len(sample) > 1:
                 raise ValueError(f"CogVLM takes one image per conversation, got {len(sample)} in one sample")
             flat += sample
         stacked = torch.stack(flat) if flat else None
-    if stacked is None or stacked.shape[0] != count:
+    if (0 if stacked is None else stacked.shape[0]) != count:
         raise ValueError(f"token_type_ids mark {count} image blocks of {image_tokens} tokens but "
                          f"{0 if stacked is None else stacked.shape[0]} images were given")
     return stacked
@@ -256,9 +256,10 @@ class CogVLMModel(CogVLMPreTrainedModel):
     def embed(self, input_ids, images, vision_tokens: Optional[torch.Tensor], inputs_embeds=None) -> torch.Tensor:
         """Word embeddings with the image block's rows replaced by [boi, image features, eoi]."""
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if vision_tokens is None:
-            return embeds
         image_tokens = self.config.num_image_patches + 2
+        if vision_tokens is None:  # pixels without an image block to take them are an error, not ignored
+            _stack_images(images, 0, image_tokens)
+            return embeds
         per_sample = vision_tokens.sum(-1)
         if not bool(((per_sample == 0) | (per_sample == image_tokens)).all()):
             raise ValueError(f"each sample needs 0 or {image_tokens} tokens of type 1 (boi, "
