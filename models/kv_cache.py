@@ -13,7 +13,7 @@ of 16-bit models and of models with int8 / int4 weights hold bf16; elsewhere on 
 fp32 cache (`cache_dtype`): a decode step's attention reads the whole cache, and torch's CPU attention reads
 a bf16 cache at a third of the speed it reads an fp32 one.
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -160,14 +160,42 @@ class SlotKVCache:
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
-    def prefill(self, first_row: int, lengths: Sequence[int], padded_length: int) -> "SlotPrefill":
+    def prefill(self, first_row: int, lengths: Sequence[int], padded_length: int,
+                cached: Optional[Sequence[int]] = None) -> "SlotPrefill":
         """A cache for the forward over a left-padded group of prompts (utils.generation.collate) that writes
-        prompt i (lengths[i] tokens, the last lengths[i] of padded_length columns) into row first_row + i."""
+        prompt i (lengths[i] tokens, the last lengths[i] of padded_length columns) into row first_row + i.
+
+        cached: per row, positions [0, cached[i]) the row already holds (`write`: a reused prefix); the group's
+        tokens are then that row's positions from cached[i] on, and attend to the row's cached positions too
+        (the forward takes the returned cache's `mask`). None or all 0: fresh prompts."""
+        cached = [0] * len(lengths) if cached is None else list(cached)
         if first_row + len(lengths) > self.num_slots:
             raise ValueError(f"{first_row + len(lengths)} rows needed, the cache has {self.num_slots}")
-        if max(lengths) > self.max_length:
-            raise ValueError(f"KV cache rows hold {self.max_length} positions; {max(lengths)} needed")
-        return SlotPrefill(self, first_row, list(lengths), padded_length)
+        longest = max(c + n for c, n in zip(cached, lengths))
+        if longest > self.max_length:
+            raise ValueError(f"KV cache rows hold {self.max_length} positions; {longest} needed")
+        return SlotPrefill(self, first_row, list(lengths), padded_length, cached)
+
+    def position_bytes(self) -> int:
+        """Bytes of one position of one row, keys and values of every layer."""
+        return self.nbytes() // (self.num_slots * self.max_length)
+
+    def read(self, row: int, start: int, end: int) -> torch.Tensor:
+        """A copy of row `row`'s positions [start, end): (layers, 2, heads, end - start, head_dim)."""
+        if not 0 <= start <= end <= self.lengths[row]:
+            raise ValueError(f"row {row} holds {self.lengths[row]} positions; [{start}, {end}) asked for")
+        return self.buffer[:, :, row, :, start:end].clone()
+
+    def write(self, row: int, chunks: Sequence[torch.Tensor]) -> int:
+        """Fill row `row` from position 0 with `chunks` (each (layers, 2, heads, n, head_dim), as `read` gives),
+        one after the other; returns the positions written. The row's `lengths` entry is the prefill's to set."""
+        start = 0
+        for chunk in chunks:
+            end = start + chunk.shape[3]
+            self.buffer[:, :, row, :, start:end] = chunk
+            start = end
+        self._finite[row] = max(self._finite[row], start)
+        return start
 
     def decode(self, num_rows: int) -> "SlotDecode":
         """A cache for one decode step of rows 0..num_rows-1 (one new token each); its `mask` is the step's
@@ -185,34 +213,57 @@ class SlotKVCache:
     def release(self, row: int) -> None:
         self.lengths[row] = 0
 
-    def _make_finite(self, num_rows: int, span: int) -> None:
-        for row in range(num_rows):
+    def _make_finite(self, rows: Sequence[int], span: int) -> None:
+        for row in rows:
             if self._finite[row] < span:
                 self.buffer[:, :, row, :, self._finite[row]:span].zero_()
                 self._finite[row] = span
 
 
 class SlotPrefill:
-    """`SlotKVCache.prefill`'s cache: the group attends over its own fresh keys/values (the prompts' mask
-    does the rest); each row's real positions are stored into its slot."""
+    """`SlotKVCache.prefill`'s cache: each row's real positions are stored into its slot. Fresh prompts attend
+    over the group's own keys/values (the prompts' mask does the rest); rows that continue a cached prefix
+    attend over their slots' views [0, span) through `mask`."""
 
-    def __init__(self, cache: SlotKVCache, first_row: int, lengths: List[int], padded_length: int):
+    def __init__(self, cache: SlotKVCache, first_row: int, lengths: List[int], padded_length: int,
+                 cached: List[int]):
         self.cache, self.first_row, self.lengths, self.padded_length = cache, first_row, lengths, padded_length
+        self.cached = cached
+        self.continues = any(cached)
+        self.mask = None
+        if self.continues:
+            device = cache.buffer.device
+            self.span = max(c + n for c, n in zip(cached, lengths))
+            cache._make_finite(range(first_row, first_row + len(lengths)), self.span)
+            # slot position of column j of row i: cached[i] + j - (padded_length - lengths[i]); < 0 on padding
+            offsets = torch.tensor([c - (padded_length - n) for c, n in zip(cached, lengths)], device=device)
+            query_positions = offsets[:, None] + torch.arange(padded_length, device=device)[None]
+            keys = torch.arange(self.span, device=device)
+            # (group, 1, padded_length, span), 1 = attend: causal over the row's slot; a padding column sees
+            # position 0 only (written by every row), so that no attention row is empty
+            mask = keys[None, None] <= query_positions[:, :, None]
+            mask[:, :, 0] |= query_positions < 0
+            self.mask = mask[:, None]
 
     def append(self, layer_id: int, key: torch.Tensor, value: torch.Tensor):
-        """key/value (group, heads, padded_length, head_dim) -> the same tensors (attention over the prompts)."""
-        for i, n in enumerate(self.lengths):
+        """key/value (group, heads, padded_length, head_dim) -> the same tensors (fresh prompts), or views
+        (group, heads, span, head_dim) of the group's rows (cached prefixes)."""
+        keys, values = self.cache.keys[layer_id], self.cache.values[layer_id]
+        for i, (c, n) in enumerate(zip(self.cached, self.lengths)):
             row, start = self.first_row + i, self.padded_length - n
-            self.cache.keys[layer_id][row, :, :n] = key[i, :, start:]
-            self.cache.values[layer_id][row, :, :n] = value[i, :, start:]
-        return key, value
+            keys[row, :, c:c + n] = key[i, :, start:]
+            values[row, :, c:c + n] = value[i, :, start:]
+        if not self.continues:
+            return key, value
+        rows = slice(self.first_row, self.first_row + len(self.lengths))
+        return keys[rows, :, :self.span], values[rows, :, :self.span]
 
     def commit(self) -> None:
         """After the forward: the rows hold their prompts."""
-        for i, n in enumerate(self.lengths):
+        for i, (c, n) in enumerate(zip(self.cached, self.lengths)):
             row = self.first_row + i
-            self.cache.lengths[row] = n
-            self.cache._finite[row] = max(self.cache._finite[row], n)
+            self.cache.lengths[row] = c + n
+            self.cache._finite[row] = max(self.cache._finite[row], c + n)
 
 
 class SlotDecode:
@@ -229,7 +280,7 @@ class SlotDecode:
         self.same_length = min(lengths) == max(lengths)
         self.positions = torch.tensor(lengths, device=device)
         self.rows = torch.arange(num_rows, device=device)
-        cache._make_finite(num_rows, self.span)
+        cache._make_finite(range(num_rows), self.span)
         # (num_rows, 1, 1, span), 1 = attend: a row sees its filled positions and its new one
         self.mask = (torch.arange(self.span, device=device)[None] <= self.positions[:, None])[:, None, None]
 

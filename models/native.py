@@ -1,5 +1,6 @@
-"""Our own CPU decode kernel (models/csrc/cpu_kernels.c): attention of one query per row over an fp32 or bf16
-KV cache, for x86 CPUs with AVX-512 or AVX2 + FMA.
+"""Our own CPU kernels (models/csrc/cpu_kernels.c), for x86 CPUs with AVX-512 or AVX2 + FMA: attention of one
+query per row over an fp32 or bf16 KV cache (decoding), and the dequantization of an int4 layer to bf16 (a
+prompt's products, models.quantization.Int4WeightOnlyLinear).
 
 The C file is compiled on first use with the system's C compiler (`cc`, or $CC) for this CPU
 (`-march=native`) into ~/.cache/cogvlm/kernels (or $COGVLM_KERNEL_CACHE), keyed by the source, the flags
@@ -33,6 +34,7 @@ _SIGNATURES = {
     "cogvlm_max_head_dim": ([], ctypes.c_int),
     "cogvlm_decode_attention": ([_f32p, _i64p, _f32p, _f32p, _i64p, ctypes.c_int, _u8p, _i64, _f32p, _i64, _i64,
                                  _i64, ctypes.c_int, ctypes.c_float, ctypes.c_int], None),
+    "cogvlm_int4_dequantize_t": ([_u8p, _u8p, _u8p, _i64, _i64, _i64, _i64, ctypes.c_int], None),
 }
 
 
@@ -129,3 +131,25 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         None if mask_bytes is None else mask_bytes.data_ptr(), mask_stride, out.data_ptr(), batch, heads, length,
         head_dim, head_dim ** -0.5, torch.get_num_threads())
     return out
+
+
+def int4_dequantize_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, in_features: int,
+                      group_size: int, block: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The transposed weight (in_features, out_features) bf16 of torch's CPU int4 packing: `packed` (uint8, blocks
+    of `block` rows, torch's `_convert_weight_to_int4pack_for_cpu`), `scales_and_zeros` (in_features / group_size,
+    out_features, 2) bf16; w = (q - 8) * scale + zero in fp32, rounded to bf16 once. out: a contiguous bf16
+    tensor of at least in_features * out_features elements to write into (its first ones are returned, viewed)."""
+    if packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or not packed.is_contiguous() \
+            or not scales_and_zeros.is_contiguous():
+        raise ValueError("int4_dequantize_t: packed must be contiguous uint8, scales_and_zeros contiguous bf16")
+    if out_features % block or in_features % group_size or packed.numel() * 2 != out_features * in_features:
+        raise ValueError(f"int4_dequantize_t: {out_features} x {in_features} does not fit blocks of {block} rows, "
+                         f"groups of {group_size} and {packed.numel()} packed bytes")
+    size = in_features * out_features
+    if out is None:
+        out = torch.empty(size, dtype=torch.bfloat16)
+    elif out.dtype != torch.bfloat16 or not out.is_contiguous() or out.numel() < size:
+        raise ValueError("int4_dequantize_t: out must be a contiguous bf16 tensor large enough")
+    library().cogvlm_int4_dequantize_t(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), out_features,
+                                       in_features, group_size, block, torch.get_num_threads())
+    return out.view(-1)[:size].view(in_features, out_features)

@@ -13,7 +13,9 @@ The kernels are torch's own (bench/linear.py times them against torchao, oneDNN 
   - int4 (`Int4WeightOnlyLinear`): 4-bit weights with a bf16 scale and zero point per group of
     `group_size` inputs, multiplied by `_weight_int4pack_mm_for_cpu` with bf16 activations for up to
     INT4_KERNEL_MAX_ROWS rows; longer inputs (prefill) dequantize the layer for the call and use the
-    bf16 GEMM (fp32 on CPUs without bf16 instructions), which is faster there than the int4 kernel.
+    bf16 GEMM (AMX where the CPU has it; fp32 on CPUs without bf16 instructions), which is faster there
+    than the int4 kernel. The dequantization is our C loop (models.native) into a buffer kept per thread:
+    torch's elementwise ops took 5-10x the GEMM's own time for a prompt (bench/RESULTS.md, issue 30).
 Every such layer can be built empty and convert the float tensors `load_state_dict` hands it, so loading a
 checkpoint with `quantize_model(model, bits, weights_loaded=False)` (or models.packed) never holds the
 float weights of more than the layers being read. These layers are for inference: they have no float
@@ -22,6 +24,7 @@ GPU: SAT's cpm_kernels quantization, as upstream (`sat.quantization.kernels.quan
 """
 import functools
 import logging
+import threading
 
 import torch
 import torch.nn as nn
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from sat.mpu import ColumnParallelLinear, RowParallelLinear, get_model_parallel_world_size
 
+from models import native
 from models.cpu import has_vnni, is_x86, native_bf16
 from models.errors import CogVLMError
 
@@ -296,6 +300,11 @@ class Int4WeightOnlyLinear(QuantizedLinear):
             flat = F.pad(flat, (0, self.padded_in - self.in_features))
         if flat.shape[0] <= INT4_KERNEL_MAX_ROWS or _int4_block_rows() is None:
             out = _INT4_MM(flat.contiguous(), buffers["weight_int4"], self.group_size, buffers["scales_and_zeros"])
+        elif native_bf16() and native.available():
+            weight_t = native.int4_dequantize_t(buffers["weight_int4"], buffers["scales_and_zeros"], self.padded_out,
+                                                self.padded_in, self.group_size, _int4_block_rows(),
+                                                _dequantize_buffer(self.padded_in * self.padded_out))
+            out = torch.mm(flat, weight_t)
         elif native_bf16():
             out = torch.mm(flat, self.dequantized_t())
         else:  # torch emulates bf16 GEMMs on this CPU, far slower than even the int4 kernel: fp32
@@ -303,6 +312,19 @@ class Int4WeightOnlyLinear(QuantizedLinear):
         if self.padded_out != self.out_features:
             out = out[:, :self.out_features]
         return self._finish(out, x)
+
+
+_workspace = threading.local()
+
+
+def _dequantize_buffer(numel: int) -> torch.Tensor:
+    """A bf16 buffer of at least `numel` elements for one layer's dequantized weight, reused by every layer
+    this thread runs (the largest layer's size: 90 MB for CogVLM-17B's MLP): a fresh prompt-sized tensor per
+    call costs page faults on a CPU (bench/RESULTS.md)."""
+    buffer = getattr(_workspace, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _workspace.buffer = torch.empty(numel, dtype=torch.bfloat16)
+    return buffer
 
 
 # Without VNNI, fbgemm's int8 dot products go through 16-bit sums that saturate on full-range

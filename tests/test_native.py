@@ -161,3 +161,29 @@ def test_built_library_is_reused(monkeypatch, tmp_path):
         assert native.available() and os.stat(tmp_path / built[0]).st_mtime_ns == stamp
     finally:
         native.library.cache_clear()
+
+
+@pytest.mark.skipif(not native.available(), reason="the kernels are not built on this machine (see the test above)")
+@pytest.mark.parametrize("in_features, out_features", [(64, 128), (160, 320)])
+def test_int4_dequantization_is_the_kernels_weights_rounded_once(in_features, out_features):
+    """The prompt path's int4 -> bf16 weights (Int4WeightOnlyLinear): (q - 8) * scale + zero in fp32, from torch's
+    packed codes, rounded to bf16 once; the torch-op form (bf16 arithmetic, rounded twice) stays within a
+    eighth of a 4-bit step of it (three bf16 roundings of numbers up to 15 steps: measured 0.08)."""
+    from models.quantization import INT4_GROUP_SIZE, Int4WeightOnlyLinear, _int4_block_rows, _unpack_int4_t
+
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    torch.nn.init.normal_(linear.weight, std=0.02, generator=torch.Generator().manual_seed(3))
+    layer = Int4WeightOnlyLinear.from_linear(linear)
+    block = _int4_block_rows()
+    codes = _unpack_int4_t(layer.weight_int4, block, out_features, in_features).float()  # (in, out)
+    scale, zero = (layer.scales_and_zeros[..., i].float().repeat_interleave(INT4_GROUP_SIZE, 0) for i in (0, 1))
+    expected = ((codes - 8) * scale + zero).bfloat16()
+    out = torch.full((in_features * out_features + 7,), float("nan"), dtype=torch.bfloat16)
+    weight_t = native.int4_dequantize_t(layer.weight_int4, layer.scales_and_zeros, out_features, in_features,
+                                        INT4_GROUP_SIZE, block, out)
+    assert weight_t.shape == (in_features, out_features) and weight_t.data_ptr() == out.data_ptr()
+    assert torch.equal(weight_t, expected)
+    assert ((layer.dequantized_t().float() - expected.float()).abs() <= scale / 8).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        native.int4_dequantize_t(layer.weight_int4, layer.scales_and_zeros, out_features, in_features + 32,
+                                 INT4_GROUP_SIZE, block)

@@ -19,11 +19,20 @@ KV memory: a fixed budget of max_batch_size rows x max_length positions (models.
 a request waits while every row is taken; at most max_waiting requests wait, more are refused (QueueFull).
 The running rows stay packed in rows 0..n-1 (a leaving row's place is filled by moving the last row), so
 a decode step attends over plain views of the cache.
+
+Prefix reuse (utils.prefix_cache): the keys and values a request computed (its prompt after the prefill, then
+prompt and answer when it leaves) are kept, up to `prefix_cache_gb`, in a radix tree keyed by content (token
+ids, positions, the image's pixel hash). A new request whose prompt starts with a kept sequence (a chat's
+earlier turns, another question about the same image) gets that prefix copied into its row and prefills only
+the rest, at least its last token (whose logits give the first answer token). The ViT + adapter output of
+recent images is kept too (an eighth of the budget), so an image whose keys were evicted is not encoded again.
+The reused values are the ones a fresh prefill computes; a prefill that continues a prefix attends over the
+row's cache in its dtype (bf16 for int8 / int4 models on CPU, models.kv_cache.cache_dtype), as decoding does.
 """
-import asyncio
 import collections
+import functools
 import logging
-import queue
+import math
 import threading
 import time
 from typing import Deque, Dict, List, Optional
@@ -34,139 +43,33 @@ from models.config import EOS_ID
 from models.errors import CogVLMError, PromptError
 from models.kv_cache import SlotKVCache
 from models.quantization import has_low_bit_weights
-from utils.generation import GenerationConfig, Sampler, collate, ensure_kv_cache, new_generator
+from utils.engine_request import EngineError, QueueFull, Request
+from utils.generation import PROMPT_KEYS, GenerationConfig, Sampler, collate, ensure_kv_cache, new_generator
+from utils.prefix_cache import ImageEmbeddingCache, PrefixCache, PromptKey
+
+__all__ = ["Engine", "EngineError", "QueueFull", "Request", "add_engine_args", "check_engine_args", "engine_for"]
 
 logger = logging.getLogger(__name__)
 
-_END = object()  # the last item of a request's token queue
-
-
-class QueueFull(Exception):
-    """The engine's waiting queue is full (max_waiting): retry later."""
-
-
-class EngineError(RuntimeError):
-    """Generation failed inside the engine (the server log has the traceback)."""
-
-
-class Request:
-    """One submitted request: its settings, its generated tokens as they come, and how it ended.
-
-    Iterate (blocking) or `await get()` (asyncio) for the token ids, end token included. `cancel()` is safe
-    from any thread: the engine drops the request at its next step boundary. After the end: `token_ids`,
-    `finish_reason` ("stop": an end token, "length": max_new_tokens or max_length, "cancelled", "timeout":
-    the deadline passed, "error": see `error`); `submit_time`, `first_token_time`, `finish_time`
-    (time.monotonic()).
-    """
-
-    def __init__(self, inputs: Dict[str, torch.Tensor], config: GenerationConfig, generator, deadline,
-                 end_tokens, budget: int):
-        self.inputs, self.config, self.generator, self.deadline = inputs, config, generator, deadline
-        self.end_tokens, self.budget = set(end_tokens), budget
-        self.prompt_length = inputs["input_ids"].shape[1]
-        self.submit_time = time.monotonic()
-        self.first_token_time: Optional[float] = None
-        self.finish_time: Optional[float] = None
-        self.token_ids: List[int] = []
-        self.finish_reason: Optional[str] = None
-        self.error: Optional[BaseException] = None
-        self.next_position = int(inputs["position_ids"][0, -1]) + 1  # DESIGN.md §3: answers continue the count
-        self._cancelled = False
-        self._items: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None  # the asyncio consumer, woken on new items
-        self._ready: Optional[asyncio.Event] = None
-        self._ended = False  # the consumer has taken the end item
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        self._cancelled = True
-
-    def __iter__(self):
-        while True:
-            item = self._next(block=True)
-            if item is None:
-                return
-            yield item
-
-    async def get(self, timeout: Optional[float] = None) -> Optional[int]:
-        """The next token id, or None after the last one. Raises TimeoutError when none comes within `timeout`
-        seconds (the request runs on), EngineError when generation failed."""
-        if self._loop is None:
-            self._loop, self._ready = asyncio.get_running_loop(), asyncio.Event()
-        while True:
-            item = self._next(block=False)
-            if item is not _END:
-                return item
-            self._ready.clear()
-            if self._items.empty():  # an item pushed after this check sets the event again
-                await asyncio.wait_for(self._ready.wait(), timeout)
-
-    def _next(self, block: bool):
-        """A token id, None at the end, or _END when nothing is there yet (block=False)."""
-        if self._ended:
-            return None
-        try:
-            item = self._items.get(block=block)
-        except queue.Empty:
-            return _END
-        if item is _END:
-            self._ended = True
-            if self.error is not None:
-                raise EngineError(f"generation failed: {self.error}") from self.error
-            return None
-        return item
-
-    # called by the engine thread
-    def _push(self, item) -> None:
-        self._items.put(item)
-        loop = self._loop
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(self._ready.set)
-            except RuntimeError:  # the consumer's loop has closed: nobody is waiting
-                pass
-
-    def _add_token(self, token: int) -> bool:
-        """Record a generated token; True when the request is finished with it."""
-        if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
-        self.token_ids.append(token)
-        self.next_position += 1
-        self._push(token)
-        if token in self.end_tokens:
-            return self._finish("stop")
-        if len(self.token_ids) >= self.budget:
-            return self._finish("length")
-        return False
-
-    def _finish(self, reason: str, error: Optional[BaseException] = None) -> bool:
-        if self.finish_reason is None:
-            self.finish_reason, self.error, self.finish_time = reason, error, time.monotonic()
-            self._push(_END)
-        return True
-
-    def _expired(self, now: float) -> Optional[str]:
-        if self._cancelled:
-            return "cancelled"
-        if self.deadline is not None and now >= self.deadline:
-            return "timeout"
-        return None
-
+# --prefix_cache_gb's default, as a share of the engine's KV memory (max_batch_size x max_length positions)
+DEFAULT_PREFIX_CACHE_SHARE = 0.25
+IMAGE_CACHE_SHARE = 1 / 8  # of the prefix cache's budget: the image embeddings (the rest holds keys/values)
+GB = 1e9
 
 class Engine:
     """Continuous batching on `model` (a CogVLMModel) by one scheduling thread, started here.
 
     max_length: positions per KV row (prompt + answer; requests are capped to it); max_batch_size: KV rows,
     i.e. requests generating at once; max_waiting: requests that may wait for a row (more: QueueFull);
-    max_prefill_batch: prompts prefilled in one forward (default max_batch_size).
+    max_prefill_batch: prompts prefilled in one forward (default max_batch_size). prefix_cache_gb: memory for
+    the kept prefixes and image embeddings (see the module doc; None: DEFAULT_PREFIX_CACHE_SHARE of the KV
+    memory, 0: nothing is kept).
     """
 
     def __init__(self, model, max_length: int, max_batch_size: int = 8, max_waiting: int = 64,
-                 eos_token_id: int = EOS_ID, pad_token_id: int = 0, max_prefill_batch: Optional[int] = None):
-        _check_sizes(max_batch_size, max_waiting)
+                 eos_token_id: int = EOS_ID, pad_token_id: int = 0, max_prefill_batch: Optional[int] = None,
+                 prefix_cache_gb: Optional[float] = None):
+        _check_sizes(max_batch_size, max_waiting, prefix_cache_gb=prefix_cache_gb)
         ensure_kv_cache(model)
         self.model, self.max_length, self.max_batch_size, self.max_waiting = model, max_length, max_batch_size, max_waiting
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
@@ -179,7 +82,15 @@ class Engine:
                                  attention.hidden_size_per_attention_head, self.dtype, self.device,
                                  low_bit_weights=has_low_bit_weights(model))
         logger.info("engine: %d rows x %d positions of KV memory (%.2f GB)", max_batch_size, max_length,
-                    self.cache.nbytes() / 1e9)
+                    self.cache.nbytes() / GB)
+        budget = self.cache.nbytes() * DEFAULT_PREFIX_CACHE_SHARE if prefix_cache_gb is None else prefix_cache_gb * GB
+        self.prefix_cache: Optional[PrefixCache] = None
+        self.image_cache: Optional[ImageEmbeddingCache] = None
+        if budget > 0:
+            self.prefix_cache = PrefixCache(budget * (1 - IMAGE_CACHE_SHARE), self.cache.position_bytes())
+            self.image_cache = ImageEmbeddingCache(budget * IMAGE_CACHE_SHARE)
+            logger.info("engine: prefix cache of %.2f GB (%d positions), image embeddings %.2f GB", budget / GB,
+                        self.prefix_cache.capacity_bytes // self.cache.position_bytes(), budget * IMAGE_CACHE_SHARE / GB)
         self._waiting: Deque[Request] = collections.deque()
         self._rows: List[Request] = []  # the running requests; request i holds KV row i
         self._lock = threading.Condition()
@@ -239,7 +150,8 @@ class Engine:
         if generator is None and not config.greedy:
             generator = new_generator(config.seed)
         deadline = None if timeout is None else time.monotonic() + timeout
-        return Request(inputs, config, generator, deadline, config.end_tokens(self.eos_token_id), budget)
+        key = PromptKey.of(inputs) if self.prefix_cache is not None else None  # here, not in the engine's thread
+        return Request(inputs, config, generator, deadline, config.end_tokens(self.eos_token_id), budget, key)
 
     def close(self, timeout: float = 30) -> None:
         """Stop the loop after its current step; unfinished requests end as cancelled."""
@@ -297,19 +209,64 @@ class Engine:
             return
         first_row = len(self._rows)
         self._rows.extend(group)
+        if self.prefix_cache is None:
+            logits = self._prefill_fresh(first_row, group)
+        else:
+            logits = self._prefill_continuing(first_row, group)
+        self._sample_and_deliver(first_row, logits[:, -1])
+
+    def _prefill_fresh(self, first_row: int, group: List[Request]) -> torch.Tensor:
         batch = collate([request.inputs for request in group], self.pad_token_id)
         padded_length = batch["input_ids"].shape[1]
         cache = self.cache.prefill(first_row, [request.prompt_length for request in group], padded_length)
-        kwargs = {"vision_expert_mask": batch["vision_expert_mask"].to(self.device),
-                  "image_embed_mask": batch["image_embed_mask"].to(self.device)}
+        kwargs = {}
         if "images" in batch:
             kwargs["images"] = batch["images"].to(device=self.device, dtype=self.dtype)
-        logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                            position_ids=batch["position_ids"].to(self.device),
-                            attention_mask=batch["attention_mask"].to(device=self.device, dtype=self.dtype),
-                            kv_cache=cache, last_logits_only=True, **kwargs)[0]
+        logits = self._prompt_forward(batch, batch["attention_mask"], cache, kwargs)
         cache.commit()
-        self._sample_and_deliver(first_row, logits[:, -1])
+        return logits
+
+    def _prefill_continuing(self, first_row: int, group: List[Request]) -> torch.Tensor:
+        """The prefill with prefix reuse: each row gets its longest kept prefix (all but its last prompt token at
+        most) and the forward computes the rest, then the rows' prompts are kept."""
+        for row, request in enumerate(group, first_row):
+            cached, chunks = self.prefix_cache.match(request.key, request.prompt_length - 1)
+            request.cached_positions = self.cache.write(row, chunks) if cached else 0
+        suffixes = [{key: request.inputs[key][:, request.cached_positions:] for key in PROMPT_KEYS}
+                    for request in group]
+        batch = collate(suffixes, self.pad_token_id)
+        cache = self.cache.prefill(first_row, [s["input_ids"].shape[1] for s in suffixes], batch["input_ids"].shape[1],
+                                   cached=[request.cached_positions for request in group])
+        with_image = [request for request, s in zip(group, suffixes) if bool(s["image_embed_mask"].any())]
+        kwargs = {"image_embeds": self._image_embeddings(with_image)} if with_image else {}
+        mask = cache.mask if cache.continues else batch["attention_mask"]
+        logits = self._prompt_forward(batch, mask, cache, kwargs)
+        cache.commit()
+        for row, request in enumerate(group, first_row):
+            self.prefix_cache.insert(request.key, functools.partial(self.cache.read, row))
+        return logits
+
+    def _prompt_forward(self, batch, attention_mask, cache, image_kwargs) -> torch.Tensor:
+        return self.model(input_ids=batch["input_ids"].to(self.device),
+                          position_ids=batch["position_ids"].to(self.device),
+                          attention_mask=attention_mask.to(device=self.device, dtype=self.dtype),
+                          vision_expert_mask=batch["vision_expert_mask"].to(self.device),
+                          image_embed_mask=batch["image_embed_mask"].to(self.device),
+                          kv_cache=cache, last_logits_only=True, **image_kwargs)[0]
+
+    def _image_embeddings(self, requests: List[Request]) -> torch.Tensor:
+        """The image embeddings (N, image_length, hidden) of the requests' images, from the image cache or the
+        ViT (once per distinct image)."""
+        found = {request.key.image_digest: self.image_cache.get(request.key.image_digest) for request in requests}
+        missing = {digest: request.inputs["images"] for request in requests
+                   for digest in [request.key.image_digest] if found[digest] is None}
+        if missing:
+            pixels = torch.cat(list(missing.values())).to(device=self.device, dtype=self.dtype)
+            encoded = self.model.get_mixin("eva").encode_image(pixels)
+            for digest, embeddings in zip(missing, encoded):
+                found[digest] = embeddings
+                self.image_cache.put(digest, embeddings)
+        return torch.stack([found[request.key.image_digest] for request in requests])
 
     def _decode(self) -> None:
         """One token for every running row."""
@@ -334,9 +291,12 @@ class Engine:
         finished = [first_row + i for i, (request, token) in enumerate(zip(rows, tokens)) if request._add_token(token)]
         self._remove_rows(finished)
 
-    def _remove_rows(self, rows: List[int]) -> None:
-        """Free the KV rows of finished requests, moving the last running rows into the gaps."""
+    def _remove_rows(self, rows: List[int], keep: bool = True) -> None:
+        """Free the KV rows of finished requests, moving the last running rows into the gaps; with `keep` (and
+        a prefix cache) their sequences are kept first."""
         for row in sorted(rows, reverse=True):
+            if keep and self.prefix_cache is not None:
+                self._keep_sequence(row)
             last = len(self._rows) - 1
             if row != last:
                 self.cache.move_row(last, row)
@@ -344,39 +304,57 @@ class Engine:
             self.cache.release(last)
             self._rows.pop()
 
+    def _keep_sequence(self, row: int) -> None:
+        """Keep what row `row` computed: its prompt and every answer token but the last (never fed back)."""
+        request, computed = self._rows[row], self.cache.lengths[row]
+        if computed <= request.prompt_length:
+            return  # the prompt was kept after the prefill
+        key = request.key.extended(request.token_ids[:computed - request.prompt_length],
+                                   int(request.inputs["position_ids"][0, -1]) + 1)
+        self.prefix_cache.insert(key, functools.partial(self.cache.read, row), computed)
+
     def _fail_all(self, error: BaseException) -> None:
         for request in self._rows:
             request._finish("error", error)
-        self._remove_rows(list(range(len(self._rows))))
+        self._remove_rows(list(range(len(self._rows))), keep=False)
 
 
 def add_engine_args(parser, timeout: bool = True):
-    """--max_batch_size, --max_waiting (and --request_timeout, with `timeout`): the serving engine's flags."""
+    """--max_batch_size, --max_waiting, --prefix_cache_gb (and --request_timeout, with `timeout`): the serving
+    engine's flags."""
     parser.add_argument("--max_batch_size", type=int, default=8,
                         help="requests generated at once (KV memory for this many x --max_length positions)")
     parser.add_argument("--max_waiting", type=int, default=64,
                         help="requests that may wait for a free batch row; more are refused (HTTP 429)")
+    parser.add_argument("--prefix_cache_gb", type=float, default=None,
+                        help="memory for the keys/values of finished requests, reused by requests that start "
+                             "alike (a chat's history, the same image), and recent image embeddings (default: "
+                             f"{DEFAULT_PREFIX_CACHE_SHARE:.0%} of the KV memory; 0: off)")
     if timeout:
         parser.add_argument("--request_timeout", type=float, default=None,
                             help="seconds a request may take from arrival, waiting included (default: no limit)")
     return parser
 
 
-def _check_sizes(max_batch_size: int, max_waiting: int, timeout: Optional[float] = None) -> None:
+def _check_sizes(max_batch_size: int, max_waiting: int, timeout: Optional[float] = None,
+                 prefix_cache_gb: Optional[float] = None) -> None:
     if max_batch_size < 1:
         raise CogVLMError(f"--max_batch_size must be at least 1, got {max_batch_size}")
     if max_waiting < 0:
         raise CogVLMError(f"--max_waiting must be 0 or more, got {max_waiting}")
     if timeout is not None and not timeout > 0:
         raise CogVLMError(f"--request_timeout must be a positive number of seconds, got {timeout}")
+    if prefix_cache_gb is not None and not (prefix_cache_gb >= 0 and math.isfinite(prefix_cache_gb)):
+        raise CogVLMError(f"--prefix_cache_gb must be 0 (off) or a positive number of GB, got {prefix_cache_gb}")
 
 
 def check_engine_args(args) -> None:
     """Fail on bad engine flags with one CogVLMError line (before any model loads)."""
-    _check_sizes(args.max_batch_size, args.max_waiting, getattr(args, "request_timeout", None))
+    _check_sizes(args.max_batch_size, args.max_waiting, getattr(args, "request_timeout", None), args.prefix_cache_gb)
 
 
 def engine_for(pipeline, args) -> Engine:
     """The engine over a loaded utils.pipeline.InferencePipeline, sized by add_engine_args' flags."""
     return Engine(pipeline.model, pipeline.defaults.max_length, max_batch_size=args.max_batch_size,
-                  max_waiting=args.max_waiting, eos_token_id=pipeline.processor.eos_token_id)
+                  max_waiting=args.max_waiting, eos_token_id=pipeline.processor.eos_token_id,
+                  prefix_cache_gb=args.prefix_cache_gb)

@@ -182,4 +182,49 @@ void cogvlm_decode_attention(const float *q, const int64_t *q_strides, const voi
     }
 }
 
+/* float -> bf16 bits, rounded to nearest even (torch's conversion, for finite values). */
+static inline uint16_t bf16_bits(float x) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &x, 4);
+    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+/* The transposed weight of an int4 layer in bf16, for a prompt's GEMM: out (in_features, out_features) =
+ * (q - 8) * scale + zero, computed in fp32 and rounded once, the numbers torch's int4 kernel multiplies by.
+ * packed: torch's CPU int4 packing of the (out_features, in_features) codes: per block of `block` rows,
+ * for each input k, block / 2 bytes holding row j's code in the low nibble and row j + block / 2's in the
+ * high one. scales_and_zeros: (in_features / group_size, out_features, 2) bf16. The loops over a block's
+ * rows are plain C for the compiler to vectorize (one store of `block` contiguous outputs per input). */
+void cogvlm_int4_dequantize_t(const uint8_t *packed, const uint16_t *scales_and_zeros, uint16_t *out,
+                              int64_t out_features, int64_t in_features, int64_t group_size, int64_t block,
+                              int threads) {
+    const int64_t half = block / 2, blocks = out_features / block, groups = in_features / group_size;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scale = aligned_alloc(64, block * sizeof(float) < 64 ? 64 : block * sizeof(float));
+        float *zero = aligned_alloc(64, block * sizeof(float) < 64 ? 64 : block * sizeof(float));
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t b = 0; b < blocks; b++) {
+            for (int64_t g = 0; g < groups; g++) {
+                const uint16_t *sz = scales_and_zeros + (g * out_features + b * block) * 2;
+                for (int64_t j = 0; j < block; j++) {
+                    uint32_t s_bits = (uint32_t)sz[2 * j] << 16, z_bits = (uint32_t)sz[2 * j + 1] << 16;
+                    __builtin_memcpy(&scale[j], &s_bits, 4);
+                    __builtin_memcpy(&zero[j], &z_bits, 4);
+                }
+                for (int64_t k = g * group_size; k < (g + 1) * group_size; k++) {
+                    const uint8_t *codes = packed + (b * in_features + k) * half;
+                    uint16_t *row = out + k * out_features + b * block;
+                    for (int64_t j = 0; j < half; j++) {
+                        row[j] = bf16_bits((float)((codes[j] & 15) - 8) * scale[j] + zero[j]);
+                        row[j + half] = bf16_bits((float)((codes[j] >> 4) - 8) * scale[j + half] + zero[j + half]);
+                    }
+                }
+            }
+        }
+        free(scale);
+        free(zero);
+    }
+}
+
 #endif
