@@ -146,7 +146,7 @@ def run(args) -> int:
                     pass
                 console.say(texts["model"] + turn.response)
             if grounding and pipeline.rank == 0 and conversation.image is not None:
-                picture = render_grounding(conversation.image, turn.response, default_phrase=query)
+                picture = render_grounding(conversation.image, turn.response, query)
                 if picture is not None:
                     path = next_output_path(args.grounding_dir)
                     picture.save(path)

@@ -23,6 +23,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from models.checkpoint.atomic import write_text
 from models.errors import CogVLMError, ImageError
 from utils.dataset import CAPTCHA_QUERY, find_images, label_of, read_jsonl
 from utils.evaluation import answer_batch, exact_match, read_captcha, summarise
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
     add_inference_args(parser)
     parser.add_argument("--data", required=True,
                         help="a JSONL file of conversations, or a folder of images whose file name is the label")
-    parser.add_argument("--output", default=None, help="JSON file for the results (default: <checkpoint>/eval.json)")
+    parser.add_argument("--output", default=None,
+                        help="JSON file for the results (default: <checkpoint name>-eval.json in the working directory)")
     parser.add_argument("--query", default=CAPTCHA_QUERY, help="prompt (default: the training prompt CAPTCHA:)")
     parser.add_argument("--max_new_tokens", type=int, default=None, help="answer length cap (default: 16 for "
                         "captchas, 96 for JSONL)")
@@ -103,10 +105,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if bundle.rank == 0:
-        output = args.output or os.path.join(args.from_pretrained, "eval.json")
+        # never into the checkpoint (a shipped or shared one stays as it was)
+        output = args.output or f"{os.path.basename(os.path.normpath(args.from_pretrained))}-eval.json"
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as f:
-            json.dump({"checkpoint": args.from_pretrained, "data": args.data, **results}, f, indent=2)
+        write_text(output, json.dumps({"checkpoint": args.from_pretrained, "data": args.data, **results}, indent=2))
         skipped = f", {len(results['skipped'])} skipped" if results["skipped"] else ""
         if jsonl:
             for kind, rates in results["by_type"].items():

@@ -169,7 +169,7 @@ class WebChat:
             return
         picture = session.conversation.image
         if grounding and picture is not None:
-            drawn = render_grounding(picture, stream.response, default_phrase=question)
+            drawn = render_grounding(picture, stream.response, question)
             if drawn is not None:
                 session.pictures[len(session.history) - 1] = drawn
         yield session.messages(), session, "", error_box(None)

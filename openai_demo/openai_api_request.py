@@ -27,7 +27,9 @@ def image_url_for(image: str) -> str:
 
 def ask(client: openai.OpenAI, model: str, messages: list, args) -> str:
     """Send the conversation; print the answer (as it arrives with --stream) and return it."""
-    settings = dict(model=model, messages=messages, max_tokens=args.max_tokens, temperature=args.temperature)
+    settings = dict(model=model, messages=messages, temperature=args.temperature)
+    if args.max_tokens is not None:  # left out, the server answers up to what its context allows
+        settings["max_tokens"] = args.max_tokens
     print("Assistant: ", end="", flush=True)
     if not args.stream:
         answer = client.chat.completions.create(**settings).choices[0].message.content
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="model id (default: the first one the server lists)")
     parser.add_argument("--image", required=True, help="image file or http(s) URL")
     parser.add_argument("--question", action="append", help="a question (repeat for more turns)")
-    parser.add_argument("--max_tokens", type=int, default=512)
+    parser.add_argument("--max_tokens", type=int, default=None,
+                        help="answer length cap (default: as long as the server's context allows)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ import utils.pipeline
 import utils.grounding as grounding
 from models.checkpoint import open_checkpoint
 from utils.chat import ChatStream
-from utils.grounding import (GroundedBox, attach_phrases, draw_boxes, ground,
+from utils.grounding import (GroundedBox, attach_phrases, draw_boxes, ground, label_origin, object_phrase,
                              load_noun_chunker, next_output_path, parse_boxes, strip_boxes, to_pixels)
 
 GREY = (128, 128, 128)
@@ -94,6 +94,29 @@ def test_rec_answer_without_text_takes_the_default_phrase(nlp):
     assert box == GroundedBox("the red car", (120, 330, 450, 880), (120, 330, 450, 880), (0, 19))
 
 
+@pytest.mark.parametrize("question, phrase", [("Where is the red circle?", "the red circle"),
+                                              ("Find the blue square.", "the blue square"), ("Locate a cat", "a cat")])
+def test_a_bare_box_is_labelled_with_the_object_the_question_names(nlp, question, phrase):
+    assert object_phrase(question, nlp=nlp) == phrase
+    assert object_phrase(question, nlp=None) == phrase
+    picture_labels = ground("[[100,100,500,500]]", (200, 200), nlp=nlp, default_phrase=object_phrase(question, nlp))
+    assert [b.phrase for b in picture_labels] == [phrase]
+
+
+def test_label_font_scales_with_the_image_and_fits_it():
+    """A small image gets a small label: it must not cover the picture (it once took the whole question)."""
+    def label_rows(size):
+        image = Image.new("RGB", (size, size), GREY)
+        picture = draw_boxes(image, [_box("the red circle", (0, size // 2, size // 4, size - 1))])
+        column = [picture.getpixel((1, y)) for y in range(size // 2)]
+        return sum(1 for p in column if p != GREY)
+    small, large = label_rows(112), label_rows(896)
+    assert 0 < small < 112 // 6 and small < large / 4
+    wide = draw_boxes(Image.new("RGB", (60, 60), GREY), [_box("a very long phrase for a tiny image", (0, 30, 20, 50))])
+    row = [wide.getpixel((x, 28)) for x in range(60)]
+    assert row[0] != GREY and sum(p != GREY for p in row[40:]) > 5  # cut to fit the width, not running off it
+
+
 def test_plain_fallback_without_spacy():
     text = "A man in a red shirt [[1,1,2,2]] is holding a pear [[3,3,4,4]] next to two dogs [[5,5,6,6]]; people [[7,7,8,8]]"
     assert attach_phrases(text, parse_boxes(text), nlp=None) == ["a red shirt", "a pear", "two dogs", "people"]
@@ -152,11 +175,22 @@ def test_phrases_get_distinct_colours_and_groups_share_one():
     assert GREY not in (cat, dog) and cat != dog and cat == cat2
 
 
-def test_label_goes_inside_when_the_box_touches_the_top():
+def test_label_goes_below_when_the_box_touches_the_top():
+    """A box at the top edge keeps its inside clear: the label goes under it (inside only when there is no
+    room above or below)."""
     image = Image.new("RGB", (200, 200), GREY)
     px = draw_boxes(image, [_box("sky", (0, 0, 199, 100))], line_width=2).load()
     colour = px[0, 50]
-    assert px[5, 5] == colour and px[100, 101] == GREY
+    assert px[5, 5] == GREY and px[1, 102] == colour and px[150, 104] == GREY
+    full = draw_boxes(image, [_box("all", (0, 0, 199, 199))], line_width=2).load()
+    assert full[1, 1] == full[0, 50]
+
+
+def test_label_origin_above_below_inside_and_within_the_image():
+    assert label_origin((10, 50, 60, 90), (30, 12), (200, 200)) == (10, 38)    # above
+    assert label_origin((10, 5, 60, 90), (30, 12), (200, 200)) == (10, 91)     # below
+    assert label_origin((10, 5, 60, 195), (30, 12), (200, 200)) == (10, 5)     # inside the top edge
+    assert label_origin((190, 50, 199, 90), (30, 12), (200, 200)) == (170, 38)  # kept within the width
 
 
 def test_grounded_response_drawn_at_the_parsed_pixels(nlp):

@@ -46,7 +46,7 @@ results = {}
 tokenizer = LlamaTokenizer.from_pretrained(MODEL)
 model = AutoModelForCausalLM.from_pretrained(
     MODEL,
-    torch_dtype=torch.float32,
+    dtype=torch.float32,
     low_cpu_mem_usage=True,
     trust_remote_code=True
 ).to('cpu').eval()
@@ -138,6 +138,7 @@ def snippet(golden, hf_dir, tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", SNIPPET, hf_dir, golden.image_path, out, json.dumps(cases)],
                           cwd=str(work), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deprecated" not in proc.stderr, proc.stderr[-3000:]  # the README's snippet runs without warnings
     assert "MODEL CLASS transformers_modules." in proc.stdout  # the checkpoint's own files, not this repository
     return load_file(out)
 

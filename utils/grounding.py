@@ -5,8 +5,8 @@ width/height (x1000); several boxes for one phrase share one group: `[[x0,y0,x1,
 A box belongs to the noun phrase just before it (spaCy `en_core_web_sm` noun chunks; a plain
 word-based fallback when that pipeline is not installed).
 
-    boxes = ground(response, image.size, default_phrase=query)
-    picture = draw_boxes(image, boxes)
+    boxes = ground(response, image.size, default_phrase=object_phrase(query))
+    picture = draw_boxes(image, boxes)         # or both at once: render_grounding(image, response, query)
 """
 import functools
 import logging
@@ -141,6 +141,16 @@ def attach_phrases(text: str, mentions: Sequence[BoxMention], nlp=None, default_
     return [phrases[m.span] for m in mentions]
 
 
+def object_phrase(question: str, nlp="auto") -> str:
+    """What a referring question asks to find, the label of a bare `[[x0,y0,x1,y1]]` answer: its last noun
+    chunk ("Where is the red circle?" -> "the red circle"), or the plain fallback's phrase of its last clause."""
+    if nlp == "auto":
+        nlp = load_noun_chunker()
+    text = question.strip().rstrip(".?!")
+    chunks = [chunk.text for chunk in nlp(text).noun_chunks] if nlp is not None and text else []
+    return chunks[-1] if chunks else _plain_phrase(text)
+
+
 def ground(response: str, image_size: Tuple[int, int], nlp="auto", default_phrase: str = "") -> List[GroundedBox]:
     """Parse every box of `response` into pixels of an image of `image_size` (width, height)
     with its phrase. nlp: 'auto' (en_core_web_sm if installed), a spaCy pipeline, or None."""
@@ -160,19 +170,41 @@ def _text_colour(background) -> Tuple[int, int, int]:
     return (0, 0, 0) if luminance > 140 else (255, 255, 255)
 
 
+def label_origin(box: Box, label_size: Tuple[int, int], image_size: Tuple[int, int]) -> Tuple[int, int]:
+    """Top-left corner of a box's label: above the box, else below it, else (no room outside) just inside
+    its top edge; shifted left to stay within the image."""
+    (label_w, label_h), (width, height) = label_size, image_size
+    if box[1] - label_h >= 0:
+        y0 = box[1] - label_h
+    elif box[3] + 1 + label_h <= height:
+        y0 = box[3] + 1
+    else:
+        y0 = box[1]
+    return max(0, min(box[0], width - label_w)), y0
+
+
+def _fitted(draw: ImageDraw.ImageDraw, text: str, font, max_width: int) -> str:
+    """`text`, cut with an ellipsis to fit `max_width` pixels."""
+    if draw.textlength(text, font=font) <= max_width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > max_width:
+        text = text[:-1]
+    return text + "…"
+
+
 def draw_boxes(image: Image.Image, boxes: Sequence[GroundedBox], line_width: Optional[int] = None,
                font_size: Optional[int] = None) -> Image.Image:
     """A copy of `image` (RGB) with each box outlined and labelled with its phrase.
 
     Boxes of one phrase share a colour; phrases get distinct colours. The outline is drawn inside
-    the box (its outer edge is the box edge). Labels sit on a filled background above the box, or
-    just inside its top edge when there is no room above.
+    the box (its outer edge is the box edge). Labels sit on a filled background outside the box
+    (`label_origin`), in a font that scales with the image, cut to the image's width.
     """
     picture = image.convert("RGB")  # always a copy
     width, height = picture.size
-    line_width = line_width or max(2, round(min(width, height) / 150))
+    line_width = line_width or max(1, round(min(width, height) / 150))
     # Pillow's built-in scalable font: present wherever Pillow is, no system fonts needed
-    font = ImageFont.load_default(size=font_size or max(12, round(min(width, height) / 28)))
+    font = ImageFont.load_default(size=font_size or max(8, round(min(width, height) / 28)))
     draw = ImageDraw.Draw(picture)
     colours = {}
     for item in boxes:
@@ -184,14 +216,12 @@ def draw_boxes(image: Image.Image, boxes: Sequence[GroundedBox], line_width: Opt
         if not item.phrase:
             continue
         colour = colours[item.phrase]
-        left, top, right, bottom = draw.textbbox((0, 0), item.phrase, font=font)
+        text = _fitted(draw, item.phrase, font, width - 2 * pad)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         label_w, label_h = right - left + 2 * pad, bottom - top + 2 * pad
-        x0, y0 = item.box[0], item.box[1] - label_h
-        if y0 < 0:
-            y0 = item.box[1]
-        x0 = max(0, min(x0, width - label_w))
+        x0, y0 = label_origin(item.box, (label_w, label_h), (width, height))
         draw.rectangle((x0, y0, x0 + label_w - 1, y0 + label_h - 1), fill=colour)
-        draw.text((x0 + pad - left, y0 + pad - top), item.phrase, font=font, fill=_text_colour(colour))
+        draw.text((x0 + pad - left, y0 + pad - top), text, font=font, fill=_text_colour(colour))
     return picture
 
 
@@ -208,9 +238,10 @@ def next_output_path(directory: str, stem: str = "grounding") -> str:
     return os.path.join(directory, f"{stem}-{index:03d}.png")
 
 
-def render_grounding(image: Image.Image, response: str, default_phrase: str = "") -> Optional[Image.Image]:
-    """`image` with the boxes of `response` drawn on it, or None when the response has no box."""
-    boxes = ground(response, image.size, default_phrase=default_phrase)
+def render_grounding(image: Image.Image, response: str, question: str = "") -> Optional[Image.Image]:
+    """`image` with the boxes of `response` drawn on it, or None when the response has no box. A bare box
+    (a referring answer) is labelled with the object the question names."""
+    boxes = ground(response, image.size, default_phrase=object_phrase(question) if question else "")
     return draw_boxes(image, boxes) if boxes else None
 
 

@@ -43,12 +43,21 @@ CogVLMModel.register_for_auto_class("AutoModel")
 CogVLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
+def _umask_mode() -> int:
+    """The mode a plain open() gives a new file (0o666 less the umask): mkstemp's files are private (0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_atomically(path: str, write) -> None:
-    """Call write(file) on a temporary file next to `path`, then rename it into place."""
+    """Call write(file) on a temporary file next to `path`, then rename it into place (with the permissions
+    open() would have given it)."""
     handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
     try:
         with os.fdopen(handle, "wb") as f:
             write(f)
+        os.chmod(tmp_path, _umask_mode())
         os.replace(tmp_path, path)
     except BaseException:
         os.unlink(tmp_path)

@@ -1,0 +1,60 @@
+"""What a new user did on a fresh clone, each step as they did it: the fixes for the frictions they hit."""
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+from conftest import ROOT, free_port, running_server
+
+SCENES = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-scenes")
+
+
+def test_example_client_against_the_scenes_model_with_the_readme_flags(tmp_path):
+    """`openai_api_request.py --image assets/scene_1.png --stream` on a 512-token model: the client leaves
+    max_tokens to the server instead of asking for more than its context holds."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "openai_demo/openai_api.py", "--from_pretrained", SCENES, "--port", str(port)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("COGVLM_API_KEY", None)
+    with running_server(command, url + "/health", tmp_path / "server.log", env=env):
+        proc = subprocess.run([sys.executable, "openai_demo/openai_api_request.py", "--base_url", url + "/v1",
+                               "--image", "assets/scene_1.png", "--stream"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = [line.split("Assistant: ", 1)[1] for line in proc.stdout.splitlines() if "Assistant: " in line]
+    assert len(answers) == 2 and all(answers), proc.stdout
+
+
+def test_evaluate_demo_writes_into_the_working_directory_not_the_checkpoint(tmp_path):
+    checkpoint = tmp_path / "cogvlm-tiny-scenes"
+    shutil.copytree(SCENES, checkpoint)
+    before = sorted(os.listdir(checkpoint))
+    data = tmp_path / "scenes.jsonl"
+    shutil.copy(os.path.join(ROOT, "assets", "scene_1.png"), tmp_path / "scene_1.png")
+    record = {"image": "scene_1.png", "type": "count",
+              "conversations": [{"role": "user", "content": "How many shapes are there?"},
+                                {"role": "assistant", "content": "2"}]}
+    data.write_text(json.dumps(record) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate_demo.py"), "--from_pretrained",
+                           str(checkpoint), "--data", str(data)], capture_output=True, text=True, cwd=work,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(checkpoint)) == before
+    result = json.loads((work / "cogvlm-tiny-scenes-eval.json").read_text())
+    assert result["count"] == 1 and "results in cogvlm-tiny-scenes-eval.json" in proc.stdout
+
+
+def test_converted_checkpoint_files_have_the_umasks_permissions(golden, tmp_path):
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", golden.checkpoint, str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: stat.S_IMODE(os.stat(out / name).st_mode) for name in os.listdir(out)}
+    assert modes and all(mode == 0o666 & ~umask for mode in modes.values()), modes
