@@ -16,6 +16,7 @@ import torch
 from models.errors import CogVLMError
 from utils.grounding import add_grounding_args, next_output_path, render_grounding
 from utils.pipeline import add_inference_args, load_pipeline, setup_logging
+from utils.media import add_media_args, media_policy
 from utils.vision import load_image
 
 TEXTS = {
@@ -108,6 +109,7 @@ class Console:
 
 
 def run(args) -> int:
+    policy = media_policy(args)
     pipeline = load_pipeline(args)
     texts = TEXTS[args.language]
     console = Console(pipeline.rank, pipeline.world_size)
@@ -119,7 +121,7 @@ def run(args) -> int:
             return 0
         if image_path == "clear":
             continue
-        image, failed = console.attempt(lambda: load_image(image_path) if image_path else None)
+        image, failed = console.attempt(lambda: load_image(image_path, policy=policy) if image_path else None)
         if failed:
             if not console.interactive:
                 return 1  # scripted: a bad input is a failure, not something to retry
@@ -159,6 +161,7 @@ def main(argv=None) -> int:
     add_inference_args(parser)
     parser.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")
     add_grounding_args(parser)
+    add_media_args(parser)
     parser.add_argument("--grounding_dir", type=str, default="grounding_output",
                         help="where --grounding saves the pictures with the boxes drawn")
     args = parser.parse_args(argv)

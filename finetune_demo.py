@@ -136,6 +136,7 @@ def run(args):
     save_root = args.save or "checkpoints"  # training_main appends the run folder to args.save
     sat_compat.make_sat_training_cpu_safe(args)
     sat_compat.save_optimizer_state_too()
+    sat_compat.make_sat_load_weights_only()
     resume_dir = None if args.no_resume or not args.save else find_resume_dir(args.save, args.experiment_name)
     if resume_dir:
         sat_compat.enable_resume(resume_dir, resume_iteration(resume_dir))

@@ -19,6 +19,7 @@ serving engine (utils/engine.py: up to --max_batch_size at once). The same chat 
                                      history, api_name="/chat")
 """
 import argparse
+import inspect
 import logging
 import os
 import sys
@@ -34,6 +35,7 @@ from utils.engine import Engine, add_engine_args, check_engine_args, engine_for
 from utils.generation import GenerationConfig
 from utils.grounding import add_grounding_args, render_grounding
 from utils.pipeline import InferencePipeline, add_inference_args, load_pipeline, setup_logging
+from utils.media import add_media_args, media_policy
 from utils.vision import MAX_IMAGE_BYTES, load_image
 
 logger = logging.getLogger(__name__)
@@ -80,13 +82,33 @@ def _upload_path(payload):
     return payload.path
 
 
+def _url_passed_on(move_to_cache):
+    """gradio's move of an input file into its cache, except that an http(s) URL is passed on as it is:
+    utils.vision.load_image fetches it under the --*media* flags and its time and byte caps (gradio would
+    download it itself, to disk, uncapped)."""
+    def move(url_or_path):
+        if isinstance(url_or_path, str) and url_or_path.lower().startswith(("http://", "https://")):
+            return url_or_path
+        return move_to_cache(url_or_path)
+
+    async def async_move(url_or_path):
+        if isinstance(url_or_path, str) and url_or_path.lower().startswith(("http://", "https://")):
+            return url_or_path
+        return await move_to_cache(url_or_path)
+
+    return async_move if inspect.iscoroutinefunction(move_to_cache) else move
+
+
 def image_input(**kwargs) -> gr.Image:
-    """A gr.Image whose upload reaches the handler as its file path, for utils.vision.load_image to decode with
-    its size and pixel caps and one-line errors; gradio's own preprocessing would open any file with PIL,
-    uncapped, and answer a non-image with a multi-line "Could not preprocess input component" message. (Set on
-    the instance: for a subclass of a component gradio writes a .pyi stub next to this file.)"""
+    """A gr.Image whose upload reaches the handler as its file path (an image URL a client sends, as that URL),
+    for utils.vision.load_image to read with its caps, its media policy and one-line errors; gradio's own
+    preprocessing would open any file with PIL, uncapped, and answer a non-image with a multi-line "Could not
+    preprocess input component" message. (Set on the instance: for a subclass of a component gradio writes a
+    .pyi stub next to this file.)"""
     image = gr.Image(type="filepath", **kwargs)
     image.preprocess = _upload_path
+    image.move_resource_to_block_cache = _url_passed_on(image.move_resource_to_block_cache)
+    image.async_move_resource_to_block_cache = _url_passed_on(image.async_move_resource_to_block_cache)
     return image
 
 
@@ -123,6 +145,7 @@ class WebChat:
         self.engine = engine or engine_for(pipeline, args)
         self.grounding = args.grounding or pipeline.grounding
         self.texts = TEXTS[args.language]
+        self.media = media_policy(args)
 
     def _config(self, temperature: float, top_p: float, top_k: int) -> GenerationConfig:
         if top_k is None or temperature is None or top_p is None:
@@ -140,7 +163,7 @@ class WebChat:
         if not question and not image_path and not self.args.no_prompt:
             raise PromptError(self.texts["empty"])
         if conversation is None:
-            conversation = self.pipeline.conversation(load_image(image_path) if image_path else None)
+            conversation = self.pipeline.conversation(load_image(image_path, policy=self.media) if image_path else None)
         return self.pipeline.chat(conversation, "" if self.args.no_prompt else question, config, self.engine)
 
     def respond(self, image_path, question, session: WebSession, temperature, top_p, top_k, grounding):
@@ -179,7 +202,7 @@ class WebChat:
         ([[question, answer], ...], or empty) -> (answer, history with this turn). Bad input
         comes back to the client as an error with its message."""
         try:
-            conversation = self.pipeline.conversation(load_image(image) if image else None)
+            conversation = self.pipeline.conversation(load_image(image, policy=self.media) if image else None)
             conversation.history = _checked_history(history)
             stream = self._start(image, question, conversation, self._config(temperature, top_p, top_k))
         except CogVLMError as e:
@@ -263,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_args(parser)
     add_grounding_args(parser)
     add_engine_args(parser, timeout=False)
+    add_media_args(parser)
     parser.add_argument("--host", type=str, default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
@@ -277,6 +301,7 @@ def main(argv=None) -> int:
             raise CogVLMError("web_demo.py serves from one process; run it without torchrun "
                               "(the CLI, cli_demo.py, splits the model across GPUs)")
         check_engine_args(args)
+        media_policy(args)  # contradictory media flags fail before the model loads
         demo = build_demo(WebChat(load_pipeline(args), args))
     except CogVLMError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,8 @@ Where we use SAT 0.4.12 differently rather than patch it, the reason stands next
 """
 import argparse
 import os
+import pickle
+import re
 import time
 
 import torch
@@ -31,9 +33,27 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed.ops  # noqa: E402  (after DS_ACCELERATOR)
 from sat.helpers import print_rank0  # noqa: E402
 from sat.training import deepspeed_training as sat_training  # noqa: E402
+from sat.training import model_io as sat_model_io  # noqa: E402
+
+from models.errors import CheckpointError  # noqa: E402
 
 # written into an iteration folder by the finetuning save once all its files are (see save_optimizer_state_too)
 SAVE_COMPLETE = "save_complete"
+
+
+def load_tensors(path: str, **kwargs):
+    """`torch.load(path, weights_only=True, **kwargs)`: unpickles tensors, containers, numbers and strings only,
+    so a file cannot run code while it loads. A file holding other pickled objects is a CheckpointError
+    naming the first one. Every checkpoint, optimizer-state and cache read goes through here (DeepSpeed's
+    own reads pass weights_only=False)."""
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"a pickled {found[1].rstrip('.')}" if found else "pickled objects other than tensors"
+        raise CheckpointError(f"{path} holds {what}, not only tensors; it was not loaded, because unpickling it "
+                              "could run code. Load only checkpoints of tensors (torch.save of state dicts, or "
+                              "safetensors)") from None
 
 
 # Training (finetune_demo.py) ------------------------------------------------------------------------
@@ -113,6 +133,23 @@ def save_optimizer_state_too() -> None:
     sat_training.save_checkpoint = save
 
 
+def make_sat_load_weights_only() -> None:
+    """Make SAT 0.4.12's `--load` read its checkpoint file as tensors only (load_tensors) before SAT loads it:
+    SAT's own torch.load passes no weights_only, so only torch's default (or a TORCH_FORCE_* variable)
+    decides whether the file may run code, and a refused file ends in a traceback, not an error line."""
+    sat_load = sat_training.load_checkpoint
+
+    def load(model, args, load_path=None, prefix="", specific_iteration=None):
+        path = args.load if load_path is None else load_path
+        iteration, release, found = sat_model_io.get_checkpoint_iteration(path)
+        if found:
+            load_tensors(sat_model_io.get_checkpoint_name(path, specific_iteration or iteration, release),
+                         map_location="cpu", mmap=True)
+        return sat_load(model, args, load_path, prefix, specific_iteration)
+
+    sat_training.load_checkpoint = load
+
+
 def enable_resume(resume_dir: str, tag: str) -> None:
     """Make SAT 0.4.12's training_main continue the run in `resume_dir` from its iteration folder `tag` (the
     newest complete one: utils.training.resume_iteration): weights, optimizer state, step, lr.
@@ -127,6 +164,7 @@ def enable_resume(resume_dir: str, tag: str) -> None:
 
     def setup_and_load(args, model, config_params=None):
         engine, optimizer = setup(args, model, config_params)
+        engine.checkpoint_engine.load = load_tensors  # DeepSpeed's own passes weights_only=False
         # SAT's param groups hold lr *scales* (1.0) that its scheduler multiplies; the saved optimizer
         # state holds the absolute lr of the last step, which must not become the new scale
         lr_scales = [group["lr"] for group in optimizer.param_groups]

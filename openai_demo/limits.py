@@ -4,9 +4,10 @@
   the bytes are counted as they arrive and at most the cap is held, so a huge or endless body costs no
   memory. The rest of a refused body is read and dropped (for a bounded time), so that the client, still
   sending, reads the 413 instead of a reset connection.
-- `ImageGate`: a request's image is fetched and decoded before the request takes a place in the model's
-  queue, with at most `max_fetches` downloads and `max_decodes` decodes at once. A URL image, its wait for a
-  download place included, ends within utils.vision.URL_TIMEOUT_S, so slow or trickling image servers tie
+- `ImageGate`: a request's image is fetched (under the server's MediaPolicy: utils.media) and decoded
+  before the request takes a place in the model's queue, with at most `max_fetches` downloads and
+  `max_decodes` decodes at once; a URL the policy refuses costs no download place. A URL image, its wait for a
+  download place included, ends within utils.media.URL_TIMEOUT_S, so slow or trickling image servers tie
   up download places only, never the model, the thread pool or requests without URL images. Decodes run on
   the gate's own `max_decodes` threads: the memory the allocator keeps after a decode stays with those few
   threads (each of the many pool threads would otherwise keep its own).
@@ -15,14 +16,13 @@ import asyncio
 import concurrent.futures
 from typing import Optional
 
-import httpx
 from fastapi.responses import JSONResponse
 from PIL import Image
 
 from models.errors import ImageError
 from openai_demo.schemas import ErrorBody, ErrorDetail
-from utils.vision import (MAX_IMAGE_BYTES, URL_TIMEOUT_S, data_uri_bytes, fetch_url, image_from_bytes, url_client,
-                          url_timed_out)
+from utils.media import DEFAULT_MEDIA_POLICY, URL_TIMEOUT_S, ImageFetcher, MediaPolicy, check_url, url_timed_out
+from utils.vision import MAX_IMAGE_BYTES, data_uri_bytes, image_from_bytes
 
 MAX_BODY_BYTES = 32 * 2**20  # an image of MAX_IMAGE_BYTES (20 MiB) as base64, plus the text
 DRAIN_BYTES = 256 * 2**20  # of a refused body, read and dropped at most this much ...
@@ -106,11 +106,12 @@ class BodySizeLimit:
 class ImageGate:
     """Fetches and decodes request images with bounded concurrency (see the module docstring)."""
 
-    def __init__(self, max_fetches: int = 16, max_decodes: int = 2, timeout: float = URL_TIMEOUT_S):
-        self.max_fetches, self.timeout = max_fetches, timeout
+    def __init__(self, policy: MediaPolicy = DEFAULT_MEDIA_POLICY, max_fetches: int = 16, max_decodes: int = 2,
+                 timeout: float = URL_TIMEOUT_S):
+        self.policy, self.max_fetches, self.timeout = policy, max_fetches, timeout
         self.fetches = asyncio.Semaphore(max_fetches)
         self.decoders = concurrent.futures.ThreadPoolExecutor(max_decodes, thread_name_prefix="image-decode")
-        self.client = None  # made on first use, inside the server's event loop
+        self.fetcher: Optional[ImageFetcher] = None  # made on first use, inside the server's event loop
 
     async def _fetch(self, url: str) -> bytes:
         holding = False
@@ -118,9 +119,9 @@ class ImageGate:
             async with asyncio.timeout(self.timeout):  # one deadline: the wait for a place and the download
                 await self.fetches.acquire()
                 holding = True
-                if self.client is None:
-                    self.client = url_client(limits=httpx.Limits(max_connections=self.max_fetches))
-                return await fetch_url(url, self.timeout, client=self.client)
+                if self.fetcher is None:
+                    self.fetcher = ImageFetcher(self.policy, max_connections=self.max_fetches)
+                return await self.fetcher.fetch(url, MAX_IMAGE_BYTES, self.timeout)
         except TimeoutError:
             if holding:
                 raise url_timed_out(url, self.timeout) from None
@@ -132,7 +133,8 @@ class ImageGate:
 
     async def load(self, url: str) -> Image.Image:
         """A request's image_url (data: URI or http(s) URL; never a path on the server) -> RGB PIL image."""
-        if url.startswith(("http://", "https://")):
+        if url.lower().startswith(("http://", "https://")):
+            check_url(url, self.policy)  # a refusal is answered at once, without waiting for a download place
             data = await self._fetch(url)
 
             def decode():

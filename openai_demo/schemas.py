@@ -19,6 +19,8 @@ from typing_extensions import Annotated
 from utils.generation import MAX_SEED
 
 STRICT = ConfigDict(strict=True)
+# what a client without the API key may ask for (method, exact path): a health check for load balancers
+PUBLIC_ROUTES = frozenset({("GET", "/health")})
 ROLES = ["user", "assistant"]  # the schema's roles; others (system, tool) get a 400 that names the fix
 IMAGE_URL_PATTERN = "^(data:|https?://)"
 # every message and every content part costs at least one token, and no CogVLM has more than 4096 positions:
@@ -278,7 +280,7 @@ def openapi_document(app: FastAPI, model_name: str, vocab_size: int, context_len
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
             statuses = [400] if operation.get("parameters") or operation.get("requestBody") else []
-            if secured and path != "/health":
+            if secured and (method.upper(), path) not in PUBLIC_ROUTES:
                 operation["security"] = [{"bearer": []}]
                 statuses.append(401)
             if "{model_id}" in path:

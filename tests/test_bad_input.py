@@ -130,7 +130,8 @@ def api(golden, tmp_path_factory):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "openai_demo/openai_api.py", "--from_pretrained", golden.checkpoint,
                "--local_tokenizer", golden.tokenizer_dir, "--version", "chat", "--port", str(port),
-               "--model_name", MODEL, "--api-key", API_KEY, "--max_length", str(MAX_LENGTH)]
+               "--model_name", MODEL, "--api-key", API_KEY, "--max_length", str(MAX_LENGTH),
+               "--allow-private-media-urls"]  # the image server is on loopback
     url = f"http://127.0.0.1:{port}"
     with running_server(command, url + "/health", log_path, env=env) as proc:
         yield url, proc, log_path
@@ -480,7 +481,7 @@ def test_cli_invalid_utf8_typed_is_skipped_with_a_message(golden, monkeypatch, c
 def test_cli_trickling_url_fails_within_the_deadline(golden, monkeypatch, capsys, image_server):
     monkeypatch.setattr(vision.load_image, "__defaults__", (2.0, vision.MAX_IMAGE_BYTES))
     started = time.monotonic()
-    rc, out, _ = run_cli(monkeypatch, capsys, golden, f"{image_server}/trickle.png\nhi\n")
+    rc, out, _ = run_cli(monkeypatch, capsys, golden, f"{image_server}/trickle.png\nhi\n", "--allow-private-media-urls")
     assert rc == 1 and "timed out" in one_error_line(out)
     assert time.monotonic() - started < 2.0 + 3  # the probe: still waiting at 90 s
 
@@ -488,7 +489,7 @@ def test_cli_trickling_url_fails_within_the_deadline(golden, monkeypatch, capsys
 @pytest.mark.parametrize("path,message", [("/huge.png", "larger than 20 MiB"), ("/endless.png", "larger than 20 MiB"),
                                           ("/missing.png", "HTTP 404"), ("/page.html", "not a readable image")])
 def test_cli_bad_image_url(golden, monkeypatch, capsys, image_server, path, message):
-    rc, out, _ = run_cli(monkeypatch, capsys, golden, f"{image_server}{path}\nhi\n")
+    rc, out, _ = run_cli(monkeypatch, capsys, golden, f"{image_server}{path}\nhi\n", "--allow-private-media-urls")
     assert rc == 1 and message in one_error_line(out)
 
 

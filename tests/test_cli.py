@@ -127,12 +127,14 @@ def test_url_that_times_out(golden, monkeypatch, capsys, http_server):
     import utils.vision
     monkeypatch.setattr(utils.vision, "URL_TIMEOUT_S", 0.5)
     monkeypatch.setattr(utils.vision.load_image, "__defaults__", (0.5, utils.vision.MAX_IMAGE_BYTES))
-    rc, out, _ = run_cli(monkeypatch, capsys, f"{http_server}/slow.png\nhi\n", golden=golden)
+    rc, out, _ = run_cli(monkeypatch, capsys, f"{http_server}/slow.png\nhi\n", "--allow-private-media-urls",
+                         golden=golden)
     assert rc == 1 and "timed out" in out
 
 
 def test_url_that_is_not_an_image(golden, monkeypatch, capsys, http_server):
-    rc, out, _ = run_cli(monkeypatch, capsys, f"{http_server}/page.html\nhi\n", golden=golden)
+    rc, out, _ = run_cli(monkeypatch, capsys, f"{http_server}/page.html\nhi\n", "--allow-private-media-urls",
+                         golden=golden)
     assert rc == 1 and "not a readable image" in out
 
 

@@ -37,7 +37,8 @@ def server(golden, tmp_path_factory):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("COGVLM_API_KEY", None)
     command = [sys.executable, "openai_demo/openai_api.py", *server_flags(golden), "--port", str(port),
-               "--model_name", MODEL, "--api-key", API_KEY]
+               "--model_name", MODEL, "--api-key", API_KEY,
+               "--allow-private-media-urls"]  # the image URL tests' server is on loopback
     url = f"http://127.0.0.1:{port}"
     with running_server(command, url + "/health", log_path, env=env):
         yield url

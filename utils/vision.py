@@ -2,12 +2,15 @@
 
 No input image can cost more than a few hundred MB or a few seconds:
 - a URL has one deadline for connecting and the whole body (URL_TIMEOUT_S, also against a server that
-  trickles bytes) and a byte cap checked while reading (MAX_IMAGE_BYTES; files and data URIs have it too);
+  trickles bytes) and a byte cap checked while reading (MAX_IMAGE_BYTES; files and data URIs have it too),
+  both kept by utils.media;
 - the pixel count is read from the header before anything is decoded: a JPEG above KEEP_PIXELS is decoded
   at 1/2, 1/4 or 1/8 scale (libjpeg's draft mode), any other image above MAX_PIXELS is refused;
 - a decoded image above KEEP_PIXELS is box-reduced to at most that (still far above any ViT input), so an
   image held by a conversation or a waiting request stays small.
 16-bit images (PIL modes I;16 and I) are scaled to 8 bits rather than clipped.
+
+Image URLs are fetched under a MediaPolicy (utils/media.py: public addresses only by default).
 """
 import asyncio
 import base64
@@ -21,18 +24,17 @@ import re
 import warnings
 from typing import Dict, Optional
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
 
 from models.errors import ImageError
+from utils.media import DEFAULT_MEDIA_POLICY, URL_TIMEOUT_S, MediaPolicy, fetch_url
 
 logger = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-URL_TIMEOUT_S = 10.0
 MAX_IMAGE_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000
 KEEP_PIXELS = 16_000_000
@@ -162,58 +164,16 @@ def data_uri_bytes(uri: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         raise ImageError("image data URI is not valid base64; encode the file bytes with base64") from None
 
 
-def url_timed_out(url: str, timeout: float) -> ImageError:
-    return ImageError(f"image URL {url} timed out (the whole image must arrive within {timeout:g} s); check the "
-                      "URL or download the image and give its path")
-
-
-def url_client(**limits) -> httpx.AsyncClient:
-    """The HTTP client image downloads use (a server keeps one: making one loads the CA bundle)."""
-    return httpx.AsyncClient(follow_redirects=True, timeout=URL_TIMEOUT_S, **limits)
-
-
-async def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES,
-                    client: Optional[httpx.AsyncClient] = None) -> bytes:
-    """The body of an http(s) URL: `timeout` bounds connecting plus the whole download (cancelled when it
-    passes), the byte cap is checked as the bytes arrive (after content decoding). ImageError otherwise.
-    client: one from `url_client` (default: a new one for this download)."""
-    try:
-        async with asyncio.timeout(timeout):
-            if client is not None:
-                return await _fetch(client, url, max_bytes)
-            async with url_client() as client:
-                return await _fetch(client, url, max_bytes)
-    except (TimeoutError, httpx.TimeoutException):
-        raise url_timed_out(url, timeout) from None
-    except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as e:
-        raise ImageError(f"cannot fetch image URL {url} ({type(e).__name__}); check the URL or your network") from None
-
-
-async def _fetch(client: httpx.AsyncClient, url: str, max_bytes: int) -> bytes:
-    too_large = ImageError(f"image URL {url} is larger than {max_bytes // 2**20} MiB; use a smaller image")
-    async with client.stream("GET", url) as response:
-        if response.status_code != 200:
-            raise ImageError(f"image URL {url} answered HTTP {response.status_code}; check the URL")
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_bytes:
-            raise too_large
-        data = bytearray()
-        async for chunk in response.aiter_bytes():
-            data += chunk
-            if len(data) > max_bytes:
-                raise too_large
-        return bytes(data)
-
-
-def download(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """`fetch_url` for synchronous callers (on a fresh event loop; in a helper thread when this thread
-    already runs one, e.g. in a notebook)."""
+def download(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES,
+             policy: MediaPolicy = DEFAULT_MEDIA_POLICY) -> bytes:
+    """utils.media.fetch_url for synchronous callers (on a fresh event loop; in a helper thread when this
+    thread already runs one, e.g. in a notebook)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(fetch_url(url, timeout, max_bytes))
+        return asyncio.run(fetch_url(url, max_bytes, timeout, policy))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, fetch_url(url, timeout, max_bytes)).result()
+        return pool.submit(asyncio.run, fetch_url(url, max_bytes, timeout, policy)).result()
 
 
 def read_file(path_or_url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
@@ -232,11 +192,13 @@ def read_file(path_or_url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         raise ImageError(f"cannot read image file '{path_or_url}' ({e.strerror}); check its permissions") from None
 
 
-def load_image(path_or_url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
-    """An RGB image from a local path, an http(s) URL or a data: URI, within the limits above."""
+def load_image(path_or_url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES, *,
+               policy: MediaPolicy = DEFAULT_MEDIA_POLICY) -> Image.Image:
+    """An RGB image from a local path, an http(s) URL (fetched under `policy`) or a data: URI, within the
+    limits above."""
     path_or_url = path_or_url.strip()
-    if path_or_url.startswith(("http://", "https://")):
-        return image_from_bytes(download(path_or_url, timeout, max_bytes), f"image URL {path_or_url}")
+    if path_or_url.lower().startswith(("http://", "https://")):
+        return image_from_bytes(download(path_or_url, timeout, max_bytes, policy), f"image URL {path_or_url}")
     if path_or_url.startswith("data:"):
         return image_from_bytes(data_uri_bytes(path_or_url, max_bytes), "image data URI")
     return image_from_bytes(read_file(path_or_url, max_bytes), f"image file '{path_or_url}'")

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from models.checkpoint.atomic import atomic_output_dir
 from models.checkpoint.layout import (ROTARY_KEY, mismatch_error, shape_error, split_tensor, summarise,
                                       tensor_table)
+from models.checkpoint.sat_format import is_plain_name
 from models.config import ROTARY_BASE, CogVLMConfig
 from models.errors import CheckpointError, ConfigError
 from models.mixin import RotaryEmbedding
@@ -72,7 +73,11 @@ class HFFiles:
             hint = (f" (found {', '.join(found[:3])}: only safetensors weights are supported; re-save them with "
                     "safetensors)" if found else "")
             raise CheckpointError(f"'{hf_dir}' has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}")
-        names = [WEIGHTS_FILE] if weight_map is None else sorted(set(weight_map.values()))
+        names = [WEIGHTS_FILE] if weight_map is None else sorted(set(map(str, weight_map.values())))
+        outside = [name for name in names if not is_plain_name(name)]
+        if outside:
+            raise CheckpointError(f"{INDEX_FILE} in '{hf_dir}' names the shard '{outside[0][:80]}', which is not a "
+                                  "file of that directory (paths are refused); restore the index from the download")
         missing = [n for n in names if not os.path.isfile(os.path.join(hf_dir, n))]
         if missing:
             raise CheckpointError(f"'{hf_dir}' is missing shard(s) {', '.join(missing)} named in {INDEX_FILE}; "

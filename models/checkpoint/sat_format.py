@@ -18,7 +18,7 @@ from models.checkpoint.layout import (PTUNING_PREFIX, merge_tensors, mismatch_er
                                       split_rules, split_shape, split_tensor, tensor_table)
 from models.config import CogVLMConfig
 from models.errors import CheckpointError, ConfigError
-from models.sat_compat import SAVE_COMPLETE
+from models.sat_compat import SAVE_COMPLETE, load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +54,29 @@ def read_latest(ckpt_dir: str) -> str:
     if not os.path.isfile(latest):
         raise CheckpointError(f"checkpoint '{ckpt_dir}' has no '{LATEST_FILE}' file (it names the iteration folder "
                               "to load); is this a complete SAT checkpoint directory?")
-    with open(latest) as f:
+    with open(latest, errors="replace") as f:
         iteration = f.read().strip()
     if not iteration:
         raise CheckpointError(f"'{latest}' is empty: it should hold the iteration folder name, e.g. 1")
+    if not is_plain_name(iteration):
+        raise CheckpointError(f"'{latest}' names '{iteration[:80]}', which is not a folder inside {ckpt_dir}; it "
+                              "must hold the iteration folder's name, e.g. 1 (paths are refused)")
     return iteration
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether `name` names an entry of the directory it is joined to (no separator, '..', absolute path or
+    NUL), so that a file inside a checkpoint cannot send a reader outside it."""
+    separators = {os.sep, "/", "\\"} | ({os.altsep} if os.altsep else set())
+    return name not in ("", ".", "..") and "\0" not in name and not any(s in name for s in separators)
 
 
 def load_shard(path: str) -> Dict[str, torch.Tensor]:
     """A SAT `{'module': state_dict}` file's state dict on the CPU, memory-mapped (no copy in RAM)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = load_tensors(path, map_location="cpu", mmap=True)
+    except CheckpointError:
+        raise
     except Exception as e:  # torch raises many types for a corrupt/truncated file
         raise CheckpointError(f"cannot read checkpoint file {path} ({type(e).__name__}: {str(e)[:200]}); "
                               "the file is corrupt or incomplete, download it again") from None
