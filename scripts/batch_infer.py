@@ -1,22 +1,31 @@
-"""Ask every image of a folder the same question, in batches; one JSON line per image.
+"""Caption a dataset: every question about every image, a result row each, in this process or on a Ray
+cluster (Ray Data: a pool of model replicas, each with the serving engine inside).
 
     python scripts/batch_infer.py --from_pretrained cogvlm-chat-v1.1 --version chat --bf16 \
         --images photos/ --query "Describe the image." --batch_size 8 --output results.jsonl
+    python scripts/batch_infer.py --from_pretrained cogvlm-chat-v1.1 --version chat --bf16 \
+        --images shards/*.tar --queries_file questions.txt --output captions.parquet \
+        --ray auto --workers 8 --gpus_per_worker 1
 
-Each line of the output: {"file": path under --images, "answer": ..., "tokens": generated tokens (end token
-included), "finish_reason": "stop" | "length"}, or {"file": ..., "error": why} for a file that is not a
-readable image (or whose prompt does not fit --max_length). Images are found recursively by extension
-and processed in sorted order; lines come in that order. Every line is flushed as it is written, so a
-killed run loses only the answers in flight: run the same command again and it skips the files already in
-the output (a half-written last line is dropped first). Generation runs on the serving engine
-(utils/engine.py): --batch_size rows decode together, and a finished row takes the next image at once.
-Takes the CLI's flags (--temperature, --top_k, --max_length, --bf16, --quant, ...).
+--images (one kind per run): a folder (searched recursively), image files or URLs, .txt lists of them (one
+a line), webdataset .tar shards (img2dataset's key.jpg + key.json), or .parquet files with an image-bytes
+or path/URL column (--image_column; rows keyed by --key_column). --output: x.jsonl (JSON lines) or
+x.parquet (a folder of parquet parts); a row per (image, question): `file` or `key`, `query` (when several
+are asked), `answer`, `tokens` (end token included), `finish_reason` ("stop" | "length"), or `error` for
+an input that is not a readable image (or whose prompt does not fit --max_length). utils/batch/ has the
+details.
+
+Resumable, exactly once: run the same command again after a kill (or Ctrl-C) and it skips what the
+output holds; a row that was half written is dropped first. Ctrl-C / SIGTERM stop cleanly: the rows
+done are written, one line says how to resume, and the exit status is 130 / 143. Generation runs on the
+serving engine (utils/engine.py): --batch_size rows decode together, and a finished row takes the next
+image at once. Takes the CLI's flags (--temperature, --top_k, --max_length, --bf16, --quant, ...).
 """
 import argparse
-import collections
-import json
+import contextlib
 import logging
 import os
+import signal
 import sys
 
 # run as `python scripts/batch_infer.py` from anywhere: the library lives one level up
@@ -24,118 +33,154 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tqdm import tqdm  # noqa: E402
 
-from models.errors import CogVLMError, ImageError, PromptError  # noqa: E402
-from utils.engine import Engine  # noqa: E402
+from models.errors import CogVLMError  # noqa: E402
+from utils.batch.captioner import Captioner  # noqa: E402
+from utils.batch.inputs import read_queries, resolve_inputs  # noqa: E402
+from utils.batch.outputs import open_output  # noqa: E402
+from utils.batch.ray_job import LOCAL, caption_on_ray, default_gpus_per_worker, ray_cluster  # noqa: E402
 from utils.pipeline import add_inference_args, generation_config, load_pipeline, setup_logging  # noqa: E402
-from utils.vision import load_image  # noqa: E402
 
 logger = logging.getLogger("batch_infer")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RAY_FLAGS = ("workers", "gpus_per_worker", "threads_per_worker")
 
 
-def find_images(folder: str):
-    """Image files under `folder` (by extension, recursively), as sorted paths relative to it."""
-    if not os.path.isdir(folder):
-        raise CogVLMError(f"--images {folder} is not a directory; give the folder that holds the images")
-    found = []
-    for root, _, names in os.walk(folder):
-        found += [os.path.relpath(os.path.join(root, name), folder) for name in names
-                  if name.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; exit_code is the shell's 128 + signal number (130, 143)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
 
 
-def read_done(output: str):
-    """The files an earlier run already wrote (answer or error). A last line cut short by a kill is removed
-    from the file, so that appending continues on a clean line."""
-    if not os.path.exists(output):
-        return set()
-    done, good_bytes = set(), 0
-    with open(output, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                complete = line.endswith(b"\n") and isinstance(record, dict) and "file" in record
-            except ValueError:
-                complete = False
-            if not complete:
-                break
-            done.add(record["file"])
-            good_bytes += len(line)
-    if good_bytes != os.path.getsize(output):
-        logger.warning("%s: dropping a half-written line after %d complete ones", output, len(done))
-        with open(output, "r+b") as f:
-            f.truncate(good_bytes)
-    return done
+def _raise_interrupted(signum, frame):
+    for stop_signal in STOP_SIGNALS:  # a second signal while the rows are flushed ends the process at once
+        signal.signal(stop_signal, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT / SIGTERM raise Interrupted in the main thread for the block (the earlier handlers are put
+    back after it); calling `install` again re-takes them from a library that set its own (ray.init)."""
+    previous = {stop_signal: signal.getsignal(stop_signal) for stop_signal in STOP_SIGNALS}
+
+    def install():
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, _raise_interrupted)
+
+    install()
+    try:
+        yield install
+    finally:
+        for stop_signal, handler in previous.items():
+            signal.signal(stop_signal, handler)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="CogVLM batch inference: every question about every image")
+    add_inference_args(parser)
+    parser.add_argument("--images", nargs="+", required=True,
+                        help="a folder (searched recursively), image files or URLs, .txt lists of them (one a line), "
+                             "webdataset .tar shards, or .parquet files: one kind")
+    parser.add_argument("--query", action="append", help="a question asked about every image (repeat for several)")
+    parser.add_argument("--queries_file", default=None, help="a text file of questions, one a line")
+    parser.add_argument("--output", required=True,
+                        help="x.jsonl (JSON lines) or x.parquet (a folder of parquet parts); appended to: a rerun "
+                             "resumes")
+    parser.add_argument("--batch_size", type=int, default=8, help="images generated at once (per worker with --ray)")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="answer length cap (default: --max_length)")
+    parser.add_argument("--image_column", default=None,
+                        help="the image field of webdataset samples (default: the first of jpg/jpeg/png/webp) or the "
+                             "parquet column with image bytes or a path/URL (default: the first of image/jpg/jpeg/png/"
+                             "webp/url)")
+    parser.add_argument("--key_column", default=None,
+                        help="parquet: the column of unique values that names each row (default: key)")
+    cluster = parser.add_argument_group("Ray (several model replicas, one machine or a cluster)")
+    cluster.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
+                         help="run on Ray Data: alone, the cluster `ray start` runs on this machine, or a new local one; "
+                              "`auto`, HOST:PORT or ray://HOST:10001 join that cluster")
+    cluster.add_argument("--workers", type=int, default=None, help="model replicas (default 1)")
+    cluster.add_argument("--gpus_per_worker", type=float, default=None,
+                         help="GPUs per replica, a fraction shares one (default: 1 on a cluster with GPUs, else 0)")
+    cluster.add_argument("--threads_per_worker", type=int, default=None,
+                         help="CPUs reserved per replica, its torch threads (default 1)")
+    return parser.parse_args(argv)
+
+
+def check_flags(args) -> None:
+    """Flag errors (one CogVLMError line) before anything is read or loaded."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise CogVLMError("batch_infer.py runs as one process; start it with python, not torchrun (--ray runs "
+                          "several model replicas)")
+    if args.batch_size < 1:
+        raise CogVLMError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.ray is None:
+        for name in RAY_FLAGS:
+            if getattr(args, name) is not None:
+                raise CogVLMError(f"--{name} needs --ray; without it one model runs in this process")
+        return
+    for name, least in (("workers", 1), ("threads_per_worker", 1), ("gpus_per_worker", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            raise CogVLMError(f"--{name} must be at least {least}, got {getattr(args, name)}")
+    device = args.device or ""
+    if args.gpus_per_worker == 0 and device.startswith("cuda"):
+        raise CogVLMError(f"--device {device} with --gpus_per_worker 0: a replica without a GPU cannot use one; "
+                          "give --gpus_per_worker 1 or --device cpu")
+    if args.gpus_per_worker and device == "cpu":
+        raise CogVLMError("--device cpu with --gpus_per_worker: the replicas would hold GPUs they never use; "
+                          "drop one of them")
+
+
+def caption_here(args, config, inputs, queries, output) -> None:
+    """One model in this process: the inputs not done, in order, on the engine; a row written as it is done."""
+    row_format = inputs.format
+    total = None
+    if inputs.count is not None:
+        remaining = sum(not output.done(row_format.key(row)) for row in inputs.files)
+        logger.info("%d inputs, %d done before, %d to go", inputs.count, inputs.count - remaining, remaining)
+        if not remaining:
+            return
+        total = remaining * len(queries)
+    pipeline = load_pipeline(args)
+    todo = (row for row in inputs.rows() if not output.done(row_format.key(row)))
+    with Captioner(pipeline, queries, config.replace(max_length=pipeline.defaults.max_length), args.batch_size,
+                   row_format.key_name) as captioner, tqdm(total=total, unit="row") as progress:
+        for row in captioner.answer(row_format.item(input_row) for input_row in todo):
+            progress.update(output.write([row]))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="CogVLM batch inference over a folder of images")
-    add_inference_args(parser)
-    parser.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    parser.add_argument("--query", required=True, help="the question asked about every image")
-    parser.add_argument("--output", required=True, help="JSON-lines file to write (appended to: a rerun resumes)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images generated at once")
-    parser.add_argument("--max_new_tokens", type=int, default=None, help="answer length cap (default: --max_length)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     setup_logging()
+    output = None
     try:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise CogVLMError("batch_infer.py runs as one process; start it with python, not torchrun")
-        if args.batch_size < 1:
-            raise CogVLMError(f"--batch_size must be at least 1, got {args.batch_size}")
-        config = generation_config(args, max_new_tokens=args.max_new_tokens)
-        files = find_images(args.images)
-        done = read_done(args.output)
-        todo = [name for name in files if name not in done]
-        logger.info("%d images in %s, %d done before, %d to go", len(files), args.images, len(files) - len(todo),
-                    len(todo))
-        if not todo:
-            return 0
-        pipeline = load_pipeline(args)
-        run(pipeline, args, config.replace(max_length=pipeline.defaults.max_length), todo)
+        with stop_on_signals() as take_signals:
+            check_flags(args)
+            config = generation_config(args, max_new_tokens=args.max_new_tokens)
+            queries = read_queries(args.query, args.queries_file, args.no_prompt)
+            inputs = resolve_inputs(args.images, args.image_column, args.key_column)
+            with open_output(args.output, inputs.format.key_name, queries) as output:
+                if args.ray is None:
+                    caption_here(args, config, inputs, queries, output)
+                else:
+                    with ray_cluster(args.ray):
+                        take_signals()  # ray.init sets its own SIGTERM handler
+                        gpus = args.gpus_per_worker
+                        caption_on_ray(args, config, inputs, queries, output, workers=args.workers or 1,
+                                       gpus_per_worker=default_gpus_per_worker(args.device) if gpus is None else gpus,
+                                       threads_per_worker=args.threads_per_worker or 1)
     except CogVLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as stop:
+        written = output.rows_written if output is not None else 0
+        print(f"interrupted ({stop}): {written} rows written to {args.output} this run; run the same command again "
+              "to resume", file=sys.stderr)
+        return stop.exit_code
+    print(output.summary())
     return 0
-
-
-def run(pipeline, args, config, todo) -> None:
-    """Submit the images to an engine with batch_size rows, keeping as many more queued so that a freed row
-    never waits for image decoding; write each result, in order, as soon as it and those before it are done."""
-    engine = Engine(pipeline.model, pipeline.defaults.max_length, max_batch_size=args.batch_size,
-                    max_waiting=2 * args.batch_size + 1, eos_token_id=pipeline.processor.eos_token_id)
-    query = "" if args.no_prompt else args.query
-    in_flight = collections.deque()  # (file, (chat turn, engine request) or None, error or None)
-    with open(args.output, "a", encoding="utf-8") as out, tqdm(total=len(todo), unit="image") as progress:
-        def write_oldest():
-            name, job, error = in_flight.popleft()
-            if job is not None:
-                turn, request = job
-                for token in request:  # waits for the engine
-                    turn.add_token(token)
-                turn.finish()
-                record = {"file": name, "answer": turn.response, "tokens": len(turn.token_ids),
-                          "finish_reason": turn.finish_reason}
-            else:
-                record = {"file": name, "error": error}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            progress.update()
-
-        for name in todo:
-            try:
-                conversation = pipeline.conversation(load_image(os.path.join(args.images, name)))
-                turn = pipeline.chat(conversation, query, config)  # the prompt; generated on the engine:
-                request = engine.submit(turn.inputs, turn.generation_config, turn.generator)
-                in_flight.append((name, (turn, request), None))
-            except (ImageError, PromptError) as e:
-                in_flight.append((name, None, str(e)))
-            while len(in_flight) > 2 * args.batch_size:
-                write_oldest()
-        while in_flight:
-            write_oldest()
-    engine.close()
 
 
 if __name__ == "__main__":

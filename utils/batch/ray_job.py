@@ -1,0 +1,137 @@
+"""Captioning on a Ray cluster with Ray Data: Ray reads the inputs, a pool of actors (model replicas, each
+loaded once with the serving engine inside) answers, and this process, the driver, writes the rows as they
+come.
+
+    with ray_cluster("local"):      # or "auto" / "HOST:PORT" / "ray://HOST:10001" to join a cluster
+        caption_on_ray(flags, config, inputs, queries, output, workers=2, gpus_per_worker=1, threads_per_worker=4)
+
+Failures are Ray's to handle: a dead actor is restarted and its tasks retried (Ray Data's defaults for
+actor pools: max_restarts -1, max_task_retries -1). The driver writes rather than Ray's write_parquet so
+that every row passes through `Output.write`, which keeps one per (key, query) whatever Ray retried, and
+so that the output stays the ledger a rerun resumes from (a sink written from the tasks leaves the files
+of a failed try behind and cannot tell a rerun what is done). Rows are a few hundred bytes: one writer
+keeps up with any number of actors.
+"""
+import argparse
+import contextlib
+import logging
+import os
+from typing import Iterator, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.data
+import ray.exceptions
+import torch
+
+from models.errors import CogVLMError
+from utils.batch.captioner import Captioner
+from utils.batch.inputs import Inputs, RowFormat, read_shards
+from utils.batch.outputs import Output, result_schema
+from utils.pipeline import load_pipeline, setup_logging
+
+logger = logging.getLogger(__name__)
+
+LOCAL = "local"
+# two batches in flight per actor, on two threads: the next one's prompts fill engine rows while the last
+# answers of the one before are still decoding
+CALLS_PER_WORKER = 2
+# Reading moves bytes (images are decoded in the actors): without a CPU of its own it cannot be starved by
+# actors that reserve every CPU of a node; a fixed task count and Ray Data's backpressure bound it.
+READ_CPUS = 0
+# the project's own packages, shipped to every node of a cluster (the environment: requirements.txt)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGES = [os.path.join(ROOT, name) for name in ("models", "utils")]
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str) -> Iterator[None]:
+    """Connected to Ray for the block: `address` LOCAL joins the cluster `ray start` runs on this machine
+    (or $RAY_ADDRESS) or starts one for the block, anything else is ray.init's address. A process already
+    connected (a notebook, the tests) stays on its cluster and connected."""
+    if ray.is_initialized():
+        logger.info("on the Ray cluster this process is connected to")
+        yield
+        return
+    try:
+        ray.init(address=None if address == LOCAL else address, runtime_env={"py_modules": PACKAGES})
+    except ConnectionError as e:
+        raise CogVLMError(f"cannot reach a Ray cluster at --ray {address} ({e}); start one with `ray start --head` "
+                          "or give its address") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def default_gpus_per_worker(device: Optional[str]) -> float:
+    """One GPU per model replica when the cluster has GPUs (and --device is not cpu), else none."""
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    return 1.0 if has_gpus and not (device or "").startswith("cpu") else 0.0
+
+
+class CaptionWorker:
+    """One model replica in a Ray Data actor: the model loaded once, the serving engine inside. Called
+    with batches of input rows (pyarrow), returns their result rows; rows whose key is in `done_keys` (every
+    query written before) are skipped."""
+
+    def __init__(self, flags, config, queries: Sequence[str], row_format: RowFormat, done_keys: pa.Array,
+                 threads: int):
+        setup_logging()
+        torch.set_num_threads(threads)
+        pipeline = load_pipeline(flags)
+        self.format, self.done_keys = row_format, done_keys
+        self.schema = result_schema(row_format.key_name, len(queries) > 1)
+        self.captioner = Captioner(pipeline, queries, config.replace(max_length=pipeline.defaults.max_length),
+                                   flags.batch_size, row_format.key_name, callers=CALLS_PER_WORKER)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if len(self.done_keys):
+            keys = pc.cast(batch[self.format.key_column], pa.string())
+            batch = batch.filter(pc.invert(pc.fill_null(pc.is_in(keys, value_set=self.done_keys), False)))
+        rows = list(self.captioner.answer(self.format.item(row) for row in batch.to_pylist()))
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+def read_dataset(inputs: Inputs, read_tasks: int) -> "ray.data.Dataset":
+    """The input rows as a Ray dataset: the files' rows, or each shard / parquet file read in a Ray task
+    (at most `read_tasks` at once) by the reader the one-process mode uses, so both see the same rows and
+    keys. (Ray's own read_parquet lists files in a one-CPU task that actors holding every CPU starve.)"""
+    if inputs.format.kind == "files":
+        return ray.data.from_items(inputs.files)
+    return ray.data.from_items([{"path": path} for path in inputs.paths]).map_batches(
+        read_shards, fn_args=(inputs.format,), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=read_tasks))
+
+
+def _worker_flags(flags) -> argparse.Namespace:
+    """The flags with local checkpoint / tokenizer paths made absolute: an actor's working directory is
+    not the driver's."""
+    flags = argparse.Namespace(**vars(flags))
+    for name in ("from_pretrained", "local_tokenizer"):
+        value = getattr(flags, name, None)
+        if value and os.path.exists(value):
+            setattr(flags, name, os.path.abspath(value))
+    return flags
+
+
+def caption_on_ray(flags, config, inputs: Inputs, queries: Sequence[str], output: Output, workers: int,
+                   gpus_per_worker: float, threads_per_worker: int) -> None:
+    """Answer every input not done in `output` on `workers` actors (each `gpus_per_worker` GPUs and
+    `threads_per_worker` CPUs: torch's threads), writing the rows as Ray hands them back. flags: the parsed
+    batch_infer flags (each actor loads the model they name); config: their GenerationConfig."""
+    done_keys = pa.array(output.done_keys(), pa.string())
+    dataset = read_dataset(inputs, read_tasks=workers + 1).map_batches(
+        CaptionWorker, fn_constructor_args=(_worker_flags(flags), config, list(queries), inputs.format, done_keys, threads_per_worker),
+        batch_size=flags.batch_size, batch_format="pyarrow", num_cpus=threads_per_worker, num_gpus=gpus_per_worker,
+        compute=ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=CALLS_PER_WORKER,
+                                           enable_true_multi_threading=True))
+    try:
+        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            output.write(table.to_pylist())
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, CogVLMError):  # bad input found in a worker: one line, as in this process
+            raise CogVLMError(str(cause)) from None
+        raise
