@@ -86,7 +86,7 @@ def test_multi_turn_streams_and_matches_the_chat_core(web_chat, golden, monkeypa
     expected, expected_history, _ = chat(golden.image_path, web.pipeline.model, web.pipeline.processor.text,
                                          web.pipeline.processor.image, "What color is the sky?",
                                          history=conversation.history[:1], max_length=MAX_LENGTH, top_k=1,
-                                         end_token_ids=[stop_id])
+                                         repetition_penalty=1.0, end_token_ids=[stop_id])
     assert conversation.history == expected_history and messages[-1]["content"] == expected
 
     # another image starts a new conversation
