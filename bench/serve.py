@@ -1,16 +1,22 @@
-"""Serving benchmark: the real API server under concurrent clients, against offline batched generation.
+"""Serving benchmark: the real API server under a stream of requests, reported with vLLM's serving metrics,
+against the batch-1 server and offline batched generation.
 
-    python bench/serve.py                          # config M, random weights, fp32, servers with batch 8 and 1
-    python bench/serve.py --from_pretrained DIR --local_tokenizer TOK --concurrency 1 8 --max_tokens 32
+    python bench/serve.py                                    # config M, random weights, fp32, servers with batch 8 and 1
+    python bench/serve.py --request-rate 0.5 --max-concurrency 8 --num-prompts 32 --result-file serve.json
+    python bench/serve.py --from_pretrained DIR --local_tokenizer TOK --max-concurrency 1 8 --max_tokens 32
 
-Starts `openai_demo/openai_api.py` (one subprocess per --max_batch_size of --batch_sizes) and drives it with
-the official `openai` client: at each concurrency C, C client threads each send --requests_per_client
-streamed requests in a row (image + question, greedy, --max_tokens). Per row: requests/s and output
-tokens/s over the level's wall time, time to first token (TTFT) p50/p95, time per output token (TPOT, a
-request's (last token - first token) / (tokens - 1)) p50. Then, on the first server: TTFT of a request
-that arrives while 7 others decode, against a lone request's TTFT on the idle server. Offline reference
-(this process, same checkpoint and prompt): `generate_batch` of 8 prompts, output tokens / wall time
-(prefill included), and a lone prefill.
+Starts `openai_demo/openai_api.py` (one subprocess per --max_batch_size of --batch_sizes) and drives it with the
+official `openai` client, as vLLM's `benchmark_serving.py` drives a server: --num-prompts streamed requests
+arrive at --request-rate per second (a Poisson process; inf: all at once), at most --max-concurrency of them
+in flight (each value of that list is one run). Each request is one image + question (a distinct random 224 px
+image per request, or with --same_prompt the same picture and question: then every prompt after the first is
+reused from the prefix cache). Per run, in vLLM's names: `request_throughput`, `output_throughput` and
+`total_token_throughput` over the run's duration, and mean / median / std / p99 of `ttft` (time to first
+token), `tpot` (a request's (end - first token) / (tokens - 1)), `itl` (gaps between successive tokens) and
+`e2el` (request start to its last token), in ms. Then, on the first server: TTFT of a request that arrives
+while 7 others decode, against a lone request's TTFT on the idle server. Offline reference (this process, same
+checkpoint and prompts): `generate_batch` of 8 prompts, output tokens / wall time (prefill included), and a
+lone prefill. Results are written as JSON (--result-file).
 
 Config M (bench/generate.py) is saved once with random weights and the golden tokenizer (1000 pieces).
 Its LM head is zero except for the rows of 154 plain word pieces, so every generated token is a word (a
@@ -19,8 +25,11 @@ text delta at once: TTFT and TPOT are token times) and no end token ever wins: e
 """
 import argparse
 import base64
+import io
 import json
+import math
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -38,6 +47,7 @@ GOLDEN_TOKENIZER = os.path.join(ROOT, "tests", "golden", "tiny-small", "tokenize
 IMAGE = os.path.join(ROOT, "assets", "shapes.png")
 QUESTION = "What shapes and colours are in this image?"
 MODEL_NAME = "bench"
+IMAGE_SIZE = 224
 
 
 def make_random_checkpoint(out_dir: str, name: str = "M") -> str:
@@ -88,6 +98,8 @@ class Server:
             self.port = s.getsockname()[1]
         flags = ["--from_pretrained", checkpoint, "--max_length", str(options.max_length), "--model_name", MODEL_NAME,
                  "--port", str(self.port), "--max_batch_size", str(max_batch_size), "--max_waiting", "256"]
+        if options.prefix_cache_gb is not None:
+            flags += ["--prefix_cache_gb", str(options.prefix_cache_gb)]
         if options.local_tokenizer:
             flags += ["--local_tokenizer", options.local_tokenizer]
         self.log_path = os.path.join(log_dir, f"server-batch{max_batch_size}.log")
@@ -117,87 +129,138 @@ class Server:
             self.process.kill()
 
 
-def messages():
-    with open(IMAGE, "rb") as f:
-        uri = "data:image/png;base64," + base64.b64encode(f.read()).decode()
-    return [{"role": "user", "content": [{"type": "text", "text": QUESTION},
-                                         {"type": "image_url", "image_url": {"url": uri}}]}]
+class Prompt:
+    """One request's image (PNG bytes) and question."""
+
+    def __init__(self, png: bytes, question: str = QUESTION):
+        self.png, self.question = png, question
+
+    def messages(self):
+        uri = "data:image/png;base64," + base64.b64encode(self.png).decode()
+        return [{"role": "user", "content": [{"type": "text", "text": self.question},
+                                             {"type": "image_url", "image_url": {"url": uri}}]}]
+
+    def image(self):
+        from PIL import Image
+
+        return Image.open(io.BytesIO(self.png)).convert("RGB")
 
 
-def timed_request(client, max_tokens: int, stop_event=None, started=None):
-    """One streamed request: dict(start, token_times, tokens). With stop_event, reads until it is set."""
+def make_prompts(count: int, same: bool, seed: int = 0):
+    """`count` prompts: the shapes picture `count` times (same), or distinct random images."""
+    import numpy as np
+    from PIL import Image
+
+    if same:
+        with open(IMAGE, "rb") as f:
+            return [Prompt(f.read())] * count
+    generator = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(generator.integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(buffer, "PNG")
+        prompts.append(Prompt(buffer.getvalue()))
+    return prompts
+
+
+def timed_request(client, prompt: Prompt, max_tokens: int, stop_event=None, started=None):
+    """One streamed request: dict(start, token_times, tokens, prompt_tokens). With stop_event, reads until it is
+    set."""
     start = time.perf_counter()
     limit = {} if max_tokens is None else {"max_tokens": max_tokens}
-    stream = client.chat.completions.create(model=MODEL_NAME, messages=messages(), temperature=0, stream=True,
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=prompt.messages(), temperature=0, stream=True,
                                             stream_options={"include_usage": True}, **limit)
-    token_times, tokens = [], None
+    token_times, tokens, prompt_tokens = [], None, None
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             token_times.append(time.perf_counter())
             if started is not None and len(token_times) == 2:
                 started.release()
         if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
+            tokens, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
         if stop_event is not None and stop_event.is_set():
             stream.close()
             break
-    return {"start": start, "token_times": token_times, "tokens": tokens if tokens is not None else len(token_times)}
+    return {"start": start, "token_times": token_times, "end": time.perf_counter(),
+            "tokens": tokens if tokens is not None else len(token_times), "prompt_tokens": prompt_tokens or 0}
 
 
-def run_level(url: str, concurrency: int, requests_per_client: int, max_tokens: int) -> dict:
+def run_level(url: str, prompts, request_rate: float, max_concurrency: int, max_tokens: int, seed: int = 0) -> dict:
+    """vLLM's serving benchmark on `prompts`: arrivals at `request_rate` (Poisson; inf: at once), at most
+    `max_concurrency` in flight (a request's clock starts when it gets its turn, as in vLLM)."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
+    gaps = random.Random(seed)
+    slots = threading.Semaphore(max_concurrency)
     results, errors = [], []
 
-    def worker():
-        try:
-            for _ in range(requests_per_client):
-                results.append(timed_request(client, max_tokens))
-        except Exception as e:  # noqa: BLE001 - reported in the table
-            errors.append(repr(e))
+    def send(prompt):
+        with slots:
+            try:
+                results.append(timed_request(client, prompt, max_tokens))
+            except Exception as e:  # noqa: BLE001 - reported after the run
+                errors.append(repr(e))
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = []
     start = time.perf_counter()
-    for thread in threads:
-        thread.start()
+    for index, prompt in enumerate(prompts):
+        if index and math.isfinite(request_rate):
+            time.sleep(gaps.expovariate(request_rate))
+        threads.append(threading.Thread(target=send, args=(prompt,)))
+        threads[-1].start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - start
+    duration = time.perf_counter() - start
     if errors:
-        raise SystemExit(f"requests failed at concurrency {concurrency}: {errors[:3]}")
-    ttft = [r["token_times"][0] - r["start"] for r in results]
-    tpot = [(r["token_times"][-1] - r["token_times"][0]) / (len(r["token_times"]) - 1) for r in results
-            if len(r["token_times"]) > 1]
-    return dict(concurrency=concurrency, requests=len(results), wall_s=wall, requests_per_s=len(results) / wall,
-                tokens_per_s=sum(r["tokens"] for r in results) / wall, ttft_p50=percentile(ttft, 50),
-                ttft_p95=percentile(ttft, 95), tpot_p50=statistics.median(tpot),
-                tokens=sum(r["tokens"] for r in results))
+        raise SystemExit(f"requests failed at max_concurrency {max_concurrency}: {errors[:3]}")
+    metrics = serving_metrics(results, duration)
+    metrics.update(request_rate=request_rate, burstiness=1.0, max_concurrency=max_concurrency)
+    return metrics
 
 
-def arrival(url: str, repeats: int) -> dict:
-    """TTFT of a request arriving while 7 long requests decode, and of a lone request on the idle server."""
+def serving_metrics(results, duration: float) -> dict:
+    """vLLM's `benchmark_serving` result fields of finished requests (times in ms)."""
+    ttft = [r["token_times"][0] - r["start"] for r in results if r["token_times"]]
+    tpot = [(r["end"] - r["token_times"][0]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1 and r["token_times"]]
+    itl = [later - earlier for r in results for earlier, later in zip(r["token_times"], r["token_times"][1:])]
+    e2el = [r["end"] - r["start"] for r in results]
+    output, prompt = sum(r["tokens"] for r in results), sum(r["prompt_tokens"] for r in results)
+    metrics = dict(duration=duration, completed=len(results), total_input_tokens=prompt, total_output_tokens=output,
+                   request_throughput=len(results) / duration, output_throughput=output / duration,
+                   total_token_throughput=(prompt + output) / duration)
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+        ms = [v * 1000 for v in values] or [float("nan")]
+        metrics.update({f"mean_{name}_ms": statistics.fmean(ms), f"median_{name}_ms": statistics.median(ms),
+                        f"std_{name}_ms": statistics.pstdev(ms), f"p99_{name}_ms": percentile(ms, 99)})
+    return metrics
+
+
+def arrival(url: str, prompts, repeats: int) -> dict:
+    """TTFT of a request arriving while 7 long requests decode, and of a lone request on the idle server (each
+    with its own prompt: none of them reuses another's)."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
-    lone = [timed_request(client, 4) for _ in range(repeats)]
+    prompts = iter(prompts)
+    lone = [timed_request(client, next(prompts), 4) for _ in range(repeats)]
     stop, started, failed = threading.Event(), threading.Semaphore(0), []
 
-    def decode_long():  # no max_tokens: the rest of the context
+    def decode_long(prompt):  # no max_tokens: the rest of the context
         try:
-            timed_request(client, None, stop, started)
+            timed_request(client, prompt, None, stop, started)
         except Exception as e:  # noqa: BLE001
             failed.append(repr(e))
             started.release()
 
-    background = [threading.Thread(target=decode_long) for _ in range(7)]
+    background = [threading.Thread(target=decode_long, args=(next(prompts),)) for _ in range(7)]
     for thread in background:
         thread.start()
     for _ in background:
         started.acquire()  # each has 2 tokens: all 7 decode
     if failed:
         raise SystemExit(f"background requests failed: {failed[:2]}")
-    arrived = [timed_request(client, 4) for _ in range(repeats)]
+    arrived = [timed_request(client, next(prompts), 4) for _ in range(repeats)]
     health = json.loads(urllib.request.urlopen(url + "/health").read())
     stop.set()
     for thread in background:
@@ -208,27 +271,26 @@ def arrival(url: str, repeats: int) -> dict:
                 arrival_runs=joined, running_during=health["running"])
 
 
-def offline(options, checkpoint: str, batch: int = 8) -> dict:
-    """generate_batch of `batch` copies of the clients' prompt in this process: output tok/s (prefill
-    included), and the prefill (first token) of one prompt; medians of --offline_repeats."""
+def offline(options, checkpoint: str, prompts, batch: int = 8) -> dict:
+    """generate_batch of the first `batch` prompts in this process: output tok/s (prefill included), and the
+    prefill (first token) of one prompt; medians of --offline_repeats."""
     import torch
 
     from utils.generation import GenerationConfig, generate_batch, generate_stream
     from utils.pipeline import add_inference_args, load_pipeline
-    from utils.vision import load_image
-
     torch.set_num_threads(options.threads)
     flags = ["--from_pretrained", checkpoint, "--max_length", str(options.max_length), "--device", "cpu"]
     if options.local_tokenizer:
         flags += ["--local_tokenizer", options.local_tokenizer]
     pipeline = load_pipeline(add_inference_args(argparse.ArgumentParser()).parse_args(flags))
-    prompt = pipeline.processor(pipeline.conversation(load_image(IMAGE)), QUESTION)
+    inputs = [pipeline.processor(pipeline.conversation(p.image()), p.question) for p in prompts[:batch]]
+    prompt = inputs[0]
     config = GenerationConfig(top_k=1, max_length=options.max_length, max_new_tokens=options.max_tokens)
     generate_batch(pipeline.model, [prompt], config.replace(max_new_tokens=2))  # warm-up
     rates, prefills = [], []
     for _ in range(options.offline_repeats):
         start = time.perf_counter()
-        outputs = generate_batch(pipeline.model, [prompt] * batch, config)
+        outputs = generate_batch(pipeline.model, inputs, config)
         rates.append(sum(len(o) for o in outputs) / (time.perf_counter() - start))
         start = time.perf_counter()
         next(generate_stream(pipeline.model, prompt, config))
@@ -242,70 +304,91 @@ def main():
     parser.add_argument("--from_pretrained", default=None, help="checkpoint to serve (default: config M, random)")
     parser.add_argument("--local_tokenizer", default=None)
     parser.add_argument("--config", default="M", help="bench/generate.py config to build when no --from_pretrained")
-    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--max-concurrency", "--max_concurrency", dest="max_concurrency", nargs="+", type=int,
+                        default=[1, 8], help="requests in flight at most; one run per value")
+    parser.add_argument("--request-rate", "--request_rate", dest="request_rate", type=float, default=math.inf,
+                        help="arrivals per second, a Poisson process (default inf: all at once)")
+    parser.add_argument("--num-prompts", "--num_prompts", dest="num_prompts", type=int, default=16,
+                        help="requests per run")
+    parser.add_argument("--same_prompt", action="store_true",
+                        help="every request the same picture and question (prefix reuse), not distinct random images")
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[8, 1], help="servers' --max_batch_size")
-    parser.add_argument("--requests_per_client", type=int, default=2)
+    parser.add_argument("--prefix_cache_gb", type=float, default=None, help="the servers' --prefix_cache_gb")
     parser.add_argument("--max_tokens", type=int, default=64)
     parser.add_argument("--max_length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server (and offline run)")
     parser.add_argument("--arrival_repeats", type=int, default=3)
     parser.add_argument("--offline_repeats", type=int, default=2)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--seed", type=int, default=0, help="of the random images and the arrival times")
+    parser.add_argument("--result-file", "--result_file", dest="result_file", default=None,
+                        help="write the results here as JSON (default: bench-serve-<time>.json in this directory)")
     options = parser.parse_args()
+    if options.request_rate <= 0 or min(options.max_concurrency) < 1 or options.num_prompts < 1:
+        parser.error("--request-rate must be > 0, --max-concurrency and --num-prompts at least 1")
+    result_file = options.result_file or f"bench-serve-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
     work = tempfile.mkdtemp(prefix="cogvlm-serve-bench-")
     try:
         checkpoint = options.from_pretrained or make_random_checkpoint(os.path.join(work, "random"), options.config)
-        print(f"checkpoint {checkpoint}; {options.threads} torch threads; {options.max_tokens} tokens per "
-              f"request; {options.requests_per_client} requests per client; load {os.getloadavg()}", flush=True)
-        results = {"levels": {}, "load_before": os.getloadavg()}
+        prompts = make_prompts(options.num_prompts, options.same_prompt, options.seed)
+        spare = make_prompts(8 + 2 * options.arrival_repeats, options.same_prompt, options.seed + 1)
+        print(f"checkpoint {checkpoint}; {options.threads} torch threads; {options.num_prompts} requests of "
+              f"{options.max_tokens} tokens per run at {options.request_rate} req/s; load {os.getloadavg()}", flush=True)
+        results = {"runs": {}, "load_before": os.getloadavg(), "options": vars(options)}
         for max_batch_size in options.batch_sizes:
             server = Server(options, checkpoint, max_batch_size, work)
             try:
-                run_level(server.url, 1, 1, 4)  # warm-up
-                levels = results["levels"][max_batch_size] = []
-                for concurrency in options.concurrency:
-                    row = run_level(server.url, concurrency, options.requests_per_client, options.max_tokens)
-                    levels.append(row)
-                    print(f"max_batch_size {max_batch_size:2d} C {concurrency:2d}: {row['requests_per_s']:.3f} req/s "
-                          f"{row['tokens_per_s']:6.1f} tok/s TTFT p50 {row['ttft_p50']:.2f} s p95 "
-                          f"{row['ttft_p95']:.2f} s TPOT p50 {row['tpot_p50'] * 1000:.0f} ms", flush=True)
+                run_level(server.url, spare[:1], math.inf, 1, 4)  # warm-up
+                runs = results["runs"][max_batch_size] = []
+                for concurrency in options.max_concurrency:
+                    row = run_level(server.url, prompts, options.request_rate, concurrency, options.max_tokens,
+                                    options.seed)
+                    runs.append(row)
+                    print(f"max_batch_size {max_batch_size:2d} max_concurrency {concurrency:2d}: "
+                          f"{row['request_throughput']:.3f} req/s {row['output_throughput']:6.1f} tok/s, TTFT mean "
+                          f"{row['mean_ttft_ms']:.0f} median {row['median_ttft_ms']:.0f} p99 {row['p99_ttft_ms']:.0f} ms, "
+                          f"TPOT median {row['median_tpot_ms']:.0f} ms, ITL median {row['median_itl_ms']:.0f} ms, "
+                          f"E2EL median {row['median_e2el_ms']:.0f} ms", flush=True)
                 if max_batch_size == options.batch_sizes[0] and max_batch_size >= 8:
-                    results["arrival"] = arrival(server.url, options.arrival_repeats)
+                    results["arrival"] = arrival(server.url, spare[1:], options.arrival_repeats)
                     print(f"arrival while 7 decode: {results['arrival']}", flush=True)
             finally:
                 server.stop()
-        results["offline"] = offline(options, checkpoint)
+        results["offline"] = offline(options, checkpoint, prompts)
         results["load_after"] = os.getloadavg()
         print(f"offline: {results['offline']}", flush=True)
         print_table(results, options)
-        if options.json:
-            with open(options.json, "w") as f:
-                json.dump(results, f, indent=1)
+        partial = result_file + ".partial"
+        with open(partial, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(partial, result_file)  # whole or absent
+        print(f"results written to {result_file}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def print_table(results: dict, options) -> None:
-    print("\n| server --max_batch_size | clients | requests | req/s | output tok/s | TTFT p50 s | TTFT p95 s | TPOT p50 ms |")
-    print("|---|---|---|---|---|---|---|---|")
-    for max_batch_size, levels in results["levels"].items():
-        for row in levels:
-            print(f"| {max_batch_size} | {row['concurrency']} | {row['requests']} | {row['requests_per_s']:.3f} | "
-                  f"{row['tokens_per_s']:.1f} | {row['ttft_p50']:.2f} | {row['ttft_p95']:.2f} | "
-                  f"{row['tpot_p50'] * 1000:.0f} |")
+    print("\n| server --max_batch_size | max concurrency | requests | request_throughput req/s | output_throughput "
+          "tok/s | mean / median / p99 TTFT ms | median TPOT ms | median ITL ms | median E2EL ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for max_batch_size, runs in results["runs"].items():
+        for row in runs:
+            print(f"| {max_batch_size} | {row['max_concurrency']} | {row['completed']} | {row['request_throughput']:.3f} | "
+                  f"{row['output_throughput']:.1f} | {row['mean_ttft_ms']:.0f} / {row['median_ttft_ms']:.0f} / "
+                  f"{row['p99_ttft_ms']:.0f} | {row['median_tpot_ms']:.0f} | {row['median_itl_ms']:.0f} | "
+                  f"{row['median_e2el_ms']:.0f} |")
     offline_rate = results["offline"]["tokens_per_s"]
     print(f"\noffline generate_batch, batch 8: {offline_rate:.1f} tok/s (runs {results['offline']['rates']}); "
           f"lone prefill {results['offline']['prefill_s']:.2f} s; prompt {results['offline']['prompt_tokens']} tokens")
-    levels = results["levels"]
+    runs = results["runs"]
     first = options.batch_sizes[0]
 
     def at(max_batch_size, concurrency):
-        rows = [r for r in levels.get(max_batch_size, []) if r["concurrency"] == concurrency]
-        return rows[0]["tokens_per_s"] if rows else None
+        rows = [r for r in runs.get(max_batch_size, []) if r["max_concurrency"] == concurrency]
+        return rows[0]["output_throughput"] if rows else None
 
     if at(first, 8) and at(1, 8):
-        print(f"8 clients: batch-{first} server / batch-1 server = {at(first, 8) / at(1, 8):.2f}x (target >= 3x); "
+        print(f"8 in flight: batch-{first} server / batch-1 server = {at(first, 8) / at(1, 8):.2f}x (target >= 3x); "
               f"/ offline batch 8 = {at(first, 8) / offline_rate:.0%} (target >= 85%)")
     if "arrival" in results:
         a = results["arrival"]

@@ -222,8 +222,8 @@ class SlotKVCache:
 
 class SlotPrefill:
     """`SlotKVCache.prefill`'s cache: each row's real positions are stored into its slot. Fresh prompts attend
-    over the group's own keys/values (the prompts' mask does the rest); rows that continue a cached prefix
-    attend over their slots' views [0, span) through `mask`."""
+    over the group's own keys/values in the cache's dtype (the prompts' mask does the rest); rows that continue
+    a cached prefix attend over their slots' views [0, span) through `mask`."""
 
     def __init__(self, cache: SlotKVCache, first_row: int, lengths: List[int], padded_length: int,
                  cached: List[int]):
@@ -254,7 +254,9 @@ class SlotPrefill:
             keys[row, :, c:c + n] = key[i, :, start:]
             values[row, :, c:c + n] = value[i, :, start:]
         if not self.continues:
-            return key, value
+            # the keys/values as the cache holds them (bf16 for a low-bit model: cache_dtype), so that a prompt
+            # attends over the same numbers whether its prefix is computed now or was kept from an earlier one
+            return key.to(keys.dtype), value.to(values.dtype)
         rows = slice(self.first_row, self.first_row + len(self.lengths))
         return keys[rows, :, :self.span], values[rows, :, :self.span]
 

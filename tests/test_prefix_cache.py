@@ -262,23 +262,46 @@ def test_mixed_groups_same_prompt_text_only_and_eviction_under_a_tiny_budget(pip
         engine.close()
 
 
-def test_a_prefill_that_continues_a_prefix_gives_the_full_forward_logits(pipeline, image):
+def fresh_prefill_logits(model, prompt, low_bit):
+    """The last logits of `prompt` prefilled alone through the slot cache (the engine's fresh prefill)."""
+    attention = model.transformer.layers[0].attention
+    cache = SlotKVCache(len(model.transformer.layers), 1, attention.num_attention_heads_per_partition, 256,
+                        attention.hidden_size_per_attention_head, torch.float32, "cpu", low_bit_weights=low_bit)
+    length = prompt["input_ids"].shape[1]
+    return model(input_ids=prompt["input_ids"], position_ids=prompt["position_ids"],
+                 attention_mask=torch.ones(1, 1, length, length).tril(), vision_expert_mask=prompt["vision_expert_mask"],
+                 image_embed_mask=prompt["image_embed_mask"], images=prompt.get("images"),
+                 kv_cache=cache.prefill(0, [length], length))[0][0, -1]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_a_prefill_that_continues_a_prefix_gives_the_full_forward_logits(golden_model, pipeline, image, precision):
     """The slot cache's continuing prefill: a row holding 40 positions of a prompt prefills the rest beside a
-    fresh row; each row's logits equal a full forward of its whole prompt (the bundle's tolerance)."""
-    model = pipeline.model
+    fresh row; each row's logits equal a full forward of its whole prompt (the bundle's tolerance). An int4
+    model keeps a bf16 cache: its logits equal those of the engine's fresh prefill, which attends over the keys
+    rounded as the cache holds them."""
+    import copy
+
+    from models.quantization import quantize_model
+
+    low_bit = precision == "int4"
+    model = quantize_model(copy.deepcopy(golden_model[0]), 4) if low_bit else pipeline.model
     ensure_kv_cache_mixin(model)
     prompts = [pipeline.processor(Conversation("chat", image, [("What is in the image?", "A red square.")]),
                                   "What color is the sky?"),
                pipeline.processor(Conversation("chat", None), "Hello, who are you?")]
     attention = model.transformer.layers[0].attention
     cache = SlotKVCache(len(model.transformer.layers), 2, attention.num_attention_heads_per_partition, 256,
-                        attention.hidden_size_per_attention_head, torch.float32, "cpu")
+                        attention.hidden_size_per_attention_head, torch.float32, "cpu", low_bit_weights=low_bit)
     cache.buffer.fill_(float("nan"))
     with torch.no_grad():
-        whole = [model(input_ids=p["input_ids"], position_ids=p["position_ids"],
-                       attention_mask=torch.ones(1, 1, *[p["input_ids"].shape[1]] * 2).tril(),
-                       vision_expert_mask=p["vision_expert_mask"], image_embed_mask=p["image_embed_mask"],
-                       images=p.get("images"))[0][0, -1] for p in prompts]
+        if low_bit:
+            whole = [fresh_prefill_logits(model, p, low_bit) for p in prompts]
+        else:
+            whole = [model(input_ids=p["input_ids"], position_ids=p["position_ids"],
+                           attention_mask=torch.ones(1, 1, *[p["input_ids"].shape[1]] * 2).tril(),
+                           vision_expert_mask=p["vision_expert_mask"], image_embed_mask=p["image_embed_mask"],
+                           images=p.get("images"))[0][0, -1] for p in prompts]
         prefix = 40
         assert prefix > image_positions(pipeline)
         writer = cache.prefill(0, [prefix], prefix)
@@ -325,6 +348,23 @@ def test_image_embeds_forward_input_equals_the_pixels(pipeline, image):
             model(**common, images=p["images"], image_embeds=embeds)
         with pytest.raises(CogVLMError, match="image_embeds has shape"):
             model(**common, image_embeds=embeds[:, 1:])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_low_bit_models_answer_alike_with_and_without_the_cache(golden_model, pipeline, image, bits):
+    """int8 / int4 models keep a bf16 cache (models.kv_cache.cache_dtype): a fresh prompt attends over its keys as
+    the cache holds them, so a turn whose history is reused computes what it would afresh."""
+    import copy
+
+    from models.quantization import quantize_model
+
+    model = quantize_model(copy.deepcopy(golden_model[0]), bits)
+    with_cache, without_cache = Engine(model, 512), Engine(model, 512, prefix_cache_gb=0)
+    answers = chat(pipeline, with_cache, image)
+    assert [t[0] for t in answers] == [t[0] for t in chat(pipeline, without_cache, image)]
+    assert all(reused >= image_positions(pipeline) for _, reused, _ in answers[1:])
+    with_cache.close()
+    without_cache.close()
 
 
 # Flags -----------------------------------------------------------------------------------------
