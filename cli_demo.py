@@ -4,7 +4,9 @@
 
 Enter an image path or URL (or just Enter for a text-only chat), then questions. `clear` starts
 over, `stop` ends. Scriptable: answers can be piped on stdin; it exits cleanly at end of input.
-Under torchrun the model is split across processes; rank 0 reads input and prints answers.
+In one process the turns run on the serving engine (utils/engine.py), so each turn reuses what the
+conversation computed before (--prefix_cache_gb). Under torchrun the model is split across processes; rank 0
+reads input and prints answers.
 """
 import argparse
 import os
@@ -14,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from models.errors import CogVLMError
+from utils.engine import add_engine_args, check_engine_args, engine_for
 from utils.grounding import add_grounding_args, next_output_path, render_grounding
 from utils.pipeline import add_inference_args, load_pipeline, setup_logging
 from utils.media import add_media_args, media_policy
@@ -110,7 +113,23 @@ class Console:
 
 def run(args) -> int:
     policy = media_policy(args)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.prefix_cache_gb is not None:
+        raise CogVLMError("--prefix_cache_gb is for one process: under torchrun the CLI generates without the "
+                          "serving engine; leave the flag out")
+    check_engine_args(args)
     pipeline = load_pipeline(args)
+    # one process: the turns run on the serving engine, which keeps what each turn computed for the next one
+    # (prefix reuse); under torchrun every rank generates in step (utils.generation) instead
+    engine = engine_for(pipeline, args) if pipeline.world_size == 1 else None
+    try:
+        return chat_loop(args, pipeline, policy, engine)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def chat_loop(args, pipeline, policy, engine) -> int:
+    """The image / question loop; the turns generate on `engine` (None: in this thread)."""
     texts = TEXTS[args.language]
     console = Console(pipeline.rank, pipeline.world_size)
     grounding = args.grounding or pipeline.grounding
@@ -133,7 +152,7 @@ def run(args) -> int:
                 return 0
             if query == "clear":
                 break
-            turn, failed = console.attempt(lambda: pipeline.chat(conversation, query))
+            turn, failed = console.attempt(lambda: pipeline.chat(conversation, query, engine=engine))
             if failed:
                 if not console.interactive:
                     return 1
@@ -162,6 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")
     add_grounding_args(parser)
     add_media_args(parser)
+    add_engine_args(parser, timeout=False, batching=False)
     parser.add_argument("--grounding_dir", type=str, default="grounding_output",
                         help="where --grounding saves the pictures with the boxes drawn")
     args = parser.parse_args(argv)

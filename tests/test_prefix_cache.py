@@ -3,7 +3,9 @@ eviction, and on the golden tiny model and the shipped tiny checkpoints, greedy 
 those without it token for token (a 3-turn chat, two questions about one image, eviction under a tiny
 budget), while the prompts reuse what earlier requests computed and the ViT runs once per image."""
 import argparse
+import json
 import os
+import shutil
 import time
 
 import pytest
@@ -365,6 +367,37 @@ def test_low_bit_models_answer_alike_with_and_without_the_cache(golden_model, pi
     assert all(reused >= image_positions(pipeline) for _, reused, _ in answers[1:])
     with_cache.close()
     without_cache.close()
+
+
+def test_the_cli_reuses_its_conversation(monkeypatch, capsys, caplog, tmp_path):
+    """cli_demo.py runs its turns on one engine: turns 2 and 3 reuse the earlier turns' positions, and the
+    answers are those of --prefix_cache_gb 0 (the shipped scenes model, whose answers end by themselves)."""
+    import io
+    import logging
+    import sys
+
+    import cli_demo
+
+    checkpoint = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-scenes")
+    image_positions = 1 + json.load(open(os.path.join(checkpoint, "model_config.json")))["image_length"] + 2
+    boxes = tmp_path / "boxes"  # the pictures of the model's grounded answers
+
+    def run(*flags):
+        stdin = "\n".join([os.path.join(ROOT, "assets", "scene_1.png"), *QUESTIONS, "stop"]) + "\n"
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="utils.engine"):
+            assert cli_demo.main(["--from_pretrained", checkpoint, "--top_k", "1", "--grounding_dir", str(boxes),
+                                  *flags]) == 0
+        shutil.rmtree(boxes, ignore_errors=True)  # the next run numbers its pictures from 1 again
+        reused = [int(r.getMessage().split(": ")[1].split()[0]) for r in caplog.records
+                  if r.getMessage().startswith("prefill of")]
+        return capsys.readouterr().out, reused
+
+    out, reused = run()
+    assert len(reused) == 3 and reused[0] == 0 and all(r > image_positions for r in reused[1:]), reused
+    out_off, reused_off = run("--prefix_cache_gb", "0")
+    assert out == out_off and reused_off == []  # no prefix cache: the plain prefill, nothing logged
 
 
 # Flags -----------------------------------------------------------------------------------------

@@ -240,6 +240,8 @@ class Engine:
         with_image = [request for request, s in zip(group, suffixes) if bool(s["image_embed_mask"].any())]
         kwargs = {"image_embeds": self._image_embeddings(with_image)} if with_image else {}
         mask = cache.mask if cache.continues else batch["attention_mask"]
+        logger.debug("prefill of %d prompts: %d of %d positions reused", len(group), sum(cache.cached),
+                     sum(request.prompt_length for request in group))
         logits = self._prompt_forward(batch, mask, cache, kwargs)
         cache.commit()
         for row, request in enumerate(group, first_row):
@@ -319,13 +321,14 @@ class Engine:
         self._remove_rows(list(range(len(self._rows))), keep=False)
 
 
-def add_engine_args(parser, timeout: bool = True):
+def add_engine_args(parser, timeout: bool = True, batching: bool = True):
     """--max_batch_size, --max_waiting, --prefix_cache_gb (and --request_timeout, with `timeout`): the serving
-    engine's flags."""
-    parser.add_argument("--max_batch_size", type=int, default=8,
-                        help="requests generated at once (KV memory for this many x --max_length positions)")
-    parser.add_argument("--max_waiting", type=int, default=64,
-                        help="requests that may wait for a free batch row; more are refused (HTTP 429)")
+    engine's flags. batching False (one conversation at a time, the CLI): --prefix_cache_gb only."""
+    if batching:
+        parser.add_argument("--max_batch_size", type=int, default=8,
+                            help="requests generated at once (KV memory for this many x --max_length positions)")
+        parser.add_argument("--max_waiting", type=int, default=64,
+                            help="requests that may wait for a free batch row; more are refused (HTTP 429)")
     parser.add_argument("--prefix_cache_gb", type=float, default=None,
                         help="memory for the keys/values of finished requests, reused by requests that start "
                              "alike (a chat's history, the same image), and recent image embeddings (default: "
@@ -350,11 +353,13 @@ def _check_sizes(max_batch_size: int, max_waiting: int, timeout: Optional[float]
 
 def check_engine_args(args) -> None:
     """Fail on bad engine flags with one CogVLMError line (before any model loads)."""
-    _check_sizes(args.max_batch_size, args.max_waiting, getattr(args, "request_timeout", None), args.prefix_cache_gb)
+    _check_sizes(getattr(args, "max_batch_size", 1), getattr(args, "max_waiting", 0),
+                 getattr(args, "request_timeout", None), args.prefix_cache_gb)
 
 
 def engine_for(pipeline, args) -> Engine:
-    """The engine over a loaded utils.pipeline.InferencePipeline, sized by add_engine_args' flags."""
-    return Engine(pipeline.model, pipeline.defaults.max_length, max_batch_size=args.max_batch_size,
-                  max_waiting=args.max_waiting, eos_token_id=pipeline.processor.eos_token_id,
+    """The engine over a loaded utils.pipeline.InferencePipeline, sized by add_engine_args' flags (without the
+    batching ones: one row, nothing waiting)."""
+    return Engine(pipeline.model, pipeline.defaults.max_length, max_batch_size=getattr(args, "max_batch_size", 1),
+                  max_waiting=getattr(args, "max_waiting", 0), eos_token_id=pipeline.processor.eos_token_id,
                   prefix_cache_gb=args.prefix_cache_gb)
