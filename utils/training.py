@@ -15,6 +15,7 @@ from sat.helpers import print_rank0
 from sat.model.base_model import BaseMixin, non_conflict
 from sat.training.model_io import save_checkpoint
 
+from models.checkpoint.layout import is_finetune_parameter
 from models.checkpoint.sat_format import resumable_iteration
 from models.errors import CogVLMError
 from utils.dataset import IGNORE_INDEX
@@ -81,7 +82,7 @@ def select_trainable_parameters(model, args) -> int:
     freeze_vit = getattr(args, "freeze_vit", False)
     total = 0
     for name, param in model.named_parameters():
-        trainable = args.full_finetune or "matrix_A" in name or "matrix_B" in name or "ptuning" in name
+        trainable = args.full_finetune or is_finetune_parameter(name)
         if ".vit_model." in name and ".mlp." in name:
             layer = int(name.split(".layers.")[1].split(".")[0])
             trainable = trainable or first <= layer <= last

@@ -23,9 +23,26 @@ from models.errors import CheckpointError, CogVLMError
 
 ROTARY_KEY = "mixins.rotary.rotary_emb.inv_freq"
 PTUNING_PREFIX = "mixins.ptuning."
-LORA_MARKERS = (".matrix_A.", ".matrix_B.", ".original.")
+# SAT's lora2 stores a wrapped linear X as X.original.weight, X.matrix_A.k and X.matrix_B.k
+LORA_ORIGINAL, LORA_A, LORA_B = ".original.", ".matrix_A.", ".matrix_B."
+LORA_MARKERS = (LORA_A, LORA_B, LORA_ORIGINAL)
 # SAT builds the word embeddings as a VocabParallelEmbedding from this vocabulary size on (BaseTransformer)
 SAT_MIN_PARALLEL_VOCAB = 1000
+
+
+def is_lora_matrix(key: str) -> bool:
+    """Whether `key` is a LoRA A or B matrix (not the wrapped layer's own weight)."""
+    return LORA_A in key or LORA_B in key
+
+
+def is_finetune_parameter(key: str) -> bool:
+    """Whether `key` is what finetuning adds to a base model: LoRA matrices and P-tuning prefixes."""
+    return is_lora_matrix(key) or key.startswith(PTUNING_PREFIX)
+
+
+def unwrapped_key(key: str) -> str:
+    """A LoRA-wrapped layer's key as the plain layer spells it (X.original.weight -> X.weight)."""
+    return key.replace(LORA_ORIGINAL, ".")
 
 
 @dataclass(frozen=True)

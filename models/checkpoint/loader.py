@@ -24,7 +24,8 @@ from sat import mpu
 from sat.model.base_model import get_model
 
 from models.checkpoint.directory import Checkpoint, open_checkpoint
-from models.checkpoint.layout import check_divisible, mismatch_error, shape_error, split_shape, tensor_table
+from models.checkpoint.layout import (check_divisible, is_finetune_parameter, mismatch_error, shape_error,
+                                      split_shape, tensor_table)
 from models.checkpoint.memory import release_consumed
 from models.cogvlm_model import INFERENCE_CLASSES, CogVLMModel
 from models.config import CogVLMConfig, dtype_of, runtime_args
@@ -35,8 +36,6 @@ from models.quantization import quantize_model
 logger = logging.getLogger(__name__)
 
 LOAD_GROUP_BYTES = 1 << 30
-# parameters a finetuning run adds to a base checkpoint (they start from their initialisation)
-FINETUNE_PARAMETERS = (".matrix_A.", ".matrix_B.", "mixins.ptuning.")
 
 
 def model_class_for(config: CogVLMConfig):
@@ -49,11 +48,12 @@ def model_class_for(config: CogVLMConfig):
 
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, rank: int = 0, world_size: int = 1,
-                 allow_missing: Sequence[str] = ()) -> None:
+                 finetune_may_be_missing: bool = False) -> None:
     """Copy this rank's part of every tensor of `checkpoint` into `model` (built for `world_size` ranks).
 
-    Raises CheckpointError naming the tensors on missing, unexpected or misshapen ones. allow_missing: key
-    fragments the model may have that the checkpoint lacks (new finetuning parameters).
+    Raises CheckpointError naming the tensors on missing, unexpected or misshapen ones.
+    finetune_may_be_missing: the model's LoRA / P-tuning parameters may be absent from the checkpoint (a
+    finetuning run starting from a base model keeps their initialisation).
     """
     reader = checkpoint.reader()
     reader.check_against_config()
@@ -84,7 +84,7 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, rank: int = 0, 
             group, group_bytes = {}, 0
     if group or missing is None:
         load_group(group)
-    missing = [k for k in missing if not any(part in k for part in allow_missing)]
+    missing = [k for k in missing if not (finetune_may_be_missing and is_finetune_parameter(k))]
     unexpected += reader.unconsumed() if fold_lora else []
     if missing or unexpected:
         raise mismatch_error(checkpoint.path, missing, unexpected)
@@ -133,7 +133,7 @@ def load_model(source: Union[str, Checkpoint], *, device: str = "cpu", dtype: to
         pack_linears(model, weights_loaded=False)
     if not build_only:
         load_weights(model, checkpoint, rank, world_size,
-                     allow_missing=FINETUNE_PARAMETERS if mode != "inference" else ())
+                     finetune_may_be_missing=mode != "inference")
         if mode == "inference":
             model.eval()
     if quant and on_cuda:

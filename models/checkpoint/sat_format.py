@@ -14,8 +14,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 
 from models.checkpoint.atomic import atomic_output_dir
-from models.checkpoint.layout import (PTUNING_PREFIX, merge_tensors, mismatch_error, shape_error,
-                                      split_rules, split_shape, split_tensor, tensor_table)
+from models.checkpoint.layout import (LORA_A, LORA_B, LORA_ORIGINAL, is_finetune_parameter, is_lora_matrix,
+                                      merge_tensors, mismatch_error, shape_error, split_rules, split_shape,
+                                      split_tensor, tensor_table, unwrapped_key)
 from models.config import CogVLMConfig
 from models.errors import CheckpointError, ConfigError
 from models.sat_compat import SAVE_COMPLETE, load_tensors
@@ -129,21 +130,16 @@ class SATReader:
 
     @property
     def has_lora(self) -> bool:
-        return any(".matrix_A." in k for k in self.stored_keys)
+        return any(LORA_A in k for k in self.stored_keys)
 
     def folded_keys(self) -> List[str]:
         """The keys with every LoRA-wrapped layer read as its plain (folded) weight and bias."""
-        keys = []
-        for key in self.stored_keys:
-            if ".matrix_A." in key or ".matrix_B." in key:
-                continue
-            keys.append(key.replace(".original.", "."))
-        return keys
+        return [unwrapped_key(key) for key in self.stored_keys if not is_lora_matrix(key)]
 
     def _lora_parts(self, prefix: str) -> Tuple[List[str], List[str]]:
-        a_keys = sorted((k for k in self.stored_keys if k.startswith(prefix + "matrix_A.")),
+        a_keys = sorted((k for k in self.stored_keys if k.startswith(prefix + LORA_A[1:])),
                         key=lambda k: int(k.rsplit(".", 1)[1]))
-        return a_keys, [k.replace(".matrix_A.", ".matrix_B.") for k in a_keys]
+        return a_keys, [k.replace(LORA_A, LORA_B) for k in a_keys]
 
     def stored(self, key: str, shard: int) -> torch.Tensor:
         """`key` as shard `shard` holds it; a LoRA-wrapped weight comes back with its LoRA folded in
@@ -153,7 +149,7 @@ class SATReader:
             self.consumed.add(key)
             return state[key]
         module, _, name = key.rpartition(".")
-        original_key = f"{module}.original.{name}"
+        original_key = f"{module}{LORA_ORIGINAL}{name}"
         if original_key not in state:
             raise KeyError(key)
         self.consumed.add(original_key)
@@ -196,12 +192,11 @@ class SATReader:
         """Every tensor of the config's table is present with its shape (per shard), and every stored tensor
         is one of them or finetuning state (LoRA matrices, P-tuning prefixes)."""
         state = self.shard(0)
-        stored = {key.replace(".original.", "."): tuple(value.shape) for key, value in state.items()}
+        stored = {unwrapped_key(key): tuple(value.shape) for key, value in state.items()}
         table = tensor_table(self.config)
         missing = [spec.sat_key for spec in table if spec.sat_key not in stored]
         known = {spec.sat_key for spec in table}
-        unknown = [key for key in stored if key not in known and not key.startswith(PTUNING_PREFIX)
-                   and ".matrix_A." not in key and ".matrix_B." not in key]
+        unknown = [key for key in stored if key not in known and not is_finetune_parameter(key)]
         if missing or unknown:
             raise mismatch_error(self.dir, missing, unknown)
         for spec in table:
