@@ -10,7 +10,9 @@
 2. For each `--quant`, in a fresh process: loads it through the project's loader
    (`models.checkpoint.load_model(dir, dtype=bf16, quant=bits)`: the linear layers are swapped for empty
    quantized ones before loading and each quantizes its tensor as it streams in), then times the prefill
-   of a 224 px image prompt and greedy decoding. Reports the RSS after imports (base), after building the
+   of a 224 px image prompt and greedy decoding, and a 2-turn chat through the serving engine (utils/engine.py,
+   default prefix cache): turn 2 is turn 1's prompt and answer plus a new question, built at token level (the
+   random-weight model's answers are not text), so its time to first token is that of a reused prefix. Reports the RSS after imports (base), after building the
    model without its weights (SAT's skip_init leaves them as untouched `torch.empty` pages, which cost no
    RSS), the peak (VmHWM) against quantized weights + KV cache + base, and decode tokens/s against the
    roofline (copy bandwidth / bytes one step reads).
@@ -112,6 +114,7 @@ def child(options) -> None:
                   file=proc_status_bytes("RssFile"), peak_anon=during_load.peak["RssAnon"],
                   peak_file=during_load.peak["RssFile"])
     runs = [run_ours(model, args, 1, options.new_tokens) for _ in range(options.repeats)]
+    chat = chat_ttft(model, args, options.new_tokens)
     prompt_length = runs[0][2]
     length = prompt_length + options.new_tokens
     # keys and values of every layer, as the cache stores them (models.kv_cache.cache_dtype)
@@ -121,7 +124,39 @@ def child(options) -> None:
         peak_rss=proc_status_bytes("VmHWM"), model_bytes=weight_bytes(model), kv_bytes=kv_bytes,
         decode_bytes=weight_bytes(model, decode_only=True) + kv_bytes * (prompt_length + options.new_tokens // 2)
         // length, prompt_length=prompt_length, image_size=args.eva_args["image_size"][0], prefill_s=[r[0] for r in runs], tokens_per_s=[r[1] for r in runs],
-        copy_bandwidth_gbs=copy_bandwidth_gbs())))
+        copy_bandwidth_gbs=copy_bandwidth_gbs(), chat=chat)))
+
+
+def chat_ttft(model, args, new_tokens: int, question_tokens: int = 12) -> dict:
+    """Two chat turns through the serving engine (prefix cache on): each turn's time to first token (submit to
+    first token) and the prompt positions the engine reused."""
+    import torch
+
+    from bench.generate import prompt_batch
+    from utils.engine import Engine
+    from utils.generation import PROMPT_KEYS, GenerationConfig
+
+    batch, images = prompt_batch(model, args, 1)
+    first = {key: batch[key] for key in PROMPT_KEYS}
+    first["images"] = images
+    engine = Engine(model, first["input_ids"].shape[1] + 2 * new_tokens + question_tokens + 8, max_batch_size=1)
+    config = GenerationConfig(top_k=1, max_new_tokens=new_tokens, end_token_ids=[])
+    turns = []
+    inputs = first
+    for turn in range(2):
+        request = engine.submit(inputs, config)
+        answer = list(request)
+        turns.append(dict(ttft_s=request.first_token_time - request.submit_time, prompt=inputs["input_ids"].shape[1],
+                          reused=request.cached_positions))
+        # the next turn: this prompt, its answer and a new question (text tokens: language expert, no image)
+        added = torch.tensor([answer + torch.randint(3, args.vocab_size, (question_tokens,)).tolist()])
+        start = int(inputs["position_ids"][0, -1]) + 1
+        inputs = dict(inputs, input_ids=torch.cat([inputs["input_ids"], added], 1),
+                      position_ids=torch.cat([inputs["position_ids"], torch.arange(start, start + added.shape[1])[None]], 1),
+                      image_embed_mask=torch.cat([inputs["image_embed_mask"], torch.zeros_like(added)], 1),
+                      vision_expert_mask=torch.cat([inputs["vision_expert_mask"], torch.zeros_like(added)], 1))
+    engine.close()
+    return dict(turns=turns, ratio=turns[1]["ttft_s"] / turns[0]["ttft_s"])
 
 
 class PeakSampler:
@@ -166,6 +201,10 @@ def report(bits: int, r: dict) -> None:
           f"decode {', '.join(f'{t:.2f}' for t in r['tokens_per_s'])} tok/s; roofline {roofline:.2f} tok/s "
           f"({r['decode_bytes'] / GB:.2f} GB per step at {r['copy_bandwidth_gbs']:.1f} GB/s copy bandwidth): "
           f"{max(r['tokens_per_s']) / roofline:.0%} of it", flush=True)
+    turns = r["chat"]["turns"]
+    print(f"  chat through the engine: turn-1 TTFT {turns[0]['ttft_s']:.1f} s ({turns[0]['prompt']} tokens), turn-2 TTFT "
+          f"{turns[1]['ttft_s']:.2f} s ({turns[1]['reused']} of {turns[1]['prompt']} positions reused): "
+          f"turn-2 / turn-1 {r['chat']['ratio']:.3f}x", flush=True)
 
 
 def main():

@@ -144,9 +144,9 @@ def test_radix_tree_evicts_least_recently_used_leaves_within_its_budget():
     assert cache.nbytes == 9 * position_bytes <= cache.capacity_bytes
     assert cache.match(key_of([1, 2, 7, 8]), 10)[0] == 2
     assert cache.match(key_of([1, 2, 3, 4]), 10)[0] == 4
-    # larger than the whole budget: not kept, and nothing else is evicted for it
-    cache.insert(key_of(list(range(20))), lambda s, e: pytest.fail("an entry larger than the budget is not read"))
-    assert cache.nbytes == 9 * position_bytes and cache.match(key_of(list(range(20))), 30)[0] == 0
+    # longer than the whole budget: its first 10 positions are kept (the start of a long conversation)
+    cache.insert(key_of(list(range(20))), lambda s, e: kv(s, e))
+    assert cache.nbytes <= cache.capacity_bytes and cache.match(key_of(list(range(20))), 30)[0] == 10
     off = PrefixCache(0, position_bytes)
     off.insert(key_of([1, 2]), lambda s, e: pytest.fail("a cache of 0 bytes reads nothing"))
     images = ImageEmbeddingCache(capacity_bytes=2 * 4 * 3)
@@ -417,8 +417,12 @@ def test_prefix_cache_flag(pipeline):
     engine.close()
     engine = engine_for(pipeline, parser.parse_args([]))
     assert engine.prefix_cache.capacity_bytes + engine.image_cache.capacity_bytes == pytest.approx(
-        engine.cache.nbytes() / 4)
+        engine.cache.nbytes() / 4)  # a quarter of the KV memory of 8 rows
     engine.close()
+    cli = engine_for(pipeline, add_engine_args(argparse.ArgumentParser(), batching=False).parse_args([]))
+    assert cli.max_batch_size == 1 and cli.prefix_cache.capacity_bytes + cli.image_cache.capacity_bytes == \
+        pytest.approx(cli.cache.nbytes())  # one row: a whole conversation
+    cli.close()
 
 
 # The shipped tiny checkpoints (trained models) --------------------------------------------------

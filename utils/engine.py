@@ -63,7 +63,7 @@ class Engine:
     i.e. requests generating at once; max_waiting: requests that may wait for a row (more: QueueFull);
     max_prefill_batch: prompts prefilled in one forward (default max_batch_size). prefix_cache_gb: memory for
     the kept prefixes and image embeddings (see the module doc; None: DEFAULT_PREFIX_CACHE_SHARE of the KV
-    memory, 0: nothing is kept).
+    memory, at least one row's: a whole conversation; 0: nothing is kept).
     """
 
     def __init__(self, model, max_length: int, max_batch_size: int = 8, max_waiting: int = 64,
@@ -83,7 +83,9 @@ class Engine:
                                  low_bit_weights=has_low_bit_weights(model))
         logger.info("engine: %d rows x %d positions of KV memory (%.2f GB)", max_batch_size, max_length,
                     self.cache.nbytes() / GB)
-        budget = self.cache.nbytes() * DEFAULT_PREFIX_CACHE_SHARE if prefix_cache_gb is None else prefix_cache_gb * GB
+        row_bytes = self.cache.nbytes() // max_batch_size
+        budget = (max(self.cache.nbytes() * DEFAULT_PREFIX_CACHE_SHARE, row_bytes) if prefix_cache_gb is None
+                  else prefix_cache_gb * GB)
         self.prefix_cache: Optional[PrefixCache] = None
         self.image_cache: Optional[ImageEmbeddingCache] = None
         if budget > 0:
@@ -332,7 +334,8 @@ def add_engine_args(parser, timeout: bool = True, batching: bool = True):
     parser.add_argument("--prefix_cache_gb", type=float, default=None,
                         help="memory for the keys/values of finished requests, reused by requests that start "
                              "alike (a chat's history, the same image), and recent image embeddings (default: "
-                             f"{DEFAULT_PREFIX_CACHE_SHARE:.0%} of the KV memory; 0: off)")
+                             f"{DEFAULT_PREFIX_CACHE_SHARE:.0%} of the KV memory, at least one --max_length row; "
+                             "0: off)")
     if timeout:
         parser.add_argument("--request_timeout", type=float, default=None,
                             help="seconds a request may take from arrival, waiting included (default: no limit)")

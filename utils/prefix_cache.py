@@ -167,11 +167,13 @@ class PrefixCache:
 
     def insert(self, key: PromptKey, read: Callable[[int, int], torch.Tensor], positions: Optional[int] = None
                ) -> None:
-        """Store the sequence `key` (its first `positions` positions, at an element boundary): what the tree
-        lacks is read with `read(start, end)` -> KV of positions [start, end). Then evicts down to the budget."""
+        """Store the sequence `key` (its first `positions` positions, at most what the budget holds, cut at an
+        element boundary): what the tree lacks is read with `read(start, end)` -> KV of positions [start, end).
+        Then evicts down to the budget (least recently used leaves first)."""
         if self.capacity_bytes <= 0:
             return
-        count = key.cut(key.positions if positions is None else positions)
+        fits = self.capacity_bytes // max(1, self.position_bytes)  # a sequence longer than that keeps its start
+        count = key.cut(min(key.positions if positions is None else positions, fits))
         elements, widths = key.elements[:count], key.widths[:count]
         node, done, start = self.root, 0, 0
         now = next(self._clock)
