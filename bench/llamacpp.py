@@ -377,10 +377,10 @@ def time_ours(work_dir: str, precision: str, new_tokens: int, repeats: int) -> L
 def time_llamacpp(work_dir: str, precision: str, new_tokens: int, repeats: int, threads: int, amx: bool = False
                   ) -> List[Tuple[float, float]]:
     """[(prefill s, decode tok/s)] of llama.cpp on the same prompt, with its default settings (amx: see below)."""
-    _, outtype = PRECISIONS[precision]
-    model_path = os.path.join(work_dir, f"cogvlm-{outtype}.gguf")
     from models.checkpoint.gguf_format import mmproj_path_for
 
+    _, outtype = PRECISIONS[precision]
+    model_path = os.path.join(work_dir, f"cogvlm-{outtype}.gguf")
     batch, pixels, text_tokens, bos = read_prompt(work_dir)
     # quantized weights without the repacked layouts: with them ggml's AMX product crashes on the prompt here
     # (LlamaCpp's docstring); "llama.cpp-amx" keeps them and feeds the prompt one row per micro-batch
@@ -436,7 +436,11 @@ def run_child(options, path: str, precision: str) -> Optional[dict]:
 
 def bench(options) -> None:
     outtypes = [PRECISIONS[p][1] for p in options.precisions]
-    write_bench_model(options.dir, options.config, outtypes)
+    if all(os.path.isfile(os.path.join(options.dir, f"cogvlm-{t}.gguf")) for t in outtypes) and \
+            os.path.isdir(os.path.join(options.dir, "sat")):
+        print(f"reusing the checkpoint and GGUF files in {options.dir}", flush=True)
+    else:
+        write_bench_model(options.dir, options.config, outtypes)
     write_prompt(options.dir, bench_config(options.config))
     rows = [(path, precision) for precision in options.precisions for path in ("ours", "llama.cpp")]
     if options.amx_decode:
@@ -447,6 +451,8 @@ def bench(options) -> None:
             result = run_child(options, *row)
             if result is not None:
                 found[row].append(result)
+                runs = ", ".join(f"prefill {p:.3f} s, {t:.1f} tok/s" for p, t in result["runs"])
+                print(f"  {row[1]} {row[0]}: {runs} (load {result['load_average']:.1f})", flush=True)
         print(f"round {round_index + 1} of {options.rounds} done", flush=True)
     print(f"config {options.config}; {options.threads} threads; image prompt of {TEXT_TOKENS} text tokens, "
           f"{options.new_tokens} new tokens, greedy; median of {options.rounds} rounds x {options.repeats} run(s), "
@@ -548,7 +554,8 @@ def main():
                         help="also time llama.cpp's Q8_0 / Q4_0 decode with its AMX layouts (prompt fed one row per "
                              "micro-batch: its multi-row AMX product crashes on this CPU)")
     parser.add_argument("--check", action="store_true", help="compare llama.cpp's f32 export with ours instead")
-    parser.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after)")
+    parser.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after); "
+                                                     "its checkpoint and GGUF files are reused by the next run")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:

@@ -141,6 +141,7 @@ def reshard_checkpoint(source: Union[str, Checkpoint], out_dir: str, model_paral
 LLAMA_CPP_OUTTYPES = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 GGUF_OUTTYPES = tuple(gguf_format.OUTTYPES) + tuple(LLAMA_CPP_OUTTYPES)
 _LOSSLESS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_llama_log = None  # the log callback handed to llama.cpp (see _llama_cpp_quantize)
 
 
 @contextlib.contextmanager
@@ -177,6 +178,13 @@ def _llama_cpp_quantize(source: str, target: str, outtype: str) -> None:
     except ImportError:
         raise CheckpointError(f"--outtype {outtype} uses llama.cpp's quantizer: pip install llama-cpp-python==0.3.36 "
                               f"(or choose one of {', '.join(gguf_format.OUTTYPES)})") from None
+    global _llama_log
+    if _llama_log is None:  # kept for the process's life: llama.cpp holds the pointer
+        @llama_cpp.llama_log_callback
+        def _llama_log(level, text, user_data):
+            if level in (3, 4):  # ggml_log_level WARN and ERROR (INFO lists every tensor)
+                logger.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
+    llama_cpp.llama_log_set(_llama_log, None)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_CPP_OUTTYPES[outtype])
     logger.info("quantizing to %s with llama.cpp", outtype)
