@@ -14,10 +14,9 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from models.errors import ConfigError
-
-# Prompt templates a checkpoint may name as its default (`--version`); their text lives in utils/.
-TEMPLATE_VERSIONS = ("base", "chat", "vqa")
-DEFAULT_TEMPLATE = "chat"  # what front ends use when neither the flags nor the checkpoint name one
+# the prompt templates a checkpoint may name as its default (`--version`): their text lives with the HF code,
+# which must stand alone in a converted checkpoint
+from models.hf_cogvlm.configuration_cogvlm import DEFAULT_TEMPLATE, TEMPLATE_VERSIONS
 # Vicuna tokenizer ids (SAT's model_config.json bos/eos/pad fields are unused defaults, not these).
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 ROTARY_BASE = 10000  # fixed by the architecture; HF configs of CogVLM do not carry it

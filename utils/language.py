@@ -21,6 +21,7 @@ import torch
 from models.checkpoint.download import hub_endpoint, is_offline
 from models.inputs import rope_position_ids
 from models.config import DEFAULT_TEMPLATE
+from models.hf_cogvlm.configuration_cogvlm import PROMPT_TEMPLATES as TEMPLATE_TEXTS
 from models.errors import PromptError, TokenizerError
 
 logger = logging.getLogger(__name__)
@@ -37,14 +38,8 @@ class PromptTemplate:
     answer_separator: Optional[str] = None
 
 
-# The prompt templates of `--version`, in one place (their names: models.config.TEMPLATE_VERSIONS).
-PROMPT_TEMPLATES: Dict[str, PromptTemplate] = {
-    "base": PromptTemplate(query="{query}"),
-    "chat": PromptTemplate(query="Question: {query} Answer:", turn="Question: {query} Answer: {response}\n",
-                           answer_separator="Answer:"),
-    "vqa": PromptTemplate(query="Question: {query} Short answer:",
-                          turn="Question: {query} Short answer: {response}\n", answer_separator="Short answer:"),
-}
+# The prompt templates of `--version` (their text: models.hf_cogvlm.configuration_cogvlm.PROMPT_TEMPLATES)
+PROMPT_TEMPLATES: Dict[str, PromptTemplate] = {name: PromptTemplate(*parts) for name, parts in TEMPLATE_TEXTS.items()}
 
 
 def get_template(signal_type: str) -> PromptTemplate:

@@ -15,7 +15,7 @@ from typing import List, Optional
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor, GenerationConfig
 
 from models.errors import CheckpointError, TokenizerError
-from models.hf_cogvlm.configuration_cogvlm import TEMPLATE_VERSIONS, CogVLMConfig
+from models.hf_cogvlm.configuration_cogvlm import DEFAULT_TEMPLATE, TEMPLATE_VERSIONS, CogVLMConfig
 from models.hf_cogvlm.modeling_cogvlm import CogVLMForCausalLM, CogVLMModel
 from models.hf_cogvlm.processing_cogvlm import CogVLMProcessor
 
@@ -87,7 +87,7 @@ def add_remote_code(hf_dir: str, template_version: Optional[str] = None,
     """Make an HF-format CogVLM directory (config.json + safetensors) loadable with transformers alone.
 
     Copies the remote-code files, adds `auto_map` (and `model_type` / `architectures` when
-    missing) to config.json and sets its `template_version` (None: keep config.json's, else "chat"),
+    missing) to config.json and sets its `template_version` (None: keep config.json's, else the default),
     writes generation_config.json and, when `tokenizer_dir` is given, copies its tokenizer files.
     Each file is written under a temporary name and renamed into place. Returns the names of the
     files written.
@@ -107,7 +107,7 @@ def add_remote_code(hf_dir: str, template_version: Optional[str] = None,
     config.setdefault("model_type", CogVLMConfig.model_type)
     config.setdefault("architectures", [CogVLMForCausalLM.__name__])
     config["auto_map"] = dict(AUTO_MAP)
-    config["template_version"] = template_version or config.get("template_version", "chat")
+    config["template_version"] = template_version or config.get("template_version", DEFAULT_TEMPLATE)
     try:
         model_config = CogVLMConfig.from_dict(config)
     except (TypeError, ValueError) as e:

@@ -24,18 +24,14 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PretrainedConfig
 
+from .configuration_cogvlm import DEFAULT_TEMPLATE, PROMPT_TEMPLATES
+
 LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE = 0, 1
 IMAGE_PLACEHOLDER_ID = 0  # input id of the image block's positions; their embeddings are replaced
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROCESSOR_CONFIG = "processor_config.json"
 
-# template_version -> (the prompt for the new query, one earlier turn or None when history is not shown)
-PROMPT_TEMPLATES: Dict[str, Tuple[str, Optional[str]]] = {
-    "base": ("{query}", None),
-    "chat": ("Question: {query} Answer:", "Question: {query} Answer: {response}\n"),
-    "vqa": ("Question: {query} Short answer:", "Question: {query} Short answer: {response}\n"),
-}
 
 History = Sequence[Tuple[str, str]]
 
@@ -45,7 +41,7 @@ def history_to_prompt(template_version: str, query: str, history: Optional[Histo
     if template_version not in PROMPT_TEMPLATES:
         raise ValueError(f"unknown template_version {template_version!r}; choose one of "
                          f"{', '.join(PROMPT_TEMPLATES)}")
-    query_template, turn_template = PROMPT_TEMPLATES[template_version]
+    query_template, turn_template, _ = PROMPT_TEMPLATES[template_version]
     prompt = ""
     if turn_template is not None:
         for old_query, response in history or ():
@@ -89,7 +85,7 @@ def image_to_tensor(image: Union[Image.Image, torch.Tensor], image_size: int) ->
 
 
 def build_conversation_input_ids(tokenizer, *, query: str, history: Optional[History] = None,
-                                 images: Optional[List] = None, template_version: str = "chat",
+                                 images: Optional[List] = None, template_version: str = DEFAULT_TEMPLATE,
                                  image_size: int = 490, patch_size: int = 14) -> Dict:
     """One conversation -> {'input_ids', 'token_type_ids', 'attention_mask'} (each (L,) long) and
     'images' ([one (3, S, S) float32 tensor], or None without an image)."""
@@ -134,7 +130,8 @@ class CogVLMProcessor:
     Other HF keywords (`padding=`, ...) are accepted and have no effect: batches are always left-padded.
     """
 
-    def __init__(self, tokenizer, image_size: int = 490, patch_size: int = 14, template_version: str = "chat"):
+    def __init__(self, tokenizer, image_size: int = 490, patch_size: int = 14,
+                 template_version: str = DEFAULT_TEMPLATE):
         history_to_prompt(template_version, "")  # validates the name
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -154,7 +151,7 @@ class CogVLMProcessor:
             config, _ = PretrainedConfig.get_config_dict(path, **kwargs)
             vision = config.get("vision_config", {})
             settings = {"image_size": vision.get("image_size", 490), "patch_size": vision.get("patch_size", 14),
-                        "template_version": config.get("template_version", "chat")}
+                        "template_version": config.get("template_version", DEFAULT_TEMPLATE)}
         return cls(AutoTokenizer.from_pretrained(path, **kwargs), **settings)
 
     @classmethod
