@@ -46,8 +46,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RAY_FLAGS = ("workers", "gpus_per_worker", "threads_per_worker")
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; exit_code is the shell's 128 + signal number (130, 143)."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; exit_code is the shell's 128 + signal number (130, 143). A BaseException,
+    as KeyboardInterrupt is, so that no library's `except Exception` swallows it."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)

@@ -38,7 +38,8 @@ class Dataset:
 
 def make_dataset(folder: str, count: int = 8) -> Dataset:
     """`count` images (the PICTURES in turn; the 4th is broken, the 7th of the shards has no image file), as a
-    folder of key.jpg, two webdataset shards and one parquet file (columns key, jpg, url, caption)."""
+    folder of key.jpg, webdataset shards of 4 and one parquet file in row groups of 4 (columns key, jpg, url,
+    caption)."""
     images, rows = {}, []
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     for index in range(count):
@@ -64,7 +65,7 @@ def make_dataset(folder: str, count: int = 8) -> Dataset:
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
     parquet = os.path.join(folder, "images.parquet")
-    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    pq.write_table(pa.Table.from_pylist(rows), parquet, row_group_size=4)
     return Dataset(os.path.join(folder, "images"), shards, parquet, images)
 
 

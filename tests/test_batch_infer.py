@@ -156,10 +156,10 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes_exactly_once(tmp_path):
     (nor C++'s `terminate called`); the same command again writes each of the other files once."""
     folder = tmp_path / "many"
     folder.mkdir()
-    for index in range(24):
+    for index in range(12):
         shutil.copy(f"{ROOT}/assets/scene_{index % 2 + 1}.png", folder / f"{index:02d}.png")
     output = tmp_path / "out.jsonl"
-    run = command([str(folder)], output, queries=["Where is the circle?"], max_new_tokens=64, batch_size=1)
+    run = command([str(folder)], output, queries=["Where is the circle?"], max_new_tokens=48, batch_size=1)
     process = subprocess.Popen(run, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (output.exists() and output.read_text().count("\n") >= 1):
@@ -172,9 +172,9 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes_exactly_once(tmp_path):
     written = len(read_rows(output))
     assert last == (f"interrupted (SIGTERM): {written} rows written to {output} this run; run the same command "
                     "again to resume")
-    assert 1 <= written < 24 and "Traceback" not in stderr and "terminate called" not in stderr
+    assert 1 <= written < 12 and "Traceback" not in stderr and "terminate called" not in stderr
     assert main(run[2:]) == 0
-    assert sorted(row["file"] for row in read_rows(output)) == [f"{index:02d}.png" for index in range(24)]
+    assert sorted(row["file"] for row in read_rows(output)) == [f"{index:02d}.png" for index in range(12)]
 
 
 # Bad flags and inputs: one error line each, before any model loads ------------------------------

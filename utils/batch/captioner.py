@@ -7,6 +7,7 @@ batch modes (this process, a Ray worker) generate.
 """
 import collections
 import threading
+import time
 from typing import Iterable, Iterator, Optional, Sequence
 
 from PIL import Image
@@ -14,7 +15,9 @@ from PIL import Image
 from models.errors import ImageError, PromptError
 from utils.batch.inputs import Item
 from utils.batch.outputs import result_row
-from utils.engine import Engine
+from utils.engine import Engine, QueueFull
+
+QUEUE_FULL_WAIT_S = 0.01
 
 
 class Captioner:
@@ -52,7 +55,17 @@ class Captioner:
                 except ImageError as e:
                     image, image_error = None, str(e)
                 for query in self.queries:
-                    job, error = (None, image_error) if image_error else self._submit(image, query)
+                    job, error = None, image_error
+                    if error is None:
+                        turn, error = self._prompt(image, query)
+                        while error is None and job is None:
+                            try:
+                                job = (turn, self.engine.submit(turn.inputs, turn.generation_config, turn.generator))
+                            except QueueFull:  # other callers' requests fill the queue: finish ours first
+                                if in_flight:
+                                    yield self._result(*in_flight.popleft())
+                                else:
+                                    time.sleep(QUEUE_FULL_WAIT_S)
                     in_flight.append((item.key, query if several else None, job, error))
                     while len(in_flight) > self.window:
                         yield self._result(*in_flight.popleft())
@@ -63,11 +76,11 @@ class Captioner:
                 if job is not None:
                     job[1].cancel()
 
-    def _submit(self, image: Image.Image, query: str):
+    def _prompt(self, image: Image.Image, query: str):
+        """(the chat turn, None), or (None, why the prompt does not fit)."""
         try:
             with self._tokenizer_lock:
-                turn = self.pipeline.chat(self.pipeline.conversation(image), query, self.config)
-            return (turn, self.engine.submit(turn.inputs, turn.generation_config, turn.generator)), None
+                return self.pipeline.chat(self.pipeline.conversation(image), query, self.config), None
         except PromptError as e:
             return None, str(e)
 

@@ -29,7 +29,8 @@ WEBDATASET_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "url")  # tried in order without --image_column
 DEFAULT_KEY_COLUMN = "key"  # img2dataset's
 KINDS = {".tar": "webdataset", ".parquet": "parquet"}
-READ_ROWS = 64  # rows per table read from a shard: a Ray block
+READ_ROWS = 64  # rows per table read at a time
+FILES_PER_UNIT = 1024  # image files per read unit (Inputs.units)
 
 
 @dataclass
@@ -94,12 +95,18 @@ class RowFormat:
             return Item(key, value)
         return Item(key, f"parquet row {key}", error=f"parquet row {key} has no image in column {self.image_column!r}")
 
-    def read_tables(self, path: str, rows_per_table: int = READ_ROWS) -> Iterator[pa.Table]:
-        """The rows of one webdataset shard or parquet file, the columns `item` reads, a table at a time."""
+    def read_unit(self, unit: dict) -> Iterator[pa.Table]:
+        """The rows of one read unit (Inputs.units): the columns `item` reads, READ_ROWS at a time."""
+        if "files" in unit:
+            for start in range(0, len(unit["files"]), READ_ROWS):
+                yield pa.Table.from_pylist(unit["files"][start:start + READ_ROWS])
+            return
+        path = unit["path"]
         try:
             if self.kind == "parquet":
-                columns = [self.key_column, self.image_column]
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=rows_per_table, columns=columns):
+                batches = pq.ParquetFile(path).iter_batches(batch_size=READ_ROWS, row_groups=[unit["row_group"]],
+                                                            columns=[self.key_column, self.image_column])
+                for batch in batches:
                     yield pa.Table.from_batches([batch])
                 return
             schema = pa.schema([("__key__", pa.string()), ("__url__", pa.string())] +
@@ -107,7 +114,7 @@ class RowFormat:
             rows = []
             for sample in webdataset.WebDataset(path, shardshuffle=False, empty_check=False):
                 rows.append({name: sample.get(name) for name in schema.names})
-                if len(rows) == rows_per_table:
+                if len(rows) == READ_ROWS:
                     yield pa.Table.from_pylist(rows, schema=schema)
                     rows = []
             if rows:
@@ -129,20 +136,28 @@ class Inputs:
         """How many inputs there are, where that is known before reading."""
         return len(self.files) if self.format.kind == "files" else None
 
-    def rows(self) -> Iterator[dict]:
-        """Every input row, read in this process (a Ray run reads each shard in a Ray task)."""
+    def units(self, files_per_unit: int = FILES_PER_UNIT) -> List[dict]:
+        """The inputs cut into read units, each read whole by one task: a webdataset shard {"path"}, a parquet
+        row group {"path", "row_group"}, or {"files": up to `files_per_unit` file rows}."""
         if self.format.kind == "files":
-            yield from self.files
-            return
-        for path in self.paths:
-            for table in self.format.read_tables(path):
+            return [{"files": self.files[start:start + files_per_unit]}
+                    for start in range(0, len(self.files), files_per_unit)]
+        if self.format.kind == "parquet":
+            return [{"path": path, "row_group": group} for path in self.paths
+                    for group in range(pq.ParquetFile(path).num_row_groups)]
+        return [{"path": path} for path in self.paths]
+
+    def rows(self) -> Iterator[dict]:
+        """Every input row, read in this process."""
+        for unit in self.units():
+            for table in self.format.read_unit(unit):
                 yield from table.to_pylist()
 
 
-def read_shards(paths: pa.Table, row_format: RowFormat) -> Iterator[pa.Table]:
-    """The rows of the shards / parquet files named by a table's `path` column (a Ray read task's body)."""
-    for path in paths["path"].to_pylist():
-        yield from row_format.read_tables(path)
+def read_units(units: pa.Table, row_format: RowFormat) -> Iterator[pa.Table]:
+    """A Ray read task's body: the rows of a table of read units."""
+    for unit in units.to_pylist():
+        yield from row_format.read_unit(unit)
 
 
 def find_images(folder: str) -> List[str]:

@@ -14,7 +14,9 @@ keeps up with any number of actors.
 """
 import argparse
 import contextlib
+import dataclasses
 import logging
+import math
 import os
 from typing import Iterator, Optional, Sequence
 
@@ -27,7 +29,7 @@ import torch
 
 from models.errors import CogVLMError
 from utils.batch.captioner import Captioner
-from utils.batch.inputs import Inputs, RowFormat, read_shards
+from utils.batch.inputs import Inputs, RowFormat, read_units
 from utils.batch.outputs import Output, result_schema
 from utils.pipeline import load_pipeline, setup_logging
 
@@ -40,6 +42,10 @@ CALLS_PER_WORKER = 2
 # Reading moves bytes (images are decoded in the actors): without a CPU of its own it cannot be starved by
 # actors that reserve every CPU of a node; a fixed task count and Ray Data's backpressure bound it.
 READ_CPUS = 0
+# rows per actor call, in engine batches (--batch_size): a call streams them through the engine, and an
+# actor task (a call, or the calls of one block) hands its rows to the driver when it ends
+CALL_BATCHES = 4
+MAX_FILE_UNITS = 4096  # from_items puts each read unit's block from the driver, about a millisecond each
 # the project's own packages, shipped to every node of a cluster (the environment: requirements.txt)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGES = [os.path.join(ROOT, name) for name in ("models", "utils")]
@@ -94,14 +100,14 @@ class CaptionWorker:
         return pa.Table.from_pylist(rows, schema=self.schema)
 
 
-def read_dataset(inputs: Inputs, read_tasks: int) -> "ray.data.Dataset":
-    """The input rows as a Ray dataset: the files' rows, or each shard / parquet file read in a Ray task
-    (at most `read_tasks` at once) by the reader the one-process mode uses, so both see the same rows and
-    keys. (Ray's own read_parquet lists files in a one-CPU task that actors holding every CPU starve.)"""
-    if inputs.format.kind == "files":
-        return ray.data.from_items(inputs.files)
-    return ray.data.from_items([{"path": path} for path in inputs.paths]).map_batches(
-        read_shards, fn_args=(inputs.format,), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+def read_dataset(inputs: Inputs, rows_per_call: int, read_tasks: int) -> "ray.data.Dataset":
+    """The input rows as a Ray dataset: each read unit (a shard, a parquet row group, a slice of the file
+    list) read in a Ray task, at most `read_tasks` at once, by the reader the one-process mode uses, so both
+    see the same rows and keys. Ray's own read_parquet would list files in a one-CPU task, which actors
+    holding every CPU starve."""
+    units = inputs.units(files_per_unit=max(rows_per_call, math.ceil(len(inputs.files) / MAX_FILE_UNITS)))
+    return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        read_units, fn_args=(inputs.format,), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
         compute=ray.data.TaskPoolStrategy(size=read_tasks))
 
 
@@ -121,10 +127,17 @@ def caption_on_ray(flags, config, inputs: Inputs, queries: Sequence[str], output
     """Answer every input not done in `output` on `workers` actors (each `gpus_per_worker` GPUs and
     `threads_per_worker` CPUs: torch's threads), writing the rows as Ray hands them back. flags: the parsed
     batch_infer flags (each actor loads the model they name); config: their GenerationConfig."""
-    done_keys = pa.array(output.done_keys(), pa.string())
-    dataset = read_dataset(inputs, read_tasks=workers + 1).map_batches(
-        CaptionWorker, fn_constructor_args=(_worker_flags(flags), config, list(queries), inputs.format, done_keys, threads_per_worker),
-        batch_size=flags.batch_size, batch_format="pyarrow", num_cpus=threads_per_worker, num_gpus=gpus_per_worker,
+    if inputs.format.kind == "files":  # the driver has the list: only what is left goes to Ray
+        inputs = dataclasses.replace(inputs, files=[row for row in inputs.files if not output.done(row["file"])])
+        logger.info("%d images to go", len(inputs.files))
+        if not inputs.files:
+            return
+    rows_per_call = CALL_BATCHES * flags.batch_size
+    done_keys = pa.array([] if inputs.format.kind == "files" else output.done_keys(), pa.string())
+    dataset = read_dataset(inputs, rows_per_call, read_tasks=workers + 1).map_batches(
+        CaptionWorker, fn_constructor_args=(_worker_flags(flags), config, list(queries), inputs.format, done_keys,
+                                            threads_per_worker),
+        batch_size=rows_per_call, batch_format="pyarrow", num_cpus=threads_per_worker, num_gpus=gpus_per_worker,
         compute=ray.data.ActorPoolStrategy(size=workers, max_concurrent_calls_per_actor=CALLS_PER_WORKER,
                                            enable_true_multi_threading=True))
     try:
