@@ -349,10 +349,19 @@ def read_prompt(work_dir: str):
 
 # Timed rows, each in its own process ------------------------------------------------------------------------
 
-def time_ours(work_dir: str, precision: str, new_tokens: int, repeats: int) -> List[Tuple[float, float]]:
-    """[(prefill s, decode tok/s)] of our model loaded as the front ends load it."""
+def kv_bytes(config, element_bytes: int, length: int) -> int:
+    """Bytes of a KV cache holding `length` positions."""
+    return 2 * config.num_layers * config.hidden_size * element_bytes * length
+
+
+def time_ours(work_dir: str, precision: str, new_tokens: int, repeats: int) -> Tuple[List[Tuple[float, float]], int]:
+    """[(prefill s, decode tok/s)] of our model loaded as the front ends load it, and the bytes a decode step
+    reads (language-expert weights and LM head, the KV cache at its mean length)."""
     import torch
+    from bench.generate import weight_bytes
     from models.checkpoint import load_model
+    from models.kv_cache import cache_dtype
+    from models.quantization import has_low_bit_weights
     from utils.generation import GenerationConfig, generate_batch_stream
 
     (dtype, quant), _ = PRECISIONS[precision]
@@ -371,12 +380,19 @@ def time_ours(work_dir: str, precision: str, new_tokens: int, repeats: int) -> L
         return prefill, steps / (time.perf_counter() - start)
 
     run()  # warm-up at the timed shapes
-    return [run() for _ in range(repeats)]
+    runs = [run() for _ in range(repeats)]
+    param = next(model.parameters())
+    cache = cache_dtype(param.dtype, param.device, has_low_bit_weights(model)).itemsize
+    mean_length = batch["input_ids"].shape[1] + new_tokens // 2
+    return runs, weight_bytes(model, decode_only=True) + kv_bytes(model.config, cache, mean_length)
 
 
 def time_llamacpp(work_dir: str, precision: str, new_tokens: int, repeats: int, threads: int, amx: bool = False
-                  ) -> List[Tuple[float, float]]:
-    """[(prefill s, decode tok/s)] of llama.cpp on the same prompt, with its default settings (amx: see below)."""
+                  ) -> Tuple[List[Tuple[float, float]], int]:
+    """[(prefill s, decode tok/s)] of llama.cpp on the same prompt, with its default settings (amx: see below),
+    and the bytes a decode step reads (as `time_ours`; its KV cache is F16)."""
+    import gguf
+    from models.checkpoint import open_checkpoint
     from models.checkpoint.gguf_format import mmproj_path_for
 
     _, outtype = PRECISIONS[precision]
@@ -402,9 +418,13 @@ def time_llamacpp(work_dir: str, precision: str, new_tokens: int, repeats: int, 
 
     run()
     try:
-        return [run() for _ in range(repeats)]
+        runs = [run() for _ in range(repeats)]
     finally:
         runtime.close()
+    weights = sum(int(t.n_bytes) for t in gguf.GGUFReader(model_path).tensors
+                  if t.name != "token_embd.weight" and ".vis_" not in t.name)
+    config = open_checkpoint(os.path.join(work_dir, "sat")).config
+    return runs, weights + kv_bytes(config, 2, batch["input_ids"].shape[1] + new_tokens // 2)
 
 
 def child(options) -> None:
@@ -414,11 +434,11 @@ def child(options) -> None:
     torch.set_num_threads(options.threads)
     path, precision = options.child
     if path == "ours":
-        runs = time_ours(options.dir, precision, options.new_tokens, options.repeats)
+        runs, step_bytes = time_ours(options.dir, precision, options.new_tokens, options.repeats)
     else:
-        runs = time_llamacpp(options.dir, precision, options.new_tokens, options.repeats, options.threads,
-                             amx=path == "llama.cpp-amx")
-    print(json.dumps({"runs": runs, "peak_rss_bytes": proc_status_bytes("VmHWM"),
+        runs, step_bytes = time_llamacpp(options.dir, precision, options.new_tokens, options.repeats, options.threads,
+                                         amx=path == "llama.cpp-amx")
+    print(json.dumps({"runs": runs, "step_bytes": step_bytes, "peak_rss_bytes": proc_status_bytes("VmHWM"),
                       "load_average": os.getloadavg()[0]}))
 
 
@@ -456,9 +476,11 @@ def bench(options) -> None:
         print(f"round {round_index + 1} of {options.rounds} done", flush=True)
     print(f"config {options.config}; {options.threads} threads; image prompt of {TEXT_TOKENS} text tokens, "
           f"{options.new_tokens} new tokens, greedy; median of {options.rounds} rounds x {options.repeats} run(s), "
-          "each row in a fresh process per round (tok/s range in brackets); load = 1-minute load average")
-    print(f"{'precision':9} {'path':13} {'weights':7} {'prefill s':>9} {'tok/s':>7} {'(range)':>15} {'RSS GB':>6} "
-          f"{'load':>5}")
+          "each row in a fresh process per round (tok/s range in brackets); MB/step = bytes a decode step reads "
+          "(language weights + LM head + KV cache at its mean length), GB/s = that x tok/s; load = the largest "
+          "1-minute load average seen after a row")
+    print(f"{'precision':9} {'path':13} {'weights':7} {'prefill s':>9} {'tok/s':>7} {'(range)':>15} {'MB/step':>7} "
+          f"{'GB/s':>5} {'RSS GB':>6} {'load':>5}")
     medians = {}
     for (path, precision), results in found.items():
         if not results:
@@ -469,8 +491,10 @@ def bench(options) -> None:
         medians[path, precision] = prefill, speed
         weights = PRECISIONS[precision][1].upper() if path.startswith("llama.cpp") else precision
         spread = f"({min(r[1] for r in runs):.1f}-{max(r[1] for r in runs):.1f})"
-        print(f"{precision:9} {path:13} {weights:7} {prefill:9.3f} {speed:7.1f} {spread:>15} "
-              f"{max(r['peak_rss_bytes'] for r in results) / 1e9:6.2f} {max(r['load_average'] for r in results):5.1f}")
+        step = results[0]["step_bytes"]
+        print(f"{precision:9} {path:13} {weights:7} {prefill:9.3f} {speed:7.1f} {spread:>15} {step / 1e6:7.0f} "
+              f"{step * speed / 1e9:5.1f} {max(r['peak_rss_bytes'] for r in results) / 1e9:6.2f} "
+              f"{max(r['load_average'] for r in results):5.1f}")
     amx = [p for p in options.precisions if ("ours", p) in medians and ("llama.cpp-amx", p) in medians]
     if amx:
         print("ours/llama.cpp-amx decode (its prompt fed one row at a time): " + " ".join(
