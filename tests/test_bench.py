@@ -89,3 +89,16 @@ def test_accuracy_bench_scores_every_model_at_a_precision(tmp_path):
     assert result["golden"]["greedy_total"] == 64 and 0 <= result["golden"]["greedy_kept"] <= 64
     assert result["cogvlm-tiny-captcha"]["count"] == 4 and result["cogvlm-tiny-scenes"]["count"] == 4
     assert out.stdout.splitlines()[-1].startswith("int8")
+
+
+def test_chat_turns_bench_on_the_tiny_shape():
+    """bench/chat_turns.py: per turn a TTFT with and without the prefix cache, answers alike, the ratio line."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "chat_turns.py"), "--config", "tiny", "--repeats",
+                          "1", "--max_new_tokens", "4", "--threads", "1", "--quant", "0", "4"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert sum(line.startswith(("fp32 turn", "int4 turn")) for line in lines) == 6
+    assert "fp32: greedy answers with and without the cache equal" in out.stdout
+    assert "int4: greedy answers with and without the cache equal" in out.stdout
+    assert lines[-1].startswith("turn-2 TTFT / turn-1 TTFT: ") and lines[-1].endswith("(int4)")
