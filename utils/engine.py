@@ -334,7 +334,7 @@ def add_engine_args(parser, timeout: bool = True, batching: bool = True):
     parser.add_argument("--prefix_cache_gb", type=float, default=None,
                         help="memory for the keys/values of finished requests, reused by requests that start "
                              "alike (a chat's history, the same image), and recent image embeddings (default: "
-                             f"{DEFAULT_PREFIX_CACHE_SHARE:.0%} of the KV memory, at least one --max_length row; "
+                             f"{DEFAULT_PREFIX_CACHE_SHARE * 100:.0f}%% of the KV memory, at least one --max_length row; "
                              "0: off)")
     if timeout:
         parser.add_argument("--request_timeout", type=float, default=None,
