@@ -84,7 +84,7 @@ class CogVLMServer:
         self.pipeline = pipeline
         self.model_name = model_name
         self.defaults = defaults
-        self.context_length = pipeline.processor.max_length
+        self.max_length = pipeline.processor.max_length
         self.engine, self.request_timeout = engine, request_timeout
         self.images = ImageGate(media_policy)
         self.created = now()
@@ -100,9 +100,9 @@ class CogVLMServer:
         check_supported(body, self.model_name)
         config = sampling_config(body, self.defaults, self.pipeline.vocab_size)
         for name in ("max_tokens", "max_completion_tokens"):  # either one, as the served schema says
-            if (getattr(body, name) or 0) > self.context_length:
+            if (getattr(body, name) or 0) > self.max_length:
                 raise APIError(400, f"{name} is {getattr(body, name)} but the model's context is "
-                               f"{self.context_length} tokens", param=name, code="context_length_exceeded")
+                               f"{self.max_length} tokens", param=name, code="context_length_exceeded")
         return parse_messages(body.messages), config
 
     def prepare(self, body: ChatCompletionRequest, messages: ParsedMessages, config: GenerationConfig,
@@ -115,12 +115,12 @@ class CogVLMServer:
             turn = self.pipeline.chat(conversation, messages.query, config.replace(max_new_tokens=max_new))
         except PromptError:  # its message speaks to CLI users; say it in API terms
             raise APIError(400, f"the conversation (image included) fills the model's context of "
-                           f"{self.context_length} tokens and leaves no room to answer; shorten the messages or "
+                           f"{self.max_length} tokens and leaves no room to answer; shorten the messages or "
                            "drop earlier turns", param="messages", code="context_length_exceeded") from None
-        room = self.context_length - turn.prompt_length
+        room = self.max_length - turn.prompt_length
         if max_new is not None and max_new > room:
             raise APIError(400, f"max_tokens is {max_new} but the prompt is {turn.prompt_length} tokens (image "
-                           f"included) of a {self.context_length}-token context; ask for at most {room}",
+                           f"included) of a {self.max_length}-token context; ask for at most {room}",
                            param="max_tokens", code="context_length_exceeded")
         return turn
 
@@ -322,7 +322,7 @@ def create_app(pipeline: InferencePipeline, model_name: str, defaults: Optional[
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await server.complete(body, request)
 
-    install_openapi(app, model_name=model_name, vocab_size=pipeline.vocab_size, context_length=server.context_length,
+    install_openapi(app, model_name=model_name, vocab_size=pipeline.vocab_size, max_length=server.max_length,
                     secured=bool(api_key))
     app.add_middleware(BodySizeLimit)  # inside the key check: a client without the key gets 401 unread
     if api_key:

@@ -248,7 +248,7 @@ def _declare_errors(operation: dict, statuses) -> None:
                                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
 
 
-def openapi_document(app: FastAPI, model_name: str, vocab_size: int, context_length: int, secured: bool) -> dict:
+def openapi_document(app: FastAPI, model_name: str, vocab_size: int, max_length: int, secured: bool) -> dict:
     """The app's OpenAPI document with what the server enforces beyond the pydantic models: the served model
     name, top_k up to the vocabulary, max_tokens up to the context, roles, content required, the API key,
     and every error status a route answers (with the OpenAI error body; never 422)."""
@@ -266,7 +266,7 @@ def openapi_document(app: FastAPI, model_name: str, vocab_size: int, context_len
     _non_null(request["seed"]).update(minimum=0, maximum=MAX_SEED)  # FastAPI writes bounds as floats: 2**63 here
     _non_null(request["top_k"])["maximum"] = vocab_size
     for name in ("max_tokens", "max_completion_tokens"):
-        _non_null(request[name])["maximum"] = context_length
+        _non_null(request[name])["maximum"] = max_length
     message = schemas["ChatMessage"]
     message["required"] = sorted(set(message.get("required", [])) | {"content"})
     content = message["properties"]["content"]
