@@ -26,8 +26,9 @@ ids, positions, the image's pixel hash). A new request whose prompt starts with 
 earlier turns, another question about the same image) gets that prefix copied into its row and prefills only
 the rest, at least its last token (whose logits give the first answer token). The ViT + adapter output of
 recent images is kept too (an eighth of the budget), so an image whose keys were evicted is not encoded again.
-The reused values are the ones a fresh prefill computes; a prefill that continues a prefix attends over the
-row's cache in its dtype (bf16 for int8 / int4 models on CPU, models.kv_cache.cache_dtype), as decoding does.
+Every prefill attends over the keys and values as the cache holds them (bf16 for int8 / int4 models on CPU,
+models.kv_cache.cache_dtype), as decoding does, so a prompt whose prefix is reused gets the answer it gets
+afresh (tests/test_prefix_cache.py).
 """
 import collections
 import functools
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFIX_CACHE_SHARE = 0.25
 IMAGE_CACHE_SHARE = 1 / 8  # of the prefix cache's budget: the image embeddings (the rest holds keys/values)
 GB = 1e9
+
 
 class Engine:
     """Continuous batching on `model` (a CogVLMModel) by one scheduling thread, started here.
@@ -268,6 +270,8 @@ class Engine:
             pixels = torch.cat(list(missing.values())).to(device=self.device, dtype=self.dtype)
             encoded = self.model.get_mixin("eva").encode_image(pixels)
             for digest, embeddings in zip(missing, encoded):
+                if len(missing) > 1:  # its own memory: a view would keep the whole batch alive in the cache
+                    embeddings = embeddings.clone()
                 found[digest] = embeddings
                 self.image_cache.put(digest, embeddings)
         return torch.stack([found[request.key.image_digest] for request in requests])
