@@ -163,6 +163,11 @@ class Engine:
             self._closed = True
             self._lock.notify()
         self._thread.join(timeout)
+        cache = self.prefix_cache
+        if cache is not None and cache.queries:
+            logger.info("prefix cache: %d of %d prompts reused a prefix, %d of %d prompt positions (%.0f%%)", cache.hits,
+                        cache.queries, cache.hit_positions, cache.query_positions,
+                        100 * cache.hit_positions / max(1, cache.query_positions))
 
     # the scheduling loop ------------------------------------------------------------------------
 
