@@ -100,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="parquet: the column of unique values that names each row (default: key)")
     cluster = parser.add_argument_group("Ray (several model replicas, one machine or a cluster)")
     cluster.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
-                         help="run on Ray Data: alone, the cluster `ray start` runs on this machine, or a new local one; "
-                              "`auto`, HOST:PORT or ray://HOST:10001 join that cluster")
+                         help="run on Ray Data: alone, the cluster `ray start` runs on this machine, or a new local "
+                              "one; `auto`, HOST:PORT or ray://HOST:10001 join that cluster")
     cluster.add_argument("--workers", type=int, default=None, help="model replicas (default 1)")
     cluster.add_argument("--gpus_per_worker", type=float, default=None,
                          help="GPUs per replica, a fraction shares one (default: 1 on a cluster with GPUs, else 0)")

@@ -67,7 +67,8 @@ def test_batch_infer_answers_every_image_and_records_unreadable_ones(golden, gol
     assert [line["file"] for line in lines] == ["a.png", "b.png", "broken.jpg", "sub/c.png"]
     assert "not a readable image" in lines[2]["error"] and "answer" not in lines[2]
     for line in lines[:2] + lines[3:]:
-        alone = golden_pipeline.chat(Conversation("chat", load_image(str(folder / line["file"]))), "What is in the image?",
+        image = load_image(str(folder / line["file"]))
+        alone = golden_pipeline.chat(Conversation("chat", image), "What is in the image?",
                                      GenerationConfig(top_k=1, max_new_tokens=6))
         for _ in alone:
             pass
@@ -145,7 +146,8 @@ def test_parquet_output_resumes_exactly_once(dataset, tmp_path):
     assert main(flags([dataset.parquet], output)) == 0
     rows = by_key(read_rows(output))
     assert set(rows) == {(key, query) for key in dataset.images for query in QUERIES}
-    assert [pair for pair, row in rows.items() if row.get("answer") == "EARLIER"] == [(r["key"], r["query"]) for r in earlier]
+    kept = [pair for pair, row in rows.items() if row.get("answer") == "EARLIER"]
+    assert kept == [(row["key"], row["query"]) for row in earlier]
     assert sorted(os.listdir(output)) == ["part-00000.parquet", "part-00001.parquet"]
     assert main(flags([dataset.parquet], output)) == 0
     assert sorted(os.listdir(output)) == ["part-00000.parquet", "part-00001.parquet"]
@@ -177,6 +179,15 @@ def test_sigterm_stops_cleanly_and_a_rerun_finishes_exactly_once(tmp_path):
     assert sorted(row["file"] for row in read_rows(output)) == [f"{index:02d}.png" for index in range(12)]
 
 
+def test_an_unreadable_shard_is_one_error_line(tmp_path, capsys):
+    broken = tmp_path / "00009.tar"
+    broken.write_bytes(b"not a tar archive, " * 100)
+    assert main(flags([str(broken)], tmp_path / "out.jsonl")) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: {broken} cannot be read past the rows written so far")
+    assert "Traceback" not in err
+
+
 # Bad flags and inputs: one error line each, before any model loads ------------------------------
 
 def test_flag_and_input_errors_are_one_line(dataset, tmp_path, capsys):
@@ -197,8 +208,9 @@ def test_flag_and_input_errors_are_one_line(dataset, tmp_path, capsys):
         (flags([dataset.parquet], out, "--key_column", "id"), "has no column 'id' to key its rows by"),
         (flags([dataset.folder, dataset.folder], out), "twice; each input needs its own name"),
         (flags([dataset.folder], tmp_path / "one-query.jsonl"), "was written for one query; this run asks 2"),
-        (flags([dataset.folder], tmp_path / "notes.jsonl", queries=["One?"]), "notes.jsonl line 2 is not a JSON result row"),
-        (flags([dataset.folder], out, "--ray", "--gpus_per_worker", "1", "--workers", "0"), "--workers must be at least 1"),
+        (flags([dataset.folder], tmp_path / "notes.jsonl", queries=["One?"]), "notes.jsonl line 2 is not a JSON"),
+        (flags([dataset.folder], out, "--ray", "--workers", "0"), "--workers must be at least 1"),
+        (flags([dataset.folder], out, "--ray", "--gpus_per_worker", "1"), "--device cpu with --gpus_per_worker"),
         (flags([dataset.folder], out, "--batch_size", "0"), "--batch_size must be at least 1"),
     ]
     for argv, message in cases:

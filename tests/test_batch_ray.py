@@ -105,3 +105,18 @@ def test_an_interrupted_driver_resumes_exactly_once(cluster, dataset, tmp_path):
     assert 1 <= written < len(expected) and "Traceback" not in stderr and "terminate called" not in stderr
     assert main(flags([dataset.parquet], output, *RAY, max_new_tokens=48, batch_size=1)) == 0
     assert by_key(read_rows(output)) == expected
+
+
+def test_a_missing_checkpoint_and_an_unreadable_shard_are_one_error_line(cluster, dataset, tmp_path, capfd):
+    """A checkpoint no actor could load is found missing on the driver; a shard that is not a tar fails in its
+    Ray read task, and the driver prints that task's error as one line, as one process does."""
+    missing = flags([dataset.folder], tmp_path / "a.jsonl", *RAY) + ["--from_pretrained", str(tmp_path / "nothing"),
+                                                                     "--local_files_only"]
+    assert main(missing) == 1
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"'{tmp_path / 'nothing'}' does not exist" in last, last
+    broken = tmp_path / "00009.tar"
+    broken.write_bytes(b"not a tar archive, " * 100)
+    assert main(flags([str(broken)], tmp_path / "b.jsonl", *RAY)) == 1
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {broken} cannot be read past the rows written so far (ReadError"), last

@@ -28,7 +28,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 WEBDATASET_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode formats
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "url")  # tried in order without --image_column
 DEFAULT_KEY_COLUMN = "key"  # img2dataset's
-KINDS = {".tar": "webdataset", ".parquet": "parquet"}
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+URL_PREFIXES = ("http://", "https://", "data:")
 READ_ROWS = 64  # rows per table read at a time
 FILES_PER_UNIT = 1024  # image files per read unit (Inputs.units)
 
@@ -120,8 +121,8 @@ class RowFormat:
             if rows:
                 yield pa.Table.from_pylist(rows, schema=schema)
         except (OSError, ValueError, tarfile.TarError, pa.ArrowException) as e:
-            raise CogVLMError(f"{path} cannot be read past the rows written so far ({type(e).__name__}: {e}); repair "
-                              "or remove it, then run again (done rows are kept)") from None
+            raise CogVLMError(f"{path} cannot be read past the rows written so far ({type(e).__name__}); repair or "
+                              "remove it, then run again (done rows are kept)") from None
 
 
 @dataclass
@@ -169,8 +170,15 @@ def find_images(folder: str) -> List[str]:
     return sorted(found)
 
 
+def _kind(argument: str) -> str:
+    name = argument.lower()
+    if name.startswith(URL_PREFIXES):
+        return "files"
+    return "webdataset" if name.endswith(SHARD_SUFFIXES) else "parquet" if name.endswith(".parquet") else "files"
+
+
 def _file_rows(argument: str, only_argument: bool) -> List[dict]:
-    if argument.startswith(("http://", "https://", "data:")):
+    if argument.startswith(URL_PREFIXES):
         return [{"file": argument, "source": argument}]
     if os.path.isdir(argument):  # one folder keeps the old keys: paths under it
         return [{"file": name if only_argument else os.path.join(argument, name),
@@ -179,7 +187,7 @@ def _file_rows(argument: str, only_argument: bool) -> List[dict]:
         folder = os.path.dirname(os.path.abspath(argument))
         with open(argument, encoding="utf-8") as f:
             entries = [line.strip() for line in f if line.strip()]
-        return [{"file": entry, "source": entry if entry.startswith(("http://", "https://", "data:"))
+        return [{"file": entry, "source": entry if entry.startswith(URL_PREFIXES)
                  else os.path.join(folder, os.path.expanduser(entry))} for entry in entries]
     return [{"file": argument, "source": os.path.abspath(argument)}]
 
@@ -207,13 +215,11 @@ def resolve_inputs(arguments: Sequence[str], image_column: Optional[str] = None,
                    key_column: Optional[str] = None) -> Inputs:
     """Read what the --images arguments name (a folder, image files or URLs, .txt lists, .tar shards or
     .parquet files; one kind), checking it exists. CogVLMError names a bad argument."""
-    kinds = set()
     for argument in arguments:
-        is_url = argument.startswith(("http://", "https://", "data:"))
-        if not is_url and not os.path.exists(argument):
+        if not argument.startswith(URL_PREFIXES) and not os.path.exists(argument):
             raise CogVLMError(f"--images {argument} does not exist; give a folder, image files or URLs, .txt lists "
                               "of them, webdataset .tar shards or .parquet files")
-        kinds.add(KINDS.get(os.path.splitext(argument)[1].lower(), "files") if not is_url else "files")
+    kinds = {_kind(argument) for argument in arguments}
     if len(kinds) > 1:
         raise CogVLMError(f"--images mixes {' and '.join(sorted(kinds))} inputs; give one kind per run")
     kind = kinds.pop()

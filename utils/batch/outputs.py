@@ -49,7 +49,6 @@ def result_row(key_name: str, key: str, query: Optional[str], **fields) -> dict:
     return row
 
 
-
 class Output:
     """The results, opened for appending: which inputs are done, `write`, and counts for the summary.
 
@@ -74,7 +73,9 @@ class Output:
 
     def write(self, rows: Iterable[dict]) -> int:
         """Append the rows whose (key, query) has none yet (the others are dropped); how many were kept."""
+        rows = list(rows)
         kept = [row for row in rows if self._mark(row[self.key_name], row.get("query"))]
+        self.duplicates += len(rows) - len(kept)
         if kept:
             self._append(kept)
             self.rows_written += len(kept)
@@ -87,7 +88,6 @@ class Output:
     def _mark(self, key: str, query: Optional[str]) -> bool:
         pair = (key, query if self.several else self.queries[0])
         if pair in self._pairs:
-            self.duplicates += 1
             return False
         self._pairs.add(pair)
         if pair[1] in self.queries:
@@ -102,9 +102,7 @@ class Output:
         if ("query" in record) != self.several:
             raise CogVLMError(f"{where} was written for {'several queries' if 'query' in record else 'one query'}; "
                               f"this run asks {len(self.queries)}: give another --output")
-        self._mark(record[self.key_name], record.get("query"))
-        self.duplicates = 0
-        self.rows_before += 1
+        self.rows_before += self._mark(record[self.key_name], record.get("query"))
 
     def summary(self) -> str:
         """One line: what this run wrote, how fast (also from the first row on: model loading left out)."""
@@ -142,7 +140,8 @@ class JsonlOutput(Output):
         with open(self.path, "rb") as f:
             for number, line in enumerate(f, 1):
                 if not line.endswith(b"\n") and good_bytes + len(line) == size:
-                    logger.warning("%s: dropping a half-written last line after %d complete ones", self.path, number - 1)
+                    logger.warning("%s: dropping a half-written last line after %d complete ones", self.path,
+                                   number - 1)
                     break
                 try:
                     record = json.loads(line)
@@ -225,9 +224,14 @@ def open_output(path: str, key_name: str, queries: Sequence[str]) -> Iterator[Ou
     try:
         kind = ParquetOutput if path.rstrip("/").endswith(".parquet") else JsonlOutput
         output = kind(path, key_name, queries)
+        if output.rows_before:
+            logger.info("%s: %d rows from earlier runs", path, output.rows_before)
         try:
             yield output
         finally:
             output.close()
+            if output.duplicates:
+                logger.info("%s: %d rows dropped, their (key, query) was written already (a retried input)", path,
+                            output.duplicates)
     finally:
         lock.release()

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +27,7 @@ import ray.data
 import ray.exceptions
 import torch
 
+from models.checkpoint import open_checkpoint
 from models.errors import CogVLMError
 from utils.batch.captioner import Captioner
 from utils.batch.inputs import Inputs, RowFormat, read_units
@@ -44,7 +45,7 @@ CALLS_PER_WORKER = 2
 READ_CPUS = 0
 # rows per actor call, in engine batches (--batch_size): a call streams them through the engine, and an
 # actor task (a call, or the calls of one block) hands its rows to the driver when it ends
-CALL_BATCHES = 4
+CALL_BATCHES = 2
 MAX_FILE_UNITS = 4096  # from_items puts each read unit's block from the driver, about a millisecond each
 # the project's own packages, shipped to every node of a cluster (the environment: requirements.txt)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,14 +101,13 @@ class CaptionWorker:
         return pa.Table.from_pylist(rows, schema=self.schema)
 
 
-def read_dataset(inputs: Inputs, rows_per_call: int, read_tasks: int) -> "ray.data.Dataset":
-    """The input rows as a Ray dataset: each read unit (a shard, a parquet row group, a slice of the file
-    list) read in a Ray task, at most `read_tasks` at once, by the reader the one-process mode uses, so both
-    see the same rows and keys. Ray's own read_parquet would list files in a one-CPU task, which actors
-    holding every CPU starve."""
-    units = inputs.units(files_per_unit=max(rows_per_call, math.ceil(len(inputs.files) / MAX_FILE_UNITS)))
+def read_dataset(units: List[dict], row_format: RowFormat, read_tasks: int) -> "ray.data.Dataset":
+    """The input rows as a Ray dataset: each read unit (Inputs.units: a shard, a parquet row group, a slice of
+    the file list) read in a Ray task, at most `read_tasks` at once, by the reader the one-process mode uses,
+    so both see the same rows and keys. Ray's own read_parquet would list files in a one-CPU task, which
+    actors holding every CPU starve."""
     return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        read_units, fn_args=(inputs.format,), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+        read_units, fn_args=(row_format,), batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
         compute=ray.data.TaskPoolStrategy(size=read_tasks))
 
 
@@ -127,14 +127,19 @@ def caption_on_ray(flags, config, inputs: Inputs, queries: Sequence[str], output
     """Answer every input not done in `output` on `workers` actors (each `gpus_per_worker` GPUs and
     `threads_per_worker` CPUs: torch's threads), writing the rows as Ray hands them back. flags: the parsed
     batch_infer flags (each actor loads the model they name); config: their GenerationConfig."""
+    # a checkpoint that cannot be found fails here, once, not in every actor Ray restarts without end
+    open_checkpoint(flags.from_pretrained, local_files_only=flags.local_files_only)
     if inputs.format.kind == "files":  # the driver has the list: only what is left goes to Ray
         inputs = dataclasses.replace(inputs, files=[row for row in inputs.files if not output.done(row["file"])])
         logger.info("%d images to go", len(inputs.files))
         if not inputs.files:
             return
     rows_per_call = CALL_BATCHES * flags.batch_size
+    units = inputs.units(files_per_unit=max(rows_per_call, math.ceil(len(inputs.files) / MAX_FILE_UNITS)))
+    if not units:
+        return
     done_keys = pa.array([] if inputs.format.kind == "files" else output.done_keys(), pa.string())
-    dataset = read_dataset(inputs, rows_per_call, read_tasks=workers + 1).map_batches(
+    dataset = read_dataset(units, inputs.format, read_tasks=min(workers + 1, len(units))).map_batches(
         CaptionWorker, fn_constructor_args=(_worker_flags(flags), config, list(queries), inputs.format, done_keys,
                                             threads_per_worker),
         batch_size=rows_per_call, batch_format="pyarrow", num_cpus=threads_per_worker, num_gpus=gpus_per_worker,
@@ -144,7 +149,19 @@ def caption_on_ray(flags, config, inputs: Inputs, queries: Sequence[str], output
         for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             output.write(table.to_pylist())
     except ray.exceptions.RayTaskError as error:
-        cause = getattr(error, "cause", None)
-        if isinstance(cause, CogVLMError):  # bad input found in a worker: one line, as in this process
-            raise CogVLMError(str(cause)) from None
-        raise
+        cause = _worker_error(error)
+        if cause is None:
+            raise
+        # bad input found in a worker: one line, as in this process (Ray Data appends its retry advice)
+        raise CogVLMError(str(cause).splitlines()[0]) from None
+
+
+def _worker_error(error: BaseException) -> Optional[CogVLMError]:
+    """The CogVLMError a Ray task raised, out of the exceptions Ray and Ray Data wrap it in (or None)."""
+    for _ in range(8):  # a few wrappers deep at most
+        if isinstance(error, CogVLMError) and not isinstance(error, ray.exceptions.RayTaskError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+        if error is None:
+            return None
+    return None
