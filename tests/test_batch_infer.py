@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import filelock
@@ -221,3 +222,12 @@ def test_flag_and_input_errors_are_one_line(dataset, tmp_path, capsys):
         assert main(flags([dataset.folder], out)) == 1
     assert "another run is writing" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def test_the_batch_bench_runs():
+    """bench/batch.py keeps working (numbers not judged): its one-process mode on a few scenes images."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "batch.py"), "--models", "scenes", "--images", "8",
+                          "--modes", "one"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = next(line.split() for line in out.stdout.splitlines() if line.startswith("scenes"))
+    assert row[:4] == ["scenes", "one", "process", "8"] and float(row[5]) > 0, out.stdout
