@@ -101,22 +101,26 @@ def test_batch_infer_bad_folder_is_one_error_line(golden, tmp_path, capsys):
 # Webdataset shards and parquet, on the tiny scenes model --------------------------------------
 
 def test_webdataset_and_parquet_inputs_answer_as_the_folder_does(dataset, tmp_path):
-    """Two queries about the same images read four ways: every (key, query) gets one row, the same answer
+    """Two queries about the same images read five ways: every (key, query) gets one row, the same answer
     whatever the input; a broken JPEG and a webdataset sample without an image file are error rows."""
-    runs = {"folder": ([dataset.folder], "folder.jsonl"), "webdataset": (dataset.shards, "shards.jsonl"),
+    listing = tmp_path / "list.txt"  # one line relative to the list's folder, the others absolute
+    paths = sorted(os.path.join(dataset.folder, name) for name in os.listdir(dataset.folder))
+    listing.write_text("\n".join([os.path.relpath(paths[0], tmp_path)] + paths[1:]) + "\n\n")
+    runs = {"folder": ([dataset.folder], "folder.jsonl"), "list": ([str(listing)], "list.jsonl"),
+            "webdataset": (dataset.shards, "shards.jsonl"),
             "parquet bytes": ([dataset.parquet, "--image_column", "jpg"], "bytes.parquet"),
             "parquet paths": ([dataset.parquet, "--image_column", "url"], "paths.jsonl")}
     results = {}
     for name, (images, output) in runs.items():
         assert main(flags(images, tmp_path / output)) == 0, name
-        key_name = "file" if name == "folder" else "key"
-        results[name] = {(row.pop(key_name).removesuffix(".jpg"), row["query"]): row
+        key_name = "file" if name in ("folder", "list") else "key"
+        results[name] = {(os.path.basename(row.pop(key_name)).removesuffix(".jpg"), row["query"]): row
                          for row in by_key(read_rows(tmp_path / output), key_name).values()}
     expected_keys = {(key, query) for key in dataset.images for query in QUERIES}
     assert all(set(rows) == expected_keys for rows in results.values())
     for (key, query), row in results["folder"].items():
         picture = dataset.images[key]
-        for name in ("parquet bytes", "parquet paths", "webdataset"):
+        for name in ("list", "parquet bytes", "parquet paths", "webdataset"):
             other = results[name][(key, query)]
             if name == "webdataset" and key == "000010002":  # the sample without a jpg file
                 assert "has no jpg/jpeg/png/webp file" in other["error"] and "answer" not in other
