@@ -205,9 +205,10 @@ class Int8DynamicLinear(Int8Linear):
 
 
 # Up to this many rows `_weight_int4pack_mm_for_cpu` is faster than dequantizing the layer to bf16 and a
-# bf16 GEMM (bench/linear.py): the kernel dequantizes the weight again for every few rows, the bf16 GEMM
-# pays the dequantization once.
-INT4_KERNEL_MAX_ROWS = 128
+# bf16 GEMM: the kernel dequantizes the weight again for every few rows (its time grows with the rows: 0.33 ms
+# at 4 rows, 1.15 at 16, 2.29 at 32, 9.0 at 128 for 1024 x 2816 on one core of the AMX Xeon), the dequantized
+# GEMM pays the dequantization once (1.5-1.7 ms up to 32 rows, 2.3 at 128; bench/RESULTS.md, issue 30).
+INT4_KERNEL_MAX_ROWS = 16
 INT4_GROUP_SIZE = 32
 _INT4_ROW_BLOCK = 64  # weights are padded to whole blocks of rows of torch's int4 packing
 _INT4_PACK_ROWS = 1024  # rows packed at a time (bounds the int32 temporaries of a large layer)
