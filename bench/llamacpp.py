@@ -182,6 +182,8 @@ class LlamaCpp:
         positions = list(range(start, start + len(text_tokens)))
         if all_logits:
             return self.decode(positions, text_tokens), start + len(text_tokens)
+        # the last token alone: llama.cpp's CogVLM graph does not pick the output rows (src/models/cogvlm.cpp has
+        # no inp_out_ids), so a batch that asks for fewer logits than it has tokens gets its first rows' logits
         self.decode(positions[:-1], text_tokens[:-1], logits=False)
         return self.decode(positions[-1:], text_tokens[-1:]), start + len(text_tokens)
 
@@ -442,16 +444,35 @@ def child(options) -> None:
                       "load_average": os.getloadavg()[0]}))
 
 
+def others_running() -> int:
+    """Runnable tasks on the machine besides this process, the most seen in 5 samples over 2 s (/proc/loadavg)."""
+    most = 0
+    for _ in range(5):
+        with open("/proc/loadavg") as f:
+            most = max(most, int(f.read().split()[3].split("/")[0]) - 1)
+        time.sleep(0.4)
+    return most
+
+
+def wait_for_quiet(patience_s: float) -> int:
+    """Wait (at most patience_s) until no other task runs; returns how many ran when the wait ended."""
+    deadline = time.monotonic() + patience_s
+    while (busy := others_running()) and time.monotonic() < deadline:
+        time.sleep(3)
+    return busy
+
+
 def run_child(options, path: str, precision: str) -> Optional[dict]:
     command = [sys.executable, os.path.abspath(__file__), "--child", path, precision, "--dir", options.dir,
                "--new_tokens", str(options.new_tokens), "--repeats", str(options.repeats),
                "--threads", str(options.threads)]
+    busy = wait_for_quiet(options.quiet_wait) if options.quiet_wait else others_running()
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, OMP_NUM_THREADS=str(options.threads)))
     if out.returncode != 0:
         print(f"{path} {precision} failed:\n{out.stderr[-2000:]}", flush=True)
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]), others_at_start=busy)
 
 
 def bench(options) -> None:
@@ -472,7 +493,8 @@ def bench(options) -> None:
             if result is not None:
                 found[row].append(result)
                 runs = ", ".join(f"prefill {p:.3f} s, {t:.1f} tok/s" for p, t in result["runs"])
-                print(f"  {row[1]} {row[0]}: {runs} (load {result['load_average']:.1f})", flush=True)
+                print(f"  {row[1]} {row[0]}: {runs} (other tasks running at its start: "
+                      f"{result['others_at_start']}, load after {result['load_average']:.1f})", flush=True)
         print(f"round {round_index + 1} of {options.rounds} done", flush=True)
     print(f"config {options.config}; {options.threads} threads; image prompt of {TEXT_TOKENS} text tokens, "
           f"{options.new_tokens} new tokens, greedy; median of {options.rounds} rounds x {options.repeats} run(s), "
@@ -577,6 +599,10 @@ def main():
     parser.add_argument("--amx_decode", action="store_true",
                         help="also time llama.cpp's Q8_0 / Q4_0 decode with its AMX layouts (prompt fed one row per "
                              "micro-batch: its multi-row AMX product crashes on this CPU)")
+    parser.add_argument("--quiet_wait", type=float, default=0,
+                        help="seconds each row may wait for no other task to run on the machine before it starts "
+                             "(a shared machine: llama.cpp's spinning thread barriers slow down far more than torch "
+                             "when a core is taken)")
     parser.add_argument("--check", action="store_true", help="compare llama.cpp's f32 export with ours instead")
     parser.add_argument("--dir", default=None, help="work directory (default: a temporary one, removed after); "
                                                      "its checkpoint and GGUF files are reused by the next run")

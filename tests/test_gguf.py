@@ -160,6 +160,9 @@ def test_image_prompt_matches_ours_in_llamacpps_layout(golden, golden_model, lla
     assert tokens == ours_tokens
     assert relative_error(logits, ours_text) <= IMAGE_PATH_TOLERANCE
     assert relative_error(steps, ours_steps) <= IMAGE_PATH_TOLERANCE
+    llama.reset()  # the bench's prefill, which asks for the last logits only, gives the same ones
+    last_only = llama.image_prompt(pixels, text, ids[0], all_logits=False)[0]
+    assert last_only.shape == (1, logits.shape[1]) and relative_error(last_only[0], logits[-1]) <= FP32_TOLERANCE
     # the language model alone, given our image embeddings: fp32 agreement
     with torch.no_grad():
         eva = model.get_mixin("eva")
