@@ -9,16 +9,15 @@ conversation computed before (--prefix_cache_gb). Under torchrun the model is sp
 reads input and prints answers.
 """
 import argparse
-import os
 import sys
 from typing import Callable, Optional
 
 import torch
 
 from models.errors import CogVLMError
-from utils.engine import add_engine_args, check_engine_args, engine_for
+from utils.cli import add_inference_args, run_main, setup_logging
+from utils.engine_args import EngineArgs
 from utils.grounding import add_grounding_args, next_output_path, render_grounding
-from utils.pipeline import add_inference_args, load_pipeline, setup_logging
 from utils.media import add_media_args, media_policy
 from utils.vision import load_image
 
@@ -112,17 +111,22 @@ class Console:
 
 
 def run(args) -> int:
+    # the model layers load here, after the flags: SAT takes seconds to import (utils/cli.py)
+    from utils.engine import engine_for
+    from utils.pipeline import load_pipeline
+
     policy = media_policy(args)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.prefix_cache_gb is not None:
+    engine_args = EngineArgs.from_cli_args(args)
+    pipeline = load_pipeline(args)
+    if pipeline.world_size > 1 and args.prefix_cache_gb is not None:
         raise CogVLMError("--prefix_cache_gb is for one process: under torchrun the CLI generates without the "
                           "serving engine; leave the flag out")
-    check_engine_args(args)
-    pipeline = load_pipeline(args)
     # one process: the turns run on the serving engine, which keeps what each turn computed for the next one
     # (prefix reuse); under torchrun every rank generates in step (utils.generation) instead
-    engine = engine_for(pipeline, args) if pipeline.world_size == 1 else None
+    engine = engine_for(pipeline, engine_args) if pipeline.world_size == 1 else None
     try:
-        return chat_loop(args, pipeline, policy, engine)
+        with torch.no_grad():
+            return chat_loop(args, pipeline, policy, engine)
     finally:
         if engine is not None:
             engine.close()
@@ -181,23 +185,13 @@ def main(argv=None) -> int:
     parser.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")
     add_grounding_args(parser)
     add_media_args(parser)
-    add_engine_args(parser, timeout=False, batching=False)
+    EngineArgs.add_cli_args(parser, timeout=False, batching=False)
     parser.add_argument("--grounding_dir", type=str, default="grounding_output",
                         help="where --grounding saves the pictures with the boxes drawn")
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        with torch.no_grad():
-            return run(args)
-    except CogVLMError as e:
-        # under torchrun a rank that fails exits, and torchrun then stops the others: name the rank
-        rank = int(os.environ.get("RANK", 0))
-        print(f"error (rank {rank}): {e}" if rank else f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    setup_logging(args.verbose)
+    return run_main(lambda: run(args), on_interrupt=lambda stop: f"stopped ({stop})")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -33,6 +33,7 @@ from functools import partial
 
 import torch
 
+import models  # noqa: F401  (sets the environment SAT and DeepSpeed read at import, before they are imported)
 from sat import get_args
 from sat.helpers import print_rank0
 from sat.training import deepspeed_training as sat_training

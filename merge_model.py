@@ -13,12 +13,8 @@ torchrun, rank 0 converts and the other ranks exit at once.
 import argparse
 import logging
 import os
-import sys
 
-
-from models.checkpoint import open_checkpoint, reshard_checkpoint
-from utils.pipeline import add_precision_args, dtype_from_args, setup_logging
-from models.errors import CogVLMError
+from utils.cli import add_precision_args, add_verbose_arg, run_main, setup_logging
 
 logger = logging.getLogger("merge_model")
 
@@ -34,36 +30,46 @@ def parse_args(argv=None):
     parser.add_argument("--model_parallel_size", type=int, default=1,
                         help="shards to write: 1 merges (default), N splits for N processes")
     add_precision_args(parser)  # here: the dtype float tensors are written in (neither: as stored)
-    parser.add_argument("--version", type=str, default="base",
-                        help="accepted for upstream command lines; the conversion does not depend on it")
+    parser.add_argument("--version", type=str, default=None,
+                        help="the prompt template the merged model names as its default, which the front ends then "
+                             "use (base, chat or vqa; default: the source's)")
+    add_verbose_arg(parser)
     return parser.parse_args(argv)
 
 
 def convert(args) -> list:
+    # the checkpoint layer loads here, after the flags: it imports SAT, which takes seconds (utils/cli.py)
+    from models.checkpoint import open_checkpoint, reshard_checkpoint
+    from models.errors import CogVLMError
+    from utils.language import get_template
+    from utils.pipeline import dtype_from_args
+
     dtype = dtype_from_args(args) if args.fp16 or args.bf16 else None
     if args.model_parallel_size < 1:
         raise CogVLMError(f"--model_parallel_size must be >= 1, got {args.model_parallel_size}")
+    if args.version is not None:
+        get_template(args.version)
     checkpoint = open_checkpoint(args.from_pretrained, local_files_only=args.local_files_only)
     if os.path.abspath(args.save) == os.path.abspath(checkpoint.path):
         raise CogVLMError("--save must differ from --from_pretrained (the input is read while the output is written)")
-    return reshard_checkpoint(checkpoint, args.save, args.model_parallel_size, dtype)
+    return reshard_checkpoint(checkpoint, args.save, args.model_parallel_size, dtype, template_version=args.version)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging()
-    rank = int(os.environ.get("RANK", 0))
-    if rank != 0:
-        logger.info("rank %d: nothing to do, rank 0 converts the checkpoint", rank)
-        return 0
-    try:
-        files = convert(args)
-    except CogVLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def merge(args) -> int:
+    files = convert(args)
     print(f"saved {args.save} ({len(files)} model-parallel shard(s))")
     return 0
 
 
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        logger.info("rank %d: nothing to do, rank 0 converts the checkpoint", rank)
+        return 0
+    return run_main(lambda: merge(args))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -22,21 +22,24 @@ import argparse
 import inspect
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import gradio as gr
 
 from models.errors import CogVLMError, PromptError, SamplingError
-from utils.chat import ChatStream
-from utils.conversation import Conversation, History
-from utils.engine import Engine, add_engine_args, check_engine_args, engine_for
-from utils.generation import GenerationConfig
+from utils.cli import add_inference_args, run_main, setup_logging, single_process
+from utils.engine_args import EngineArgs
+from utils.generation_config import GenerationConfig
 from utils.grounding import add_grounding_args, render_grounding
-from utils.pipeline import InferencePipeline, add_inference_args, load_pipeline, setup_logging
 from utils.media import add_media_args, media_policy
 from utils.vision import MAX_IMAGE_BYTES, load_image
+
+if TYPE_CHECKING:  # annotations only: the model layers load in main, after the flags (utils/cli.py)
+    from utils.chat import ChatStream
+    from utils.conversation import Conversation, History
+    from utils.engine import Engine
+    from utils.pipeline import InferencePipeline
 
 logger = logging.getLogger(__name__)
 
@@ -115,12 +118,12 @@ def image_input(**kwargs) -> gr.Image:
 @dataclass
 class WebSession:
     """One browser session's chat (held in gr.State, so sessions never share it)."""
-    conversation: Optional[Conversation] = None   # None until the first question
+    conversation: Optional["Conversation"] = None   # None until the first question
     image_path: Optional[str] = None     # the upload the conversation's image came from: another starts over
     pictures: Dict[int, object] = field(default_factory=dict)  # turn index -> grounding picture (PIL)
 
     @property
-    def history(self) -> History:
+    def history(self) -> "History":
         return self.conversation.history if self.conversation is not None else []
 
     def messages(self, pending_question: Optional[str] = None, pending_answer: str = "") -> List[dict]:
@@ -137,12 +140,10 @@ class WebSession:
 
 
 class WebChat:
-    """The chat handlers of the page and the API, on one loaded model and its serving engine (default: a
-    new one sized by the flags)."""
+    """The chat handlers of the page and the API, on one loaded model and its serving engine."""
 
-    def __init__(self, pipeline: InferencePipeline, args, engine: Optional[Engine] = None):
-        self.pipeline, self.args = pipeline, args
-        self.engine = engine or engine_for(pipeline, args)
+    def __init__(self, pipeline: "InferencePipeline", args, engine: "Engine"):
+        self.pipeline, self.args, self.engine = pipeline, args, engine
         self.grounding = args.grounding or pipeline.grounding
         self.texts = TEXTS[args.language]
         self.media = media_policy(args)
@@ -157,7 +158,7 @@ class WebChat:
             raise SamplingError(f"temperature, top_p and top_k must be numbers, got {temperature!r}, {top_p!r}, "
                                 f"{top_k!r}") from None
 
-    def _start(self, image_path, question: str, conversation: Optional[Conversation], config) -> ChatStream:
+    def _start(self, image_path, question: str, conversation: Optional["Conversation"], config) -> "ChatStream":
         """A chat turn; bad input (image, prompt length, no question, settings) raises CogVLMError."""
         question = (question or "").strip()
         if not question and not image_path and not self.args.no_prompt:
@@ -212,7 +213,7 @@ class WebChat:
         return stream.response, [list(turn) for turn in conversation.history]
 
 
-def _checked_history(history) -> History:
+def _checked_history(history) -> "History":
     if not history:
         return []
     if not isinstance(history, list) or not all(isinstance(turn, (list, tuple)) and len(turn) == 2 and
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="CogVLM web demo (gradio)")
     add_inference_args(parser)
     add_grounding_args(parser)
-    add_engine_args(parser, timeout=False)
+    EngineArgs.add_cli_args(parser, timeout=False)
     add_media_args(parser)
     parser.add_argument("--host", type=str, default="127.0.0.1", help="address to serve on (0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=7860)
@@ -295,22 +296,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
+    return run_main(lambda: serve(args))
+
+
+def serve(args) -> int:
+    # the model layers load here, after the flags: SAT takes seconds to import (utils/cli.py)
+    from utils.engine import engine_for
+    from utils.pipeline import load_pipeline
+
+    single_process("web_demo.py", " (the CLI, cli_demo.py, splits the model across GPUs)")
+    engine_args = EngineArgs.from_cli_args(args)
+    media_policy(args)  # contradictory media flags fail before the model loads
+    pipeline = load_pipeline(args)
+    engine = engine_for(pipeline, engine_args)
     try:
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise CogVLMError("web_demo.py serves from one process; run it without torchrun "
-                              "(the CLI, cli_demo.py, splits the model across GPUs)")
-        check_engine_args(args)
-        media_policy(args)  # contradictory media flags fail before the model loads
-        demo = build_demo(WebChat(load_pipeline(args), args))
-    except CogVLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    demo.queue(max_size=args.max_waiting).launch(server_name=args.host, server_port=args.port, share=args.share,
-                        max_file_size=MAX_IMAGE_BYTES, allowed_paths=[ASSETS], css=ERROR_CSS,
-                        show_error=True)  # an unexpected failure reaches API clients with its message
+        demo = build_demo(WebChat(pipeline, args, engine))
+        demo.queue(max_size=args.max_waiting).launch(
+            server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_IMAGE_BYTES,
+            allowed_paths=[ASSETS], css=ERROR_CSS, show_error=True)  # an unexpected failure reaches API clients
+    finally:
+        engine.close()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -27,7 +27,8 @@ import evaluate_demo  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
 from scripts.make_captcha_dataset import make_dataset  # noqa: E402
 from scripts.make_scene_dataset import make_scene_dataset  # noqa: E402
-from utils.generation import GenerationConfig, generate_stream  # noqa: E402
+from utils.generation import generate_stream  # noqa: E402
+from utils.generation_config import GenerationConfig
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "tiny-small")
 CHECKPOINTS = os.path.join(ROOT, "checkpoints")

@@ -134,7 +134,8 @@ def chat_ttft(model, args, new_tokens: int, question_tokens: int = 12) -> dict:
 
     from bench.generate import prompt_batch
     from utils.engine import Engine
-    from utils.generation import PROMPT_KEYS, GenerationConfig
+    from utils.generation import PROMPT_KEYS
+    from utils.generation_config import GenerationConfig
 
     batch, images = prompt_batch(model, args, 1)
     first = {key: batch[key] for key in PROMPT_KEYS}

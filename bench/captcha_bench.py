@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from evaluate_demo import evaluate  # noqa: E402
 from scripts.make_captcha_dataset import make_dataset  # noqa: E402
-from utils.pipeline import add_inference_args, load_pipeline  # noqa: E402
+from utils.cli import add_inference_args  # noqa: E402
+from utils.pipeline import load_pipeline  # noqa: E402
 
 CHECKPOINTS = os.path.join(ROOT, "checkpoints")
 TOKENIZER = os.path.join(CHECKPOINTS, "cogvlm-tiny-captcha", "tokenizer")

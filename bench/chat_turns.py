@@ -36,7 +36,7 @@ QUESTIONS = ["What shapes and colours are in this image?", "Which of them is the
 
 def chat(pipeline, engine, image, max_new_tokens: int):
     """The three turns on `engine`: per turn (TTFT s, token ids, prompt tokens, prompt positions reused)."""
-    from utils.generation import GenerationConfig
+    from utils.generation_config import GenerationConfig
 
     config = GenerationConfig(top_k=1, max_length=pipeline.defaults.max_length, max_new_tokens=max_new_tokens)
     conversation = pipeline.conversation(image)
@@ -58,7 +58,8 @@ def run(options, checkpoint: str, quant: int) -> dict:
     import torch
 
     from utils.engine import Engine
-    from utils.pipeline import add_inference_args, load_pipeline
+    from utils.cli import add_inference_args
+    from utils.pipeline import load_pipeline
     from utils.vision import load_image
 
     torch.set_num_threads(options.threads)

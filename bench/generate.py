@@ -142,7 +142,8 @@ def prompt_batch(model, args, batch_size: int, text_tokens: int = 24):
 
 def run_ours(model, args, batch_size: int, new_tokens: int):
     import torch
-    from utils.generation import GenerationConfig, generate_batch_stream
+    from utils.generation import generate_batch_stream
+    from utils.generation_config import GenerationConfig
 
     batch, images = prompt_batch(model, args, batch_size)
     batch["images"] = images

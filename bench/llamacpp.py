@@ -241,7 +241,8 @@ def ours_greedy(model, inputs: Dict, new_tokens: int) -> Tuple[List[int], np.nda
     images or None) through the KV-cached generation loop, and the logits of one uncached forward over the
     prompt and the tokens (n + new_tokens - 1, vocab): row n - 1 + k chose token k."""
     import torch
-    from utils.generation import GenerationConfig, generate_batch_stream
+    from utils.generation import generate_batch_stream
+    from utils.generation_config import GenerationConfig
 
     length = inputs["input_ids"].shape[1]
     batch = dict(inputs, attention_mask=torch.ones(1, 1, length, length).tril())
@@ -364,7 +365,8 @@ def time_ours(work_dir: str, precision: str, new_tokens: int, repeats: int) -> T
     from models.checkpoint import load_model
     from models.kv_cache import cache_dtype
     from models.quantization import has_low_bit_weights
-    from utils.generation import GenerationConfig, generate_batch_stream
+    from utils.generation import generate_batch_stream
+    from utils.generation_config import GenerationConfig
 
     (dtype, quant), _ = PRECISIONS[precision]
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32

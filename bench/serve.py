@@ -276,8 +276,10 @@ def offline(options, checkpoint: str, prompts, batch: int = 8) -> dict:
     prefill (first token) of one prompt; medians of --offline_repeats."""
     import torch
 
-    from utils.generation import GenerationConfig, generate_batch, generate_stream
-    from utils.pipeline import add_inference_args, load_pipeline
+    from utils.generation import generate_batch, generate_stream
+    from utils.generation_config import GenerationConfig
+    from utils.cli import add_inference_args
+    from utils.pipeline import load_pipeline
     torch.set_num_threads(options.threads)
     flags = ["--from_pretrained", checkpoint, "--max_length", str(options.max_length), "--device", "cpu"]
     if options.local_tokenizer:

@@ -1,8 +1,8 @@
 """Every workaround for SwissArmyTransformer (SAT) 0.4.12 and the DeepSpeed it imports, in one place.
 
-Each entry names what it patches and why. Import this module before the first `import sat`
-(`models/__init__.py` does), because the first one acts at import time. The training entries are
-called by finetune_demo.py before SAT's `training_main`; they keep SAT's behaviour on GPUs.
+Each entry names what it patches and why (the environment SAT and DeepSpeed read when first imported is set by
+models/__init__.py, before any submodule can import them). The training entries are called by
+finetune_demo.py before SAT's `training_main`; they keep SAT's behaviour on GPUs.
 
 Where we use SAT 0.4.12 differently rather than patch it, the reason stands next to the code:
   models/cogvlm_model.py   `parallel_output` only in args (SAT raises "got multiple values" as a kwarg too);
@@ -23,19 +23,13 @@ import pickle
 import re
 import time
 
+import deepspeed.ops
 import torch
+from sat.helpers import print_rank0
+from sat.training import deepspeed_training as sat_training
+from sat.training import model_io as sat_model_io
 
-# DeepSpeed (imported by SAT) guesses its accelerator and prints a warning on stdout when it lands on
-# the CPU; naming it up front keeps CLI output clean. Must run before the first `import sat`.
-if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-    os.environ["DS_ACCELERATOR"] = "cpu"
-
-import deepspeed.ops  # noqa: E402  (after DS_ACCELERATOR)
-from sat.helpers import print_rank0  # noqa: E402
-from sat.training import deepspeed_training as sat_training  # noqa: E402
-from sat.training import model_io as sat_model_io  # noqa: E402
-
-from models.errors import CheckpointError  # noqa: E402
+from models.errors import CheckpointError
 
 # written into an iteration folder by the finetuning save once all its files are (see save_optimizer_state_too)
 SAVE_COMPLETE = "save_complete"
@@ -58,13 +52,23 @@ def load_tensors(path: str, **kwargs):
 
 # Training (finetune_demo.py) ------------------------------------------------------------------------
 
+class _PercentSafeHelp(argparse.HelpFormatter):
+    def _get_help_string(self, action):
+        return re.sub(r"%(?![%(])", "%%", action.help)
+
+
 class SATArgumentParser(argparse.ArgumentParser):
     """SAT 0.4.12's parser, made usable on a machine without CUDA.
 
     SAT 0.4.12 refuses to train when `args.device` ('cpu') differs from `args.local_rank` (0), and
     defaults to the nccl backend, which has no CPU support. On CPU we align the two and default the
-    backend to gloo, so the same command runs on GPUs and on CPU.
+    backend to gloo, so the same command runs on GPUs and on CPU. Its --warmup help says "1% of", which
+    argparse reads as a format: every --help crashed; a lone percent sign is escaped.
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _PercentSafeHelp)
+        super().__init__(*args, **kwargs)
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)

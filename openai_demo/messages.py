@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 
 from openai_demo.schemas import ChatCompletionRequest, ChatMessage, ImagePart, TextPart, Usage
 from utils.chat import ChatStream
-from utils.generation import GenerationConfig
+from utils.generation_config import GenerationConfig
 
 
 class APIError(Exception):

@@ -16,7 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
-from utils.generation import MAX_SEED
+from utils.generation_config import MAX_SEED
 
 STRICT = ConfigDict(strict=True)
 # what a client without the API key may ask for (method, exact path): a health check for load balancers

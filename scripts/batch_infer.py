@@ -22,61 +22,20 @@ serving engine (utils/engine.py): --batch_size rows decode together, and a finis
 image at once. Takes the CLI's flags (--temperature, --top_k, --max_length, --bf16, --quant, ...).
 """
 import argparse
-import contextlib
 import logging
 import os
-import signal
 import sys
 
 # run as `python scripts/batch_infer.py` from anywhere: the library lives one level up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tqdm import tqdm  # noqa: E402
-
 from models.errors import CogVLMError  # noqa: E402
-from utils.batch.captioner import Captioner  # noqa: E402
-from utils.batch.inputs import read_queries, resolve_inputs  # noqa: E402
-from utils.batch.outputs import open_output  # noqa: E402
-from utils.batch.ray_job import LOCAL, caption_on_ray, default_gpus_per_worker, ray_cluster  # noqa: E402
-from utils.pipeline import add_inference_args, generation_config, load_pipeline, setup_logging  # noqa: E402
+from utils.batch import LOCAL  # noqa: E402
+from utils.cli import Interrupted, add_inference_args, setup_logging, single_process, stop_on_signals  # noqa: E402
 
 logger = logging.getLogger("batch_infer")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 RAY_FLAGS = ("workers", "gpus_per_worker", "threads_per_worker")
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived; exit_code is the shell's 128 + signal number (130, 143). A BaseException,
-    as KeyboardInterrupt is, so that no library's `except Exception` swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
-
-
-def _raise_interrupted(signum, frame):
-    for stop_signal in STOP_SIGNALS:  # a second signal while the rows are flushed ends the process at once
-        signal.signal(stop_signal, signal.SIG_DFL)
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGINT / SIGTERM raise Interrupted in the main thread for the block (the earlier handlers are put
-    back after it); calling `install` again re-takes them from a library that set its own (ray.init)."""
-    previous = {stop_signal: signal.getsignal(stop_signal) for stop_signal in STOP_SIGNALS}
-
-    def install():
-        for stop_signal in STOP_SIGNALS:
-            signal.signal(stop_signal, _raise_interrupted)
-
-    install()
-    try:
-        yield install
-    finally:
-        for stop_signal, handler in previous.items():
-            signal.signal(stop_signal, handler)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,9 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_flags(args) -> None:
     """Flag errors (one CogVLMError line) before anything is read or loaded."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise CogVLMError("batch_infer.py runs as one process; start it with python, not torchrun (--ray runs "
-                          "several model replicas)")
+    single_process("batch_infer.py", " (--ray runs several model replicas)")
     if args.batch_size < 1:
         raise CogVLMError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.ray is None:
@@ -144,6 +101,11 @@ def caption_here(args, config, inputs, queries, output) -> None:
         if not remaining:
             return
         total = remaining * len(queries)
+    from tqdm import tqdm
+
+    from utils.batch.captioner import Captioner
+    from utils.pipeline import load_pipeline
+
     pipeline = load_pipeline(args)
     todo = (row for row in inputs.rows() if not output.done(row_format.key(row)))
     with Captioner(pipeline, queries, config.replace(max_length=pipeline.defaults.max_length), args.batch_size,
@@ -154,10 +116,16 @@ def caption_here(args, config, inputs, queries, output) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(args.verbose)
     output = None
     try:
         with stop_on_signals() as take_signals:
+            # the model layers load here, after the flags: SAT and Ray take seconds to import (utils/cli.py)
+            from utils.batch.inputs import read_queries, resolve_inputs
+            from utils.batch.outputs import open_output
+            from utils.batch.ray_job import caption_on_ray, default_gpus_per_worker, ray_cluster
+            from utils.pipeline import generation_config
+
             check_flags(args)
             config = generation_config(args, max_new_tokens=args.max_new_tokens)
             queries = read_queries(args.query, args.queries_file, args.no_prompt)

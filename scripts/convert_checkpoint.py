@@ -25,20 +25,21 @@ import sys
 # run as `python scripts/convert_checkpoint.py` from anywhere: the library lives one level up
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.checkpoint import convert_hf_to_sat, convert_sat_to_hf, open_checkpoint, parse_size  # noqa: E402
-from models.checkpoint.convert import GGUF_OUTTYPES, convert_to_gguf  # noqa: E402
-from models.checkpoint.gguf_format import chat_template  # noqa: E402
-from models.config import DEFAULT_TEMPLATE, TEMPLATE_VERSIONS  # noqa: E402
 from models.errors import CogVLMError  # noqa: E402
-from models.hf_cogvlm import add_remote_code, tokenizer_files_of  # noqa: E402
-from utils.language import get_template  # noqa: E402
-from utils.pipeline import setup_logging  # noqa: E402
-from utils.vision import CLIP_MEAN, CLIP_STD  # noqa: E402
+from utils.cli import add_verbose_arg, run_main, setup_logging  # noqa: E402
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def to_gguf(source, args) -> str:
+    from models.checkpoint.convert import GGUF_OUTTYPES, convert_to_gguf
+    from models.checkpoint.gguf_format import chat_template
+    from models.config import DEFAULT_TEMPLATE
+    from utils.language import get_template
+    from utils.vision import CLIP_MEAN, CLIP_STD
+
+    if args.outtype is not None and args.outtype not in GGUF_OUTTYPES:
+        raise CogVLMError(f"--outtype {args.outtype} is not one of {', '.join(GGUF_OUTTYPES)}")
     template = get_template(args.template_version or source.template_version or DEFAULT_TEMPLATE)
     model_path, mmproj_path = convert_to_gguf(source, args.output, args.outtype or "f32", image_mean=CLIP_MEAN,
                                               image_std=CLIP_STD, tokenizer_dir=args.tokenizer,
@@ -47,6 +48,12 @@ def to_gguf(source, args) -> str:
 
 
 def between_sat_and_hf(source, args) -> str:
+    from models.checkpoint import convert_hf_to_sat, convert_sat_to_hf, parse_size
+    from models.hf_cogvlm import add_remote_code, tokenizer_files_of
+    from utils.language import get_template
+
+    if args.template_version is not None:
+        get_template(args.template_version)
     if args.outtype is not None:
         raise CogVLMError("--outtype applies to --to gguf only")
     if source.format == "hf":
@@ -76,33 +83,37 @@ def main(argv=None) -> int:
                                        "the language model's .gguf file (its mmproj-*.gguf goes beside it)")
     parser.add_argument("--to", choices=("sat", "hf", "gguf"), default=None,
                         help="target format (default: HF for a SAT source, SAT for an HF one)")
-    parser.add_argument("--outtype", choices=GGUF_OUTTYPES, default=None,
-                        help="--to gguf: type of the weight matrices (default f32; q4_0 / q4_k (Q4_K_M) use "
-                             "llama.cpp's quantizer and a q8_0 mmproj)")
+    parser.add_argument("--outtype", default=None,
+                        help="--to gguf: type of the weight matrices: f32 (default), f16, bf16, q8_0, or q4_0 / q4_k "
+                             "(Q4_K_M), which use llama.cpp's quantizer and a q8_0 mmproj")
     parser.add_argument("--local_files_only", action="store_true",
                         help="never download the checkpoint: use only what is on disk and in the HF cache")
     parser.add_argument("--max_shard_size", default=None,
                         help=f"SAT -> HF: largest safetensors file (e.g. 5GB, 500MB; default "
                              f"{DEFAULT_MAX_SHARD_SIZE}); larger models are sharded")
-    parser.add_argument("--template_version", default=None, choices=TEMPLATE_VERSIONS,
-                        help="SAT -> HF: config.json's template_version; --to gguf: the prompt template of the chat "
+    parser.add_argument("--template_version", default=None,
+                        help="base, chat or vqa. SAT -> HF: config.json's template_version; --to gguf: the prompt template of the chat "
                              "template (chat for chat/vqa models, base for base and grounding models; default: the "
                              "checkpoint's own, else chat)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory to copy into an HF output or a GGUF (default: the checkpoint's own "
                              "tokenizer/ folder, if any; a GGUF needs its tokenizer.model)")
+    add_verbose_arg(parser)
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        if args.to == "gguf" and args.max_shard_size is not None:
-            raise CogVLMError("--max_shard_size applies to SAT -> HF only, not to --to gguf")
-        source = open_checkpoint(args.source, local_files_only=args.local_files_only)
-        print(to_gguf(source, args) if args.to == "gguf" else between_sat_and_hf(source, args))
-    except CogVLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    setup_logging(args.verbose)
+    return run_main(lambda: convert(args))
+
+
+def convert(args) -> int:
+    # the checkpoint layer loads here, after the flags: it imports SAT, which takes seconds (utils/cli.py)
+    from models.checkpoint import open_checkpoint
+
+    if args.to == "gguf" and args.max_shard_size is not None:
+        raise CogVLMError("--max_shard_size applies to SAT -> HF only, not to --to gguf")
+    source = open_checkpoint(args.source, local_files_only=args.local_files_only)
+    print(to_gguf(source, args) if args.to == "gguf" else between_sat_and_hf(source, args))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -23,6 +23,8 @@ from PIL import Image
 import cli_demo
 import web_demo
 from conftest import GOLDEN_DIR, ROOT, free_port, running_server
+from utils.engine import engine_for
+from utils.engine_args import EngineArgs
 from utils import vision
 from utils.pipeline import load_pipeline
 
@@ -553,7 +555,8 @@ def web_app(golden):
     args = web_demo.build_parser().parse_args(flags)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    demo = web_demo.build_demo(web_demo.WebChat(load_pipeline(args), args))
+    pipeline = load_pipeline(args)
+    demo = web_demo.build_demo(web_demo.WebChat(pipeline, args, engine_for(pipeline, EngineArgs.from_cli_args(args))))
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
                         max_file_size=vision.MAX_IMAGE_BYTES, quiet=True)

@@ -21,8 +21,9 @@ from conftest import ROOT
 from scripts.batch_infer import main
 from utils.batch.outputs import result_schema
 from utils.conversation import Conversation
-from utils.generation import GenerationConfig
-from utils.pipeline import add_inference_args, load_pipeline
+from utils.generation_config import GenerationConfig
+from utils.cli import add_inference_args
+from utils.pipeline import load_pipeline
 from utils.vision import load_image
 
 

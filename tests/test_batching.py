@@ -3,7 +3,8 @@ import torch
 from PIL import Image
 
 from conftest import ALL_CASES
-from utils.generation import GenerationConfig, collate, generate_batch
+from utils.generation import collate, generate_batch
+from utils.generation_config import GenerationConfig
 from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor
 

@@ -12,7 +12,8 @@ from models import CogVLMModel, FineTuneTestCogVLMModel
 from models.kv_cache import KVCache, SlotKVCache, ensure_kv_cache_mixin
 from models.packed import pack_linears
 from models.quantization import quantize_model
-from utils.generation import GenerationConfig, generate_batch
+from utils.generation import generate_batch
+from utils.generation_config import GenerationConfig
 
 CACHED = 7  # positions already in the cache
 

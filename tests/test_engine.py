@@ -16,8 +16,11 @@ from conftest import assert_close_rel, free_port
 from models.kv_cache import SlotKVCache, ensure_kv_cache_mixin
 from utils.conversation import Conversation
 from utils.engine import Engine, EngineError, QueueFull
-from utils.generation import GenerationConfig, collate
-from utils.pipeline import add_inference_args, load_pipeline
+from utils.engine_args import EngineArgs
+from utils.generation import collate
+from utils.generation_config import GenerationConfig
+from utils.cli import add_inference_args
+from utils.pipeline import load_pipeline
 from utils.vision import load_image
 
 GREEDY = GenerationConfig(top_k=1)
@@ -290,7 +293,7 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(pi
 @contextlib.contextmanager
 def api_server(pipeline, **app_options):
     """The API app in this process (uvicorn in a thread, on the loaded golden pipeline): its base URL."""
-    from openai_demo.openai_api import create_app
+    from openai_demo.server import create_app
 
     app = create_app(pipeline, "tiny", **app_options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
@@ -345,7 +348,7 @@ def test_api_request_timeout(pipeline):
     slow = HookedModel(pipeline.model, delay_s=0.005)
     engine = Engine(slow, pipeline.defaults.max_length, max_batch_size=2, max_waiting=4,
                     eos_token_id=pipeline.processor.eos_token_id)
-    with api_server(pipeline, engine=engine, request_timeout=1.5) as url:
+    with api_server(pipeline, engine=engine, engine_args=EngineArgs(request_timeout=1.5)) as url:
         # both rows taken for longer than the timeout, by requests from elsewhere (no deadline)
         others = [submit(engine, turn(pipeline, f"Talk {i}", max_new=1500)) for i in range(2)]
         wait_until(lambda: engine.running == 2, what="both rows to run")

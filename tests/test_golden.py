@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from conftest import ALL_CASES, IMAGE_CASES, assert_close_rel, chat_turn, inference_args
-from utils.generation import GenerationConfig
+from utils.generation_config import GenerationConfig
 from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor
 

@@ -200,9 +200,10 @@ def test_lora_finetuning_starts_from_hf_directory(golden):
 def test_front_end_loading_gives_golden_greedy_tokens(golden, tokenizers):
     """load_pipeline (what the CLI, web demo and API use) takes an HF directory as --from_pretrained."""
     from conftest import chat_turn
-    from utils.generation import GenerationConfig
+    from utils.generation_config import GenerationConfig
     from utils.language import llama2_text_processor_inference
-    from utils.pipeline import add_inference_args, load_pipeline
+    from utils.cli import add_inference_args
+    from utils.pipeline import load_pipeline
 
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", HF_SHARDED_DIR, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu"])

@@ -58,7 +58,7 @@ def tiny_forward_inputs(model_args):
 def greedy_tokens(model, model_args, golden, tokenizers, name):
     from conftest import chat_turn
     from test_golden import processor_for
-    from utils.generation import GenerationConfig
+    from utils.generation_config import GenerationConfig
 
     case = golden.case(name)
     processor = processor_for(golden, tokenizers, name, model_args)
@@ -247,7 +247,8 @@ def test_one_process_quantizes_a_two_way_checkpoint(golden, golden_model, golden
     import copy
 
     from test_golden import case_inputs
-    from utils.pipeline import add_inference_args, load_pipeline
+    from utils.cli import add_inference_args
+    from utils.pipeline import load_pipeline
     from models.quantization import quantize_model
 
     args = add_inference_args(argparse.ArgumentParser()).parse_args(

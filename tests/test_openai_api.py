@@ -85,7 +85,7 @@ def core(golden):
 def core_turn(core, query, history=(), image_path=None, max_new=NEW_TOKENS, config=None):
     """The chat core's turn (greedy unless `config` says otherwise), capped at max_new tokens like the
     API's max_tokens."""
-    from utils.generation import GenerationConfig
+    from utils.generation_config import GenerationConfig
     from utils.vision import load_image
 
     config = config or GenerationConfig(top_k=1)
@@ -394,7 +394,8 @@ def test_finish_reason_stop_when_the_model_ends(golden):
     whose </s> row of lm_head is made to win at the first new token of the golden continuation."""
     from starlette.testclient import TestClient
 
-    from openai_demo.openai_api import create_app, parse_args
+    from openai_demo.openai_api import parse_args
+    from openai_demo.server import create_app
     from utils.pipeline import load_pipeline
 
     args = parse_args(server_flags(golden))

@@ -15,9 +15,11 @@ from conftest import ROOT, assert_close_rel
 from models.errors import CogVLMError
 from models.kv_cache import SlotKVCache, ensure_kv_cache_mixin
 from utils.conversation import Conversation
-from utils.engine import Engine, add_engine_args, check_engine_args, engine_for
-from utils.generation import GenerationConfig
-from utils.pipeline import add_inference_args, load_pipeline
+from utils.engine import Engine, engine_for
+from utils.engine_args import EngineArgs
+from utils.generation_config import GenerationConfig
+from utils.cli import add_inference_args
+from utils.pipeline import load_pipeline
 from utils.prefix_cache import ImageElement, ImageEmbeddingCache, PrefixCache, PromptKey
 from utils.vision import load_image
 
@@ -409,23 +411,26 @@ def test_the_cli_reuses_its_conversation(monkeypatch, capsys, caplog, tmp_path):
 # Flags -----------------------------------------------------------------------------------------
 
 def test_prefix_cache_flag(pipeline):
-    parser = add_engine_args(argparse.ArgumentParser())
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+
+    def engine_with(*flags):
+        return engine_for(pipeline, EngineArgs.from_cli_args(parser.parse_args(list(flags))))
+
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(CogVLMError, match="--prefix_cache_gb must be 0"):
-            check_engine_args(parser.parse_args(["--prefix_cache_gb", bad]))
-    args = parser.parse_args(["--prefix_cache_gb", "0.001"])
-    check_engine_args(args)
-    engine = engine_for(pipeline, args)
+            EngineArgs.from_cli_args(parser.parse_args(["--prefix_cache_gb", bad]))
+    engine = engine_with("--prefix_cache_gb", "0.001")
     assert engine.prefix_cache.capacity_bytes + engine.image_cache.capacity_bytes == pytest.approx(1e6)
     engine.close()
-    engine = engine_for(pipeline, parser.parse_args(["--prefix_cache_gb", "0"]))
+    engine = engine_with("--prefix_cache_gb", "0")
     assert engine.prefix_cache is None and engine.image_cache is None
     engine.close()
-    engine = engine_for(pipeline, parser.parse_args([]))
+    engine = engine_with()
     assert engine.prefix_cache.capacity_bytes + engine.image_cache.capacity_bytes == pytest.approx(
         engine.cache.nbytes() / 4)  # a quarter of the KV memory of 8 rows
     engine.close()
-    cli = engine_for(pipeline, add_engine_args(argparse.ArgumentParser(), batching=False).parse_args([]))
+    one_row = EngineArgs.add_cli_args(argparse.ArgumentParser(), batching=False).parse_args([])
+    cli = engine_for(pipeline, EngineArgs.from_cli_args(one_row))
     assert cli.max_batch_size == 1 and cli.prefix_cache.capacity_bytes + cli.image_cache.capacity_bytes == \
         pytest.approx(cli.cache.nbytes())  # one row: a whole conversation
     cli.close()

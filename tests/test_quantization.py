@@ -8,7 +8,8 @@ import torch
 
 from conftest import ALL_CASES, IMAGE_CASES, assert_close_rel
 from test_golden import case_inputs
-from utils.generation import GenerationConfig, generate_stream
+from utils.generation import generate_stream
+from utils.generation_config import GenerationConfig
 from models.errors import CogVLMError
 from models import quantization
 from models.cpu import is_x86
@@ -156,7 +157,8 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(golden, qua
     import argparse
 
     from test_hf_format import HF_DIR
-    from utils.pipeline import add_inference_args, load_pipeline
+    from utils.cli import add_inference_args
+    from utils.pipeline import load_pipeline
 
     checkpoint = golden.checkpoint if source == "sat" else HF_DIR
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
@@ -269,7 +271,8 @@ def test_front_ends_load_float_weights_packed(golden, golden_model, flags, dtype
     unpacked model's: the golden ones in fp32, bf16's own in bf16."""
     import argparse
 
-    from utils.pipeline import add_inference_args, load_pipeline
+    from utils.cli import add_inference_args
+    from utils.pipeline import load_pipeline
 
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", golden.checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu"] + flags)

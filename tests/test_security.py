@@ -36,7 +36,10 @@ import web_demo
 from conftest import GOLDEN_DIR, ROOT, free_port, inference_args
 from models.errors import CheckpointError, ImageError
 from openai_demo import openai_api
+from openai_demo.server import create_app
 from scripts import convert_checkpoint
+from utils.engine import engine_for
+from utils.engine_args import EngineArgs
 from utils import media
 from utils.media import MediaPolicy, media_policy, non_public_kind, numeric_ipv4
 from utils.pipeline import load_pipeline
@@ -420,7 +423,7 @@ def pipeline():
 
 def api_client(pipeline, *media_flags, api_key=None):
     args = openai_api.parse_args(["--from_pretrained", SAT, *media_flags])
-    app = openai_api.create_app(pipeline, MODEL, api_key=api_key, media_policy=media_policy(args))
+    app = create_app(pipeline, MODEL, api_key=api_key, media_policy=media_policy(args))
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -526,7 +529,8 @@ def test_web_demo_fetches_urls_under_its_flags(pipeline, internal, public, netwo
     import gradio as gr
 
     def web_chat(*flags):
-        return web_demo.WebChat(pipeline, web_demo.build_parser().parse_args(["--from_pretrained", SAT, *flags]))
+        args = web_demo.build_parser().parse_args(["--from_pretrained", SAT, *flags])
+        return web_demo.WebChat(pipeline, args, engine_for(pipeline, EngineArgs.from_cli_args(args)))
 
     url, _ = refused_url("loopback", internal, public, network)
     with pytest.raises(gr.Error, match="non-public address"):
@@ -547,7 +551,7 @@ def test_web_demo_image_urls_from_gradio_clients_reach_our_fetcher(pipeline, int
     from gradio_client.exceptions import AppError
 
     args = web_demo.build_parser().parse_args(["--from_pretrained", SAT, "--max_length", "120"])
-    demo = web_demo.build_demo(web_demo.WebChat(pipeline, args))
+    demo = web_demo.build_demo(web_demo.WebChat(pipeline, args, engine_for(pipeline, EngineArgs.from_cli_args(args))))
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:

@@ -5,7 +5,8 @@ from PIL import Image
 
 from conftest import inference_args
 from models import CogVLMModel
-from utils.generation import GenerationConfig, Sampler, generate_stream
+from utils.generation import Sampler, generate_stream
+from utils.generation_config import GenerationConfig
 from models.inputs import rope_position_ids
 from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor

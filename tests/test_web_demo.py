@@ -13,8 +13,10 @@ from PIL import Image
 
 import web_demo
 from conftest import ROOT, free_port, running_server
+from utils.engine import engine_for
+from utils.engine_args import EngineArgs
 from utils.chat import ChatStream, chat
-from utils.generation import GenerationConfig
+from utils.generation_config import GenerationConfig
 from utils.grounding import to_pixels
 from utils.pipeline import load_pipeline
 
@@ -47,7 +49,7 @@ MAX_LENGTH = 120
 def web_chat(golden):
     def make(*flags):
         args = web_demo.build_parser().parse_args(flags_for_golden + list(flags))
-        return web_demo.WebChat(bundle, args)
+        return web_demo.WebChat(bundle, args, engine_for(bundle, EngineArgs.from_cli_args(args)))
 
     flags_for_golden = ["--from_pretrained", golden.checkpoint, "--local_tokenizer", golden.tokenizer_dir,
                         "--max_length", str(MAX_LENGTH)]

@@ -1,2 +1,2 @@
 """The inference layer (processor, conversation, generation, chat) and the finetuning data of CogVLM."""
-from models import sat_compat  # noqa: F401  (must precede the first `import sat`)
+import models  # noqa: F401  (sets the environment SAT reads, before any module here imports SAT)

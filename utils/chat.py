@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from utils.conversation import Conversation, History
-from utils.generation import GenerationConfig, generate_stream
+from utils.generation import generate_stream
+from utils.generation_config import GenerationConfig
 from utils.processor import CogVLMProcessor, TextDeltas
 from models.errors import ImageError
 from utils.vision import load_image

@@ -33,7 +33,6 @@ afresh (tests/test_prefix_cache.py).
 import collections
 import functools
 import logging
-import math
 import threading
 import time
 from typing import Deque, Dict, List, Optional
@@ -41,19 +40,19 @@ from typing import Deque, Dict, List, Optional
 import torch
 
 from models.config import EOS_ID
-from models.errors import CogVLMError, PromptError
+from models.errors import PromptError
 from models.kv_cache import SlotKVCache
 from models.quantization import has_low_bit_weights
+from utils.engine_args import DEFAULT_PREFIX_CACHE_SHARE, EngineArgs
 from utils.engine_request import EngineError, QueueFull, Request
-from utils.generation import PROMPT_KEYS, GenerationConfig, Sampler, collate, ensure_kv_cache, new_generator
+from utils.generation import PROMPT_KEYS, Sampler, collate, ensure_kv_cache, new_generator
+from utils.generation_config import GenerationConfig
 from utils.prefix_cache import ImageEmbeddingCache, PrefixCache, PromptKey
 
-__all__ = ["Engine", "EngineError", "QueueFull", "Request", "add_engine_args", "check_engine_args", "engine_for"]
+__all__ = ["Engine", "EngineError", "QueueFull", "Request", "engine_for"]
 
 logger = logging.getLogger(__name__)
 
-# --prefix_cache_gb's default, as a share of the engine's KV memory (max_batch_size x max_length positions)
-DEFAULT_PREFIX_CACHE_SHARE = 0.25
 IMAGE_CACHE_SHARE = 1 / 8  # of the prefix cache's budget: the image embeddings (the rest holds keys/values)
 GB = 1e9
 
@@ -68,10 +67,10 @@ class Engine:
     memory, at least one row's: a whole conversation; 0: nothing is kept).
     """
 
-    def __init__(self, model, max_length: int, max_batch_size: int = 8, max_waiting: int = 64,
-                 eos_token_id: int = EOS_ID, pad_token_id: int = 0, max_prefill_batch: Optional[int] = None,
-                 prefix_cache_gb: Optional[float] = None):
-        _check_sizes(max_batch_size, max_waiting, prefix_cache_gb=prefix_cache_gb)
+    def __init__(self, model, max_length: int, max_batch_size: int = EngineArgs.max_batch_size,
+                 max_waiting: int = EngineArgs.max_waiting, eos_token_id: int = EOS_ID, pad_token_id: int = 0,
+                 max_prefill_batch: Optional[int] = None, prefix_cache_gb: Optional[float] = None):
+        EngineArgs(max_batch_size, max_waiting, prefix_cache_gb)  # refuses bad sizes
         ensure_kv_cache(model)
         self.model, self.max_length, self.max_batch_size, self.max_waiting = model, max_length, max_batch_size, max_waiting
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
@@ -332,46 +331,7 @@ class Engine:
         self._remove_rows(list(range(len(self._rows))), keep=False)
 
 
-def add_engine_args(parser, timeout: bool = True, batching: bool = True):
-    """--max_batch_size, --max_waiting, --prefix_cache_gb (and --request_timeout, with `timeout`): the serving
-    engine's flags. batching False (one conversation at a time, the CLI): --prefix_cache_gb only."""
-    if batching:
-        parser.add_argument("--max_batch_size", type=int, default=8,
-                            help="requests generated at once (KV memory for this many x --max_length positions)")
-        parser.add_argument("--max_waiting", type=int, default=64,
-                            help="requests that may wait for a free batch row; more are refused (HTTP 429)")
-    parser.add_argument("--prefix_cache_gb", type=float, default=None,
-                        help="memory for the keys/values of finished requests, reused by requests that start "
-                             "alike (a chat's history, the same image), and recent image embeddings (default: "
-                             f"{DEFAULT_PREFIX_CACHE_SHARE * 100:.0f}%% of the KV memory, at least one --max_length row; "
-                             "0: off)")
-    if timeout:
-        parser.add_argument("--request_timeout", type=float, default=None,
-                            help="seconds a request may take from arrival, waiting included (default: no limit)")
-    return parser
-
-
-def _check_sizes(max_batch_size: int, max_waiting: int, timeout: Optional[float] = None,
-                 prefix_cache_gb: Optional[float] = None) -> None:
-    if max_batch_size < 1:
-        raise CogVLMError(f"--max_batch_size must be at least 1, got {max_batch_size}")
-    if max_waiting < 0:
-        raise CogVLMError(f"--max_waiting must be 0 or more, got {max_waiting}")
-    if timeout is not None and not timeout > 0:
-        raise CogVLMError(f"--request_timeout must be a positive number of seconds, got {timeout}")
-    if prefix_cache_gb is not None and not (prefix_cache_gb >= 0 and math.isfinite(prefix_cache_gb)):
-        raise CogVLMError(f"--prefix_cache_gb must be 0 (off) or a positive number of GB, got {prefix_cache_gb}")
-
-
-def check_engine_args(args) -> None:
-    """Fail on bad engine flags with one CogVLMError line (before any model loads)."""
-    _check_sizes(getattr(args, "max_batch_size", 1), getattr(args, "max_waiting", 0),
-                 getattr(args, "request_timeout", None), args.prefix_cache_gb)
-
-
-def engine_for(pipeline, args) -> Engine:
-    """The engine over a loaded utils.pipeline.InferencePipeline, sized by add_engine_args' flags (without the
-    batching ones: one row, nothing waiting)."""
-    return Engine(pipeline.model, pipeline.defaults.max_length, max_batch_size=getattr(args, "max_batch_size", 1),
-                  max_waiting=getattr(args, "max_waiting", 0), eos_token_id=pipeline.processor.eos_token_id,
-                  prefix_cache_gb=args.prefix_cache_gb)
+def engine_for(pipeline, engine_args: EngineArgs) -> Engine:
+    """The engine over a loaded utils.pipeline.InferencePipeline, sized by `engine_args`."""
+    return Engine(pipeline.model, pipeline.defaults.max_length, eos_token_id=pipeline.processor.eos_token_id,
+                  **engine_args.engine_kwargs())

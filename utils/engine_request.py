@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from utils.generation import GenerationConfig
+from utils.generation_config import GenerationConfig
 from utils.prefix_cache import PromptKey
 
 _END = object()  # the last item of a request's token queue

@@ -6,14 +6,22 @@ equals it ignoring case and surrounding space; a reference with `[[x0,y0,x1,y1]]
 utils/grounding.py parses them) is right when the answer has as many boxes and each, matched in
 order, overlaps its reference box with IoU >= 0.5.
 """
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
 
-from utils.generation import GenerationConfig, generate_batch
+from models.errors import ImageError
+
+from utils.dataset import CAPTCHA_QUERY, label_of
+from utils.generation import generate_batch
+from utils.generation_config import GenerationConfig
 from utils.grounding import parse_boxes
 from utils.language import history_to_prompt
+from utils.vision import load_image
 
+logger = logging.getLogger(__name__)
 IOU_THRESHOLD = 0.5
 Box = Tuple[int, int, int, int]
 
@@ -94,6 +102,50 @@ def answer_batch(model, text_processor, images: torch.Tensor, queries: Sequence[
             for ids in outputs]
 
 
-def read_captcha(model, text_processor, image: torch.Tensor, query: str = "CAPTCHA:", max_new_tokens: int = 16) -> str:
+def read_captcha(model, text_processor, image: torch.Tensor, query: str = CAPTCHA_QUERY,
+                 max_new_tokens: int = 16) -> str:
     """Greedy answer of the chat core for one image tensor (3, S, S) (already processed)."""
     return answer_batch(model, text_processor, image[None], [query], max_new_tokens=max_new_tokens)[0]
+
+
+# Whole evaluations (evaluate_demo.py) -------------------------------------------------------
+
+def evaluate_folder(bundle, files, query: str = CAPTCHA_QUERY, max_new_tokens: int = 16, progress: bool = True) -> dict:
+    """Read every captcha in `files` (the label is the file name); returns {'count', 'skipped', 'acc',
+    'acc_w/o_case', 'predictions'}. bundle: a utils.pipeline.InferencePipeline."""
+    predictions, skipped = [], []
+    for path in tqdm(files, desc="reading captchas", unit="img", disable=not progress or bundle.rank != 0):
+        try:
+            image = bundle.processor.image.to_tensor(load_image(path))
+        except ImageError as e:
+            logger.warning("skipping %s: %s", path, e)
+            skipped.append(path)
+            continue
+        text = read_captcha(bundle.model, bundle.processor.text, image, query, max_new_tokens)
+        predictions.append({"file": path, "label": label_of(path), "prediction": text})
+    scores = exact_match([p["prediction"] for p in predictions], [p["label"] for p in predictions])
+    return {"count": len(predictions), "skipped": skipped, **scores, "predictions": predictions}
+
+
+def evaluate_records(bundle, records, max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True) -> dict:
+    """Answer the last question of every record (earlier turns as history); `summarise`'s figures plus
+    'skipped' (records whose image could not be read)."""
+    predictions, skipped = [], []
+    with tqdm(total=len(records), desc="answering", unit="record", disable=not progress or bundle.rank != 0) as bar:
+        for start in range(0, len(records), batch_size):
+            chunk, images = [], []
+            for record in records[start:start + batch_size]:
+                try:
+                    images.append(bundle.processor.image.to_tensor(load_image(record.image)))
+                    chunk.append(record)
+                except ImageError as e:
+                    logger.warning("skipping line %d: %s", record.line, e)
+                    skipped.append(record.image)
+            if chunk:
+                answers = answer_batch(bundle.model, bundle.processor.text, torch.stack(images),
+                                       [r.turns[-1][0] for r in chunk], [r.turns[:-1] for r in chunk], max_new_tokens)
+                predictions += [{"image": r.image, "line": r.line, "type": r.type, "history": [list(t) for t in r.turns[:-1]],
+                                 "query": r.turns[-1][0], "reference": r.turns[-1][1], "prediction": answer}
+                                for r, answer in zip(chunk, answers)]
+            bar.update(len(records[start:start + batch_size]))
+    return {**summarise(predictions), "skipped": skipped}

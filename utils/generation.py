@@ -9,10 +9,8 @@ We drive the steps ourselves rather than through SAT's `filling_sequence`: that 
 (max_length x max_length) mask, copies the whole cache at every step, handles one sequence at a time and
 cannot hand tokens out as they come.
 """
-import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,73 +18,13 @@ import torch
 from sat import mpu
 
 from models.config import EOS_ID
-from models.errors import SamplingError
 from models.kv_cache import KVCache, ensure_kv_cache_mixin
 from models.quantization import has_low_bit_weights
+from utils.generation_config import MAX_SEED, GenerationConfig
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**63 - 1
 PROMPT_KEYS = ("input_ids", "position_ids", "image_embed_mask", "vision_expert_mask")
-
-
-@dataclass
-class GenerationConfig:
-    """Decoding settings of one request. max_length is the total sequence length (prompt + answer), as
-    upstream; max_new_tokens (optional) caps the answer too.
-
-    temperature 0 or top_k 1: greedy (the argmax, after the repetition penalty). top_k 0: no top-k cut.
-    end_token_ids None: the tokenizer's eos. seed: the request's own random generator (None: the caller's).
-    """
-    max_length: int = 2048
-    top_p: float = 0.4
-    top_k: int = 1
-    temperature: float = 0.8
-    repetition_penalty: float = 1.0
-    invalid_slices: Sequence[slice] = field(default_factory=list)
-    end_token_ids: Optional[Sequence[int]] = None
-    max_new_tokens: Optional[int] = None
-    seed: Optional[int] = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.top_k == 1 or self.temperature == 0
-
-    def replace(self, **changes) -> "GenerationConfig":
-        return dataclasses.replace(self, **changes)
-
-    def end_tokens(self, eos_token_id: int = EOS_ID) -> List[int]:
-        return [eos_token_id] if self.end_token_ids is None else list(self.end_token_ids)
-
-    def validate(self, vocab_size: Optional[int] = None) -> "GenerationConfig":
-        """Raise SamplingError naming the first bad setting (the same rules for the CLI, web demo and API)."""
-        def bad(name, value, rule):
-            raise SamplingError(f"{name} must be {rule}, got {value!r}", param=name)
-
-        def number(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                bad(name, value, "a finite number")
-            return value
-
-        if number("temperature") < 0:
-            bad("temperature", self.temperature, ">= 0 (0 = greedy)")
-        if not 0 < number("top_p") <= 1:
-            bad("top_p", self.top_p, "in (0, 1]")
-        if number("repetition_penalty") <= 0:
-            bad("repetition_penalty", self.repetition_penalty, "> 0 (1 = no penalty)")
-        top_k = self.top_k
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0 or (vocab_size and top_k > vocab_size):
-            bad("top_k", top_k, f"an integer from 0 to the vocabulary size{f' {vocab_size}' if vocab_size else ''} "
-                                "(0 = no top-k cut, 1 = greedy)")
-        for name in ("max_length", "max_new_tokens"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                bad(name, value, "a positive integer")
-        seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
-            bad("seed", seed, f"an integer from 0 to {MAX_SEED}")
-        return self
 
 
 def new_generator(seed: Optional[int] = None) -> torch.Generator:

@@ -1,6 +1,6 @@
-"""What every front end shares: the upstream flags, and one loaded model with its processor and defaults.
+"""What every front end shares: one loaded model with its processor and defaults (the flags: utils/cli.py).
 
-    parser = add_inference_args(argparse.ArgumentParser())
+    parser = add_inference_args(argparse.ArgumentParser())      # utils.cli
     pipeline = load_pipeline(parser.parse_args())
     conversation = pipeline.conversation(image)
     for delta in pipeline.chat(conversation, "What is in the image?"):
@@ -10,7 +10,6 @@ The CLI, web demo, API server, evaluation, batch inference and the bench use it.
 process holds its model-parallel share (models.checkpoint.load_model); sampling stays in step across ranks
 because every rank draws from a generator seeded alike.
 """
-import argparse
 import logging
 import os
 from dataclasses import dataclass
@@ -20,11 +19,12 @@ import torch
 from PIL import Image
 
 from models.checkpoint import Checkpoint, load_model, open_checkpoint
-from models.config import DEFAULT_TEMPLATE, TEMPLATE_VERSIONS
+from models.config import DEFAULT_TEMPLATE
 from models.errors import CogVLMError
 from utils.chat import ChatStream
 from utils.conversation import Conversation
-from utils.generation import MAX_SEED, GenerationConfig, ensure_kv_cache
+from utils.generation import ensure_kv_cache
+from utils.generation_config import MAX_SEED, GenerationConfig
 from utils.language import DEFAULT_TOKENIZER, get_template, llama2_tokenizer
 from utils.processor import CogVLMProcessor
 
@@ -32,63 +32,10 @@ logger = logging.getLogger(__name__)
 DEFAULTS = GenerationConfig()
 
 
-def setup_logging() -> None:
-    """The front ends' log format (INFO, with time and logger); SAT logs through its own handler already."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("sat").propagate = False
-
-
-def add_precision_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """--fp16 / --bf16 (exclusive, checked by `dtype_from_args`; neither: fp32)."""
-    parser.add_argument("--fp16", action="store_true", help="float16 weights")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 weights")
-    return parser
-
-
 def dtype_from_args(args) -> torch.dtype:
     if args.fp16 and args.bf16:
         raise CogVLMError("--fp16 and --bf16 are exclusive; pick one")
     return torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-
-
-def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The upstream inference flags, declared once for every front end."""
-    parser.add_argument("--max_length", type=int, default=None,
-                        help=f"max length of the total sequence, prompt (image included) plus answer (default "
-                             f"{DEFAULTS.max_length}, or the model's position count if smaller)")
-    parser.add_argument("--top_p", type=float, default=DEFAULTS.top_p, help="top p for nucleus sampling, in (0, 1]")
-    parser.add_argument("--top_k", type=int, default=DEFAULTS.top_k,
-                        help="top k for top k sampling (1: greedy, 0: no cut)")
-    parser.add_argument("--temperature", type=float, default=DEFAULTS.temperature,
-                        help="temperature for sampling (0: greedy)")
-    parser.add_argument("--repetition_penalty", type=float, default=DEFAULTS.repetition_penalty,
-                        help="divide logits of repeated tokens (1: none)")
-    language = parser.add_mutually_exclusive_group()
-    language.add_argument("--english", dest="language", action="store_const", const="english",
-                          help="English interface texts (the default)")
-    language.add_argument("--chinese", dest="language", action="store_const", const="chinese",
-                          help="Chinese interface texts")
-    parser.set_defaults(language="english")
-    parser.add_argument("--version", type=str, default=None,
-                        help=f"prompt template: {', '.join(TEMPLATE_VERSIONS)} (default: the checkpoint's, else "
-                             f"{DEFAULT_TEMPLATE})")
-    parser.add_argument("--from_pretrained", type=str, default="cogvlm-chat-v1.1",
-                        help="checkpoint directory (SAT or HF format), name under $SAT_HOME (a released one is "
-                             "downloaded when missing) or hub repo id in HF format (THUDM/cogvlm-chat-hf)")
-    parser.add_argument("--local_files_only", action="store_true",
-                        help="never download: the checkpoint and a tokenizer given by hub name come only from disk and the HF cache")
-    parser.add_argument("--local_tokenizer", type=str, default=None,
-                        help=f"tokenizer directory or hub name (default: the checkpoint's own tokenizer/ folder, "
-                             f"else {DEFAULT_TOKENIZER})")
-    parser.add_argument("--no_prompt", action="store_true",
-                        help="send the image alone, without template, history or question (as upstream)")
-    add_precision_args(parser)
-    parser.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    parser.add_argument("--quant", type=int, choices=[4, 8], default=None,
-                        help="quantize the weights while the checkpoint loads: 8 = int8 (a scale per output "
-                             "channel), 4 = int4 weight-only (a scale per group of inputs); torch's kernels on CPU, "
-                             "SAT's on CUDA")
-    return parser
 
 
 def generation_config(args, **overrides) -> GenerationConfig:

@@ -20,7 +20,8 @@ from models.checkpoint.sat_format import resumable_iteration
 from models.errors import CogVLMError
 from utils.dataset import IGNORE_INDEX
 from utils.evaluation import exact_match, score_answer
-from utils.generation import GenerationConfig, generate_batch
+from utils.generation import generate_batch
+from utils.generation_config import GenerationConfig
 
 logger = logging.getLogger(__name__)
 

@@ -106,9 +106,10 @@ def convert_hf_to_sat(source: Union[str, Checkpoint], out_dir: str) -> str:
 
 
 def reshard_checkpoint(source: Union[str, Checkpoint], out_dir: str, model_parallel_size: int = 1,
-                       dtype: Optional[torch.dtype] = None) -> List[str]:
+                       dtype: Optional[torch.dtype] = None, template_version: Optional[str] = None) -> List[str]:
     """Write the SAT checkpoint `source` to `out_dir` split `model_parallel_size` ways (1: merged), with any LoRA
-    folded into the base weights. dtype: cast floating-point tensors (None keeps them). Returns the files."""
+    folded into the base weights. dtype: cast floating-point tensors (None keeps them). template_version: the
+    prompt template the output names as its default (None keeps the source's). Returns the files."""
     check_new_output_dir(out_dir)
     checkpoint = _opened(source)
     if checkpoint.format != "sat":
@@ -125,6 +126,8 @@ def reshard_checkpoint(source: Union[str, Checkpoint], out_dir: str, model_paral
         if model_parallel_size != reader.mp_size:
             reader.split_of(key)
     out_config = config.replace(model_parallel_size=model_parallel_size)
+    if template_version is not None:
+        out_config = out_config.replace(template_version=template_version)
     if reader.has_lora:
         out_config = out_config.without_lora()
 

@@ -6,3 +6,5 @@
     captioner.py every query about each image, answered on the serving engine (utils/engine.py)
     ray_job.py   the same on Ray Data: an actor pool of model replicas, results written by the driver
 """
+
+LOCAL = "local"  # --ray alone: the cluster `ray start` runs on this machine, else a new local one

@@ -29,14 +29,15 @@ import torch
 
 from models.checkpoint import open_checkpoint
 from models.errors import CogVLMError
+from utils.batch import LOCAL
 from utils.batch.captioner import Captioner
 from utils.batch.inputs import Inputs, RowFormat, read_units
 from utils.batch.outputs import Output, result_schema
-from utils.pipeline import load_pipeline, setup_logging
+from utils.cli import setup_logging
+from utils.pipeline import load_pipeline
 
 logger = logging.getLogger(__name__)
 
-LOCAL = "local"
 # two batches in flight per actor, on two threads: the next one's prompts fill engine rows while the last
 # answers of the one before are still decoding
 CALLS_PER_WORKER = 2
