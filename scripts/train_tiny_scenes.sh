@@ -21,7 +21,7 @@ EPOCHS=${EPOCHS:-3}
 
 # Batch 64 (ds_config.json) on 2 threads, images decoded once and kept in memory (--cache_images, no
 # loader worker competing for the 2 cores), --epochs rather than --train-iters (one permutation
-# instead of an RNG per sample), ViT positions as 2D sine-cosine codes (README: what was tried).
+# instead of an RNG per sample), ViT positions as 2D sine-cosine codes (bench/RESULTS.md: what was tried).
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python finetune_demo.py --from_pretrained $CONFIG --from_scratch \
     --vit_positions sincos --full_finetune --mode pretrain --local_tokenizer $CONFIG/tokenizer --version chat \
     --max_length 320 --deepspeed_config $CONFIG/ds_config.json --num-workers 0 --cache_images \

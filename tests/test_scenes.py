@@ -76,8 +76,8 @@ def test_max_chars_bounds_the_text_of_a_record(tmp_path):
 
 def test_shipped_scene_model_answers_unseen_scenes(tmp_path):
     """The shipped model against its measured level on 200 unseen scenes (64.7% exact match, 29.7% of 64 box
-    answers; 62.6% and 47.3% on the 500 of README's figure): far above chance (about 30% without boxes, 0
-    with), below the issue's targets of 85% / 60% (README, "A tiny CogVLM that chats about scenes")."""
+    answers; 62.6% and 47.3% on the 500 of bench/RESULTS.md's figure): far above chance (about 30% without boxes, 0
+    with), below the issue's targets of 85% / 60% (bench/RESULTS.md, "Tiny scenes model")."""
     data = make_scene_dataset(str(tmp_path / "unseen"), 200, seed=424242, progress=False)  # training: seed 0
     output = tmp_path / "eval.json"
     # no --local_tokenizer / --version: the checkpoint carries both
