@@ -5,7 +5,7 @@
 
 Cycles through one cache per layer (16 by default, more than the last-level cache holds at batch 8) so
 that every call reads its keys and values from memory, as a decode step does. Prints us per layer and the
-bandwidth at which the cache is read (bytes of keys and values / time). "ours" is models.native's kernel,
+bandwidth at which the cache is read (bytes of keys and values / time). "ours" is models.kernels.native's kernel,
 which models.kv_cache.cached_attention takes for one-query steps where it is built.
 """
 import argparse
@@ -32,12 +32,12 @@ def main():
     import torch
     import torch.nn.functional as F
 
-    from models import native
+    from models.kernels import native
     from models.kv_cache import KVCache
 
     torch.set_num_threads(options.threads)
     if not native.available():
-        print("our kernel is not built on this machine (models.native logs why); torch's rows only")
+        print("our kernel is not built on this machine (models.kernels.native logs why); torch's rows only")
     candidates = {
         "SDPA, fp32 cache": (torch.float32, lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
         "SDPA, bf16 cache": (torch.bfloat16, lambda q, k, v: F.scaled_dot_product_attention(q.bfloat16(), k, v)),

@@ -4,7 +4,7 @@
     python bench/generate.py --config tiny --dtype fp32 --quant 0 4 --batch 1
     python bench/generate.py --path ours --quant 0 --no_pack   # float weights through plain F.linear
 
-Our float rows run the oneDNN-packed linears the front ends load (models.packed).
+Our float rows run the oneDNN-packed linears the front ends load (models.kernels.packed).
 
 Ends with the ratios the speed targets are stated in (each variant against fp32 of the same run).
 
@@ -46,8 +46,9 @@ def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None, p
     import torch
     from models import CogVLMModel
     from models.checkpoint.memory import trim_heap
-    from models.packed import pack_linears
-    from models.quantization import QuantizedLinear, quantize_model
+    from models.kernels.linear import KernelLinear
+    from models.kernels.packed import pack_linears
+    from models.kernels.quantization import quantize_model
 
     cfg = CONFIGS[name]
     eva = cfg["eva"]
@@ -75,7 +76,7 @@ def build_model(name: str, dtype: str, device: str = "cpu", quant: int = None, p
         for param in model.parameters():
             param.normal_(0, 0.02, generator=generator)
         for layer in model.modules():
-            if isinstance(layer, QuantizedLinear):
+            if isinstance(layer, KernelLinear):  # quantized or packed
                 layer.quantize_(torch.empty(layer.out_features, layer.in_features).normal_(0, 0.02, generator=generator))
                 trim_heap()  # as the loader does after each group: the float temporaries' heap memory goes back
     return model, args
@@ -205,7 +206,7 @@ def run_upstream(model, args, batch_size: int, new_tokens: int):
 def child(options):
     import torch
     from models.kv_cache import cache_dtype
-    from models.quantization import has_low_bit_weights
+    from models.kernels.quantization import has_low_bit_weights
 
     torch.set_num_threads(options.threads)
     options.dtype, options.path, options.batch, options.quant = (options.dtype[0], options.path[0], options.batch[0],

@@ -8,7 +8,8 @@
 Cycles through enough distinct weights (> last-level cache) that every product streams its weight from memory,
 as decoding does. Prints ms per product and the bandwidth at which it reads its weight (bytes of the weight in
 that format, scales included, / time). "*" marks what the front ends run for that row count
-(models.quantization, models.packed). Decoding is 1-8 rows, a prefill's text and image tokens tens to hundreds.
+(models.kernels.quantization, models.kernels.packed). Decoding is 1-8 rows, a prefill's text and image tokens
+tens to hundreds.
 """
 import argparse
 import os
@@ -27,10 +28,14 @@ def candidates(options):
     import torch
     import torch.nn.functional as F
 
-    from models import cpu, packed, quantization
-    from models.linear import _without_onednn
+    from models.kernels import cpu, packed, quantization
+    from models.kernels.linear import onednn_disabled
 
     f32, bf16 = torch.float32, torch.bfloat16
+    def aten_gemv(x, w):
+        with onednn_disabled():
+            return F.linear(x, w)
+
 
     def plain(dtype, product):
         def build(weights, rows):
@@ -73,8 +78,8 @@ def candidates(options):
         built = quantized(quantization.Int4WeightOnlyLinear, weights)
         return (lambda x, i: torch.mm(x.to(dtype), built[i].dequantized_t(dtype))), built[0].weight_bytes()
 
-    # "used": what the front ends run on this CPU; the MKL/oneDNN rows are what models.linear.linear picks from
-    # for float layers left unpacked (training, model parallelism)
+    # "used": what the front ends run on this CPU; the MKL/oneDNN rows are what models.kernels.linear.linear picks
+    # from for float layers left unpacked (training, model parallelism)
     bf16_layer, int8_layer = packed.packed_layer_class(bf16), quantization._int8_linear_class()
     table = {
         "fp32 oneDNN prepacked (PackedLinear)": ("fp32", f32, layers(packed.PackedLinear, f32), lambda r: True),
@@ -83,8 +88,7 @@ def candidates(options):
         "bf16 oneDNN prepacked (PackedLinear)": ("bf16", bf16, layers(packed.PackedLinear, bf16),
                                                  lambda r: bf16_layer is packed.PackedLinear),
         "bf16 F.linear (oneDNN)": ("bf16", bf16, plain(bf16, F.linear), None),
-        "bf16 ATen GEMV (oneDNN off)": ("bf16", bf16, plain(bf16, lambda x, w: _without_onednn(F.linear, x, w)),
-                                        None),
+        "bf16 ATen GEMV (oneDNN off)": ("bf16", bf16, plain(bf16, aten_gemv), None),
         "bf16 as fp16, fbgemm (Fp16PackedLinear)": ("bf16", bf16, layers(packed.Fp16PackedLinear, bf16),
                                                     lambda r: bf16_layer is packed.Fp16PackedLinear),
         "int8 fbgemm dynamic": ("int8", f32, layers(quantization.Int8DynamicLinear),
@@ -180,7 +184,7 @@ def main():
                 cells.append(f"{'n/a':>15} ")
                 print(f"  {name}, {rows} rows: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
         print(f"{name:34}" + "".join(f"{c:>16}" for c in cells), flush=True)
-    print("* = what the front ends run for that row count (models.quantization)")
+    print("* = what the front ends run for that row count (models.kernels.quantization)")
 
 
 def time_per_product(fn, x, count: int, repeats: int = 3) -> float:

@@ -364,7 +364,7 @@ def time_ours(work_dir: str, precision: str, new_tokens: int, repeats: int) -> T
     from bench.generate import weight_bytes
     from models.checkpoint import load_model
     from models.kv_cache import cache_dtype
-    from models.quantization import has_low_bit_weights
+    from models.kernels.quantization import has_low_bit_weights
     from utils.generation import generate_batch_stream
     from utils.generation_config import GenerationConfig
 

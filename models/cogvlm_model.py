@@ -24,8 +24,8 @@ from sat.ops.layernorm import RMSNorm
 
 from models.eva_clip_model import EVA2CLIPModel
 from models.inputs import accepted_keywords, check_image_inputs, check_keywords, take_vision_inputs
+from models.kernels.linear import apply_linear, single_partition
 from models.kv_cache import KVCacheMixin, cached_attention
-from models.linear import apply_linear, single_partition
 from models.mixin import LlamaVisionExpertAttnMixin, LlamaVisionExpertFCMixin
 from models.vision_expert_lora import VisionExpertLoraMixin
 from models.errors import CogVLMError
@@ -204,6 +204,7 @@ class CogVLMModel(LLaMAModel):
         dictionaries per layer): 1-2.5 ms of a 12 ms int8 step of config M on a CPU (bench/RESULTS.md).
         """
         attention_mixin, mlp_mixin = self.get_mixin("rotary"), self.get_mixin("mlp")
+        mask_kinds = self.get_mixin("kv-cache").mask_kinds
         mask = None if bool(attention_mask.all()) else attention_mask.bool()  # decided once for all layers
         embeddings = self.transformer.word_embeddings
         if single_partition():  # SAT's layer adds a (here empty) all-reduce, an autograd function call
@@ -215,7 +216,7 @@ class CogVLMModel(LLaMAModel):
             qkv = apply_linear(attention.query_key_value, _rms_norm(layer.input_layernorm, hidden))  # (B, 1, 3 hidden)
             query, key, value = attention_mixin.rotated_qkv(qkv, position_ids)  # (B, heads, 1, head_dim) each
             key, value = kv_cache.append(layer_id, key, value)  # (B, heads, cached + 1, head_dim)
-            context = cached_attention(query, key, value, mask)  # (B, heads, 1, head_dim)
+            context = cached_attention(query, key, value, mask, mask_kinds)  # (B, heads, 1, head_dim)
             context = context.transpose(1, 2).reshape(*hidden.shape[:2], attention.hidden_size_per_partition)
             hidden = hidden + apply_linear(attention.dense, context)
             hidden = hidden + mlp_mixin.language_mlp(_rms_norm(layer.post_attention_layernorm, hidden), layer_id)

@@ -4,7 +4,7 @@ SAT's model already has CogVLM's architecture: conv patch embedding + CLS (vocab
 learned position embeddings, post-sublayer LayerNorm (`h = h + LN(Attn(h))`), GELU MLP, no final
 norm, and a final hook that drops the CLS position. We add a forward that takes nothing but the
 images (the token inputs SAT's transformer wants, one CLS id and full attention, are built here), and
-route its attention through models.attention (its bf16 CPU kernel) where SAT's default would run.
+route its attention through models.kernels.attention (its bf16 CPU kernel) where SAT's default would run.
 """
 import torch
 
@@ -12,16 +12,20 @@ from sat.model.base_model import BaseMixin, non_conflict
 from sat.model.official.eva_clip_model import EVA2CLIPModel as SATEVA2CLIPModel
 from sat.transformer_defaults import attention_fn_default
 
-from models.attention import mask_kind, prompt_attention
+from models.kernels.attention import MaskKinds, prompt_attention
 
 
 class PromptAttentionMixin(BaseMixin):
     """Full attention without dropout through `prompt_attention`; anything else (another attention hook,
     dropout, a mask) as before."""
 
+    def __init__(self):
+        super().__init__()
+        self.mask_kinds = MaskKinds()  # the layers of one forward share its mask
+
     @non_conflict
     def attention_fn(self, q, k, v, mask, dropout_fn, old_impl=attention_fn_default, **kw_args):
-        if old_impl is attention_fn_default and dropout_fn is None and mask_kind(mask) == "all":
+        if old_impl is attention_fn_default and dropout_fn is None and self.mask_kinds(mask) == "all":
             return prompt_attention(q, k, v)
         return old_impl(q, k, v, mask, dropout_fn, **kw_args)
 

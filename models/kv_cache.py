@@ -8,7 +8,7 @@ and attends over a view of the filled part: no copies. `KVCache` holds one batch
 (utils.generation); `SlotKVCache` holds independent sequences of different lengths, one per row, for
 the serving engine (utils/engine.py).
 
-On a CPU where our decode attention kernel runs (models.native, which reads bf16 as fast as fp32) the caches
+On a CPU where our decode attention kernel runs (models.kernels.native, which reads bf16 as fast as fp32) the caches
 of 16-bit models and of models with int8 / int4 weights hold bf16; elsewhere on a CPU 16-bit models get an
 fp32 cache (`cache_dtype`): a decode step's attention reads the whole cache, and torch's CPU attention reads
 a bf16 cache at a third of the speed it reads an fp32 one.
@@ -20,15 +20,15 @@ import torch
 from sat.model.base_model import BaseMixin, non_conflict
 from sat.transformer_defaults import attention_fn_default
 
-from models import native
-from models.attention import mask_kind, prompt_attention
+from models.kernels import native
+from models.kernels.attention import MaskKinds, mask_kind, prompt_attention
 
 
 def cache_dtype(dtype: torch.dtype, device, low_bit_weights: bool = False) -> torch.dtype:
     """The dtype a KV cache stores for a model computing in `dtype` on `device`; `low_bit_weights`: the model
-    multiplies by int8 or int4 weights (models.quantization.has_low_bit_weights).
+    multiplies by int8 or int4 weights (models.kernels.quantization.has_low_bit_weights).
 
-    A step with one query per row reads the whole cache. On a CPU with our kernel (models.native) the cache
+    A step with one query per row reads the whole cache. On a CPU with our kernel (models.kernels.native) the cache
     is bf16 for a bf16 model and for low-bit weights: the kernel reads bf16 as fast as fp32 per element, half
     the bytes (at batch 8 an fp32 cache is read more than the int8 weights). For an fp32 model with int4
     weights (and no bias, as CogVLM's) the values are exact in bf16, the int4 kernel's outputs being bf16
@@ -88,34 +88,39 @@ class KVCacheMixin(BaseMixin):
 
     forward_inputs = ("kv_cache",)
 
+    def __init__(self):
+        super().__init__()
+        self.mask_kinds = MaskKinds()  # the layers of one forward share its mask
+
     @non_conflict
     def attention_fn(self, q, k, v, mask, dropout_fn, kv_cache=None, old_impl=attention_fn_default, **kw_args):
         if kv_cache is None or kw_args.get("cross_attention", False):
             return old_impl(q, k, v, mask, dropout_fn, **kw_args)
         k, v = kv_cache.append(int(kw_args["layer_id"]), k, v)
         if old_impl is attention_fn_default and dropout_fn is None:
-            return cached_attention(q, k, v, mask)
+            return cached_attention(q, k, v, mask, self.mask_kinds)
         # other attention hooks (e.g. P-tuning) first, in the model's dtype
         return old_impl(q, k.to(q.dtype), v.to(q.dtype), mask, dropout_fn, **kw_args)
 
 
-def cached_attention(query, key, value, mask):
+def cached_attention(query, key, value, mask, mask_kinds=mask_kind):
     """Scaled dot-product attention over cache views, for masks as SAT gives them (1 = attend).
 
     SAT's default attention makes the keys/values contiguous first (for multi-query heads), which
-    would copy the whole cache view in every layer at every step; models.attention (SDPA, or bf16 matmuls on
-    CPU), and for one query per row on a CPU our kernel (models.native: it streams the cache at about twice
+    would copy the whole cache view in every layer at every step; models.kernels.attention (SDPA, or bf16 matmuls on
+    CPU), and for one query per row on a CPU our kernel (models.kernels.native: it streams the cache at about twice
     SDPA's speed), read the views in place.
     query (B, H, q, D), key/value (B, H, k, D) in the cache's dtype, mask (B or 1, 1, q, k), or None where
-    every query attends to every key -> (B, H, q, D) in the query's dtype.
+    every query attends to every key -> (B, H, q, D) in the query's dtype. mask_kinds: what tells the mask's
+    kind (`mask_kind`, or a caller's `MaskKinds`, which decides once for all layers).
     """
-    kind = mask_kind(mask)
+    kind = mask_kinds(mask)
     attend_all = kind == "all"
     if native.can_decode_attention(query, key):
         return native.decode_attention(query, key, value, None if attend_all else mask.bool()).to(query.dtype)
     if query.dtype != key.dtype:  # an fp32 cache of a 16-bit model or a bf16 one of an fp32 model (cache_dtype)
         wider = torch.promote_types(query.dtype, key.dtype)
-        return cached_attention(query.to(wider), key.to(wider), value.to(wider), mask).to(query.dtype)
+        return cached_attention(query.to(wider), key.to(wider), value.to(wider), mask, mask_kinds).to(query.dtype)
     if attend_all:
         return prompt_attention(query, key, value)
     if kind == "causal":

@@ -14,7 +14,7 @@ from sat.model.base_model import BaseMixin
 from sat.mpu import ColumnParallelLinear, RowParallelLinear
 from sat.transformer_defaults import attention_fn_default
 
-from models.linear import apply_linear
+from models.kernels.linear import apply_linear
 
 
 class RotaryEmbedding(nn.Module):

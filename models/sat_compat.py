@@ -12,7 +12,7 @@ Where we use SAT 0.4.12 differently rather than patch it, the reason stands next
                            rotates in place, which autograd refuses)
   models/eva_clip_model.py the ViT's token inputs built for it (SAT's ViT forward wants them)
   models/kv_cache.py       an in-place cache instead of SAT's concatenating "auto-regressive" mixin
-  models/linear.py         model parallelism not initialised counts as one partition
+  models/kernels/linear.py model parallelism not initialised counts as one partition
   models/checkpoint/       our own loading (SAT's from_pretrained downloads unknown names, moves shards with
                            .cuda(), cannot re-split; its load_checkpoint only prints unexpected keys)
   utils/generation.py      our own decoding loop and sampler (SAT's filling_sequence copies the cache per step)

@@ -1,11 +1,11 @@
-"""models.attention: a prompt's attention, through bf16 matmuls on CPUs without AMX, against fp32 SDPA."""
+"""models.kernels.attention: a prompt's attention, through bf16 matmuls on CPUs without AMX, against fp32 SDPA."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import models.attention as attention
-from models.attention import mask_kind, prompt_attention
-from models.cpu import has_amx_bf16, native_bf16
+import models.kernels.attention as attention
+from models.kernels.attention import MaskKinds, mask_kind, prompt_attention
+from models.kernels.cpu import has_amx_bf16, native_bf16
 
 
 def heads(length: int, seed: int, batch: int = 2, num_heads: int = 3, head_dim: int = 16):
@@ -105,14 +105,19 @@ def test_the_vit_attends_through_prompt_attention_only_in_inference(monkeypatch)
     assert len(calls) == 1
 
 
-def test_a_mask_is_classified_once_per_tensor_and_again_after_it_changes():
+def test_a_mask_is_classified_once_per_tensor_and_again_after_it_changes(monkeypatch):
+    decided = []
+    monkeypatch.setattr(attention, "mask_kind", lambda mask: decided.append(mask) or mask_kind(mask))
+    kinds = MaskKinds()
     causal = torch.ones(1, 1, 5, 5).tril()
-    assert mask_kind(None) == "all"
-    assert mask_kind(torch.ones(1, 1, 5, 5)) == "all"
-    assert mask_kind(causal) == "causal"
-    assert mask_kind(torch.ones(2, 1, 5, 5).tril()) == "mask"  # one mask per row: padding may differ
-    assert mask_kind(torch.ones(1, 1, 3, 5).tril(2)) == "mask"  # queries after cached keys
+    assert kinds(None) == "all"
+    assert kinds(torch.ones(1, 1, 5, 5)) == "all"
+    assert kinds(causal) == "causal" and kinds(causal) == "causal"
+    assert len(decided) == 2  # the second call on the same tensor is remembered
+    assert kinds(torch.ones(2, 1, 5, 5).tril()) == "mask"  # one mask per row: padding may differ
+    assert kinds(torch.ones(1, 1, 3, 5).tril(2)) == "mask"  # queries after cached keys
     causal[0, 0, 4, 0] = 0  # in place: the same tensor, a new version
-    assert mask_kind(causal) == "mask"
+    assert kinds(causal) == "mask"
     causal.fill_(1)
-    assert mask_kind(causal) == "all"
+    assert kinds(causal) == "all"
+    assert MaskKinds()(causal) == "all" and len(decided) == 7  # another owner, its own memory

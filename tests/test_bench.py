@@ -7,8 +7,8 @@ import sys
 
 from conftest import ROOT
 
-from models import native
-from models.cpu import native_bf16
+from models.kernels import native
+from models.kernels.cpu import native_bf16
 
 
 def run_bench(*flags, rounds=1):

@@ -10,8 +10,8 @@ from sat.model.official.llama_model import LLaMAModel
 from conftest import randomize_, tiny_args
 from models import CogVLMModel, FineTuneTestCogVLMModel
 from models.kv_cache import KVCache, SlotKVCache, ensure_kv_cache_mixin
-from models.packed import pack_linears
-from models.quantization import quantize_model
+from models.kernels.packed import pack_linears
+from models.kernels.quantization import quantize_model
 from utils.generation import generate_batch
 from utils.generation_config import GenerationConfig
 

@@ -263,10 +263,11 @@ def test_bf16_on_cpu_tracks_fp32(golden):
 @pytest.mark.parametrize("our_kernel", [True, False], ids=["native-attention", "torch-attention"])
 @torch.no_grad()
 def test_bf16_decoding_on_cpu_attends_over_its_cache(golden, our_kernel, monkeypatch):
-    """A bf16 model's KV cache on CPU holds bf16 where our decode attention runs (models.native), fp32 under
+    """A bf16 model's KV cache on CPU holds bf16 where our decode attention runs (models.kernels.native), fp32 under
     torch's attention (models.kv_cache.cache_dtype); either way a cached decode step gives the logits of an
     uncached forward over the same tokens, in bf16's precision."""
-    from models import CogVLMModel, native
+    from models import CogVLMModel
+    from models.kernels import native
     from models.kv_cache import KVCache, ensure_kv_cache_mixin
 
     if not our_kernel:

@@ -1,10 +1,11 @@
-"""models.linear: the few-row fp32 and bf16 products used while decoding equal F.linear."""
+"""models.kernels.linear: the few-row fp32 and bf16 products used while decoding equal F.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models import linear as linear_module
-from models.linear import MAX_BF16_GEMV_ROWS, MAX_TRANSPOSED_ROWS, MIN_TRANSPOSED_ROWS, apply_linear, linear
+from models.kernels import linear as linear_module
+from models.kernels.linear import (MAX_BF16_GEMV_ROWS, MAX_TRANSPOSED_ROWS, MIN_TRANSPOSED_ROWS, apply_linear, linear,
+                                   onednn_disabled)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 64), (MIN_TRANSPOSED_ROWS, 1, 64), (MAX_TRANSPOSED_ROWS, 64), (2, 40, 64)])
@@ -63,4 +64,12 @@ def test_bf16_gemv_runs_with_onednn_off_and_restores_it(monkeypatch):
     assert seen == [False, True] and torch._C._get_mkldnn_enabled()
     with pytest.raises(RuntimeError):  # shapes that do not multiply: the switch is restored all the same
         linear(torch.randn(1, 5).bfloat16(), weight)
+    assert torch._C._get_mkldnn_enabled()
+
+
+def test_onednn_disabled_restores_the_setting_it_found():
+    with onednn_disabled():
+        with onednn_disabled():
+            assert not torch._C._get_mkldnn_enabled()
+        assert not torch._C._get_mkldnn_enabled()  # the inner block found it off
     assert torch._C._get_mkldnn_enabled()

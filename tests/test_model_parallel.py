@@ -249,7 +249,7 @@ def test_one_process_quantizes_a_two_way_checkpoint(golden, golden_model, golden
     from test_golden import case_inputs
     from utils.cli import add_inference_args
     from utils.pipeline import load_pipeline
-    from models.quantization import quantize_model
+    from models.kernels.quantization import quantize_model
 
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", golden_mp2, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu", "--quant", "8"])

@@ -1,4 +1,4 @@
-"""Our decode attention kernel (models.native): built where it can run, the attention SDPA computes for every
+"""Our decode attention kernel (models.kernels.native): built where it can run, the attention SDPA computes for every
 cache layout and mask a decode step hands it, bf16 caches read as their fp32 values, and torch's attention
 wherever the kernel cannot be built."""
 import os
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import native
+from models.kernels import native
 from models.kv_cache import KVCache, SlotKVCache, cache_dtype, cached_attention
 
 
@@ -169,7 +169,7 @@ def test_int4_dequantization_is_the_kernels_weights_rounded_once(in_features, ou
     """The prompt path's int4 -> bf16 weights (Int4WeightOnlyLinear): (q - 8) * scale + zero in fp32, from torch's
     packed codes, rounded to bf16 once; the torch-op form (bf16 arithmetic, rounded twice) stays within a
     eighth of a 4-bit step of it (three bf16 roundings of numbers up to 15 steps: measured 0.08)."""
-    from models.quantization import INT4_GROUP_SIZE, Int4WeightOnlyLinear, _int4_block_rows, _unpack_int4_t
+    from models.kernels.quantization import INT4_GROUP_SIZE, Int4WeightOnlyLinear, _int4_block_rows, _unpack_int4_t
 
     linear = torch.nn.Linear(in_features, out_features, bias=False)
     torch.nn.init.normal_(linear.weight, std=0.02, generator=torch.Generator().manual_seed(3))

@@ -403,7 +403,7 @@ def test_finish_reason_stop_when_the_model_ends(golden):
     eos = bundle.tokenizer.eos_token_id
     gen_ids = golden["chat.gen_ids"].tolist()
     step = next(i for i in range(2, NEW_TOKENS) if gen_ids[i] not in gen_ids[:i])
-    # the front ends hold the weights packed for oneDNN (models.packed.PackedLinear): store an edited copy
+    # the front ends hold the weights packed for oneDNN (models.kernels.packed.PackedLinear): store an edited copy
     lm_head = torch.load(os.path.join(golden.checkpoint, "1", "mp_rank_00_model_states.pt"),
                          weights_only=True)["module"]["mixins.lm.lm_head.weight"]
     lm_head[eos] = lm_head[gen_ids[step]] * 1.05

@@ -287,9 +287,9 @@ def test_a_prefill_that_continues_a_prefix_gives_the_full_forward_logits(golden_
     rounded as the cache holds them (with every product through the same int4 weights)."""
     import copy
 
-    from models.quantization import quantize_model
+    from models.kernels.quantization import quantize_model
 
-    from models import quantization
+    from models.kernels import quantization
 
     low_bit = precision == "int4"
     model = quantize_model(copy.deepcopy(golden_model[0]), 4) if low_bit else pipeline.model
@@ -366,7 +366,7 @@ def test_low_bit_models_answer_alike_with_and_without_the_cache(golden_model, pi
     the cache holds them, so a turn whose history is reused computes what it would afresh."""
     import copy
 
-    from models.quantization import quantize_model
+    from models.kernels.quantization import quantize_model
 
     model = quantize_model(copy.deepcopy(golden_model[0]), bits)
     with_cache, without_cache = Engine(model, 512), Engine(model, 512, prefix_cache_gb=0)

@@ -11,11 +11,12 @@ from test_golden import case_inputs
 from utils.generation import generate_stream
 from utils.generation_config import GenerationConfig
 from models.errors import CogVLMError
-from models import quantization
-from models.cpu import is_x86
-from models.packed import Fp16PackedLinear, PackedLinear, pack_linears, packed_layer_class
-from models.quantization import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear, QuantizedLinear,
-                                 quantize_model)
+from models.kernels import quantization
+from models.kernels.cpu import is_x86
+from models.kernels.linear import KernelLinear
+from models.kernels.packed import Fp16PackedLinear, PackedLinear, pack_linears, packed_layer_class
+from models.kernels.quantization import (Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
+                                         QuantizedLinear, quantize_model)
 
 # per LLM layer 5 language + 5 visual-expert linears; lm_head; 4 per ViT layer; 4 in the GLU adapter
 GOLDEN_LINEARS = 2 * 10 + 1 + 2 * 4 + 4
@@ -164,7 +165,7 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(golden, qua
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu",
          "--quant", str(bits)])
-    with caplog.at_level(logging.INFO, logger="models.quantization"):
+    with caplog.at_level(logging.INFO, logger="models.kernels.quantization"):
         model = load_pipeline(args).model
     assert f"prepared {GOLDEN_LINEARS} linear layers to int{bits}" in caplog.text  # before loading, not after
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
@@ -236,6 +237,14 @@ def test_int4_kernel_and_prefill_paths_multiply_by_the_same_weights(in_features,
         assert layer(x.bfloat16()).dtype == torch.bfloat16
 
 
+def test_packed_float_layers_are_replacements_but_not_low_bit():
+    """Every replacement layer is a KernelLinear (loading, packing); only the int8 / int4 ones are QuantizedLinear,
+    what `has_low_bit_weights` (and with it the KV cache's dtype) asks for."""
+    for layer_class in (PackedLinear, Fp16PackedLinear):
+        assert issubclass(layer_class, KernelLinear) and not issubclass(layer_class, QuantizedLinear)
+    for layer_class in (Int8DynamicLinear, Int8WeightOnlyLinear, Int4WeightOnlyLinear):
+        assert issubclass(layer_class, QuantizedLinear) and issubclass(layer_class, KernelLinear)
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 8, 300])
 @torch.no_grad()
@@ -276,7 +285,7 @@ def test_front_ends_load_float_weights_packed(golden, golden_model, flags, dtype
 
     args = add_inference_args(argparse.ArgumentParser()).parse_args(
         ["--from_pretrained", golden.checkpoint, "--local_tokenizer", golden.tokenizer_dir, "--device", "cpu"] + flags)
-    with caplog.at_level(logging.INFO, logger="models.packed"):
+    with caplog.at_level(logging.INFO, logger="models.kernels.packed"):
         model = load_pipeline(args).model
     layer_class = packed_layer_class(dtype)
     assert f"prepared {GOLDEN_LINEARS} linear layers as {layer_class.__name__}" in caplog.text  # before loading
@@ -311,7 +320,8 @@ def test_low_bit_model_decodes_over_a_bf16_cache(golden, golden_model, quantized
     step reads; models.kv_cache.cache_dtype). int8 decodes the greedy tokens it decodes over an fp32 cache;
     int4, whose random-weight tokens leave the golden ones after a few steps either way, keeps as many golden
     tokens (measured: 11 of 64 over both caches, the first difference between the two at token 10)."""
-    from models import kv_cache, native
+    from models import kv_cache
+    from models.kernels import native
     from utils import generation
 
     model = quantized if bits == 8 else quantized4

@@ -42,7 +42,7 @@ import torch
 from models.config import EOS_ID
 from models.errors import PromptError
 from models.kv_cache import SlotKVCache
-from models.quantization import has_low_bit_weights
+from models.kernels.quantization import has_low_bit_weights
 from utils.engine_args import DEFAULT_PREFIX_CACHE_SHARE, EngineArgs
 from utils.engine_request import EngineError, QueueFull, Request
 from utils.generation import PROMPT_KEYS, Sampler, collate, ensure_kv_cache, new_generator

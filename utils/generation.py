@@ -19,7 +19,7 @@ from sat import mpu
 
 from models.config import EOS_ID
 from models.kv_cache import KVCache, ensure_kv_cache_mixin
-from models.quantization import has_low_bit_weights
+from models.kernels.quantization import has_low_bit_weights
 from utils.generation_config import MAX_SEED, GenerationConfig
 
 logger = logging.getLogger(__name__)

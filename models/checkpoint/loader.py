@@ -30,8 +30,8 @@ from models.checkpoint.memory import release_consumed
 from models.cogvlm_model import INFERENCE_CLASSES, CogVLMModel
 from models.config import CogVLMConfig, dtype_of, runtime_args
 from models.errors import CheckpointError
-from models.packed import pack_linears
-from models.quantization import quantize_model
+from models.kernels.packed import pack_linears
+from models.kernels.quantization import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +101,10 @@ def load_model(source: Union[str, Checkpoint], *, device: str = "cpu", dtype: to
     `rank` of a `world_size`-way model-parallel group (rank None: this process's, which SAT's model-parallel
     setup knows once the model is built), and load its weights.
 
-    dtype: parameter dtype. quant: 4 or 8 bits (models.quantization): on CPU the layers quantize while the
+    dtype: parameter dtype. quant: 4 or 8 bits (models.kernels.quantization): on CPU the layers quantize while the
     checkpoint streams in, so the float weights are never all in memory; on CUDA after loading. pack (CPU
     inference without quant, one process): the float linear weights are stored in oneDNN's layout as they
-    load (models.packed: faster products, no float `weight` in the state dict; what the
+    load (models.kernels.packed: faster products, no float `weight` in the state dict; what the
     front ends run). args: SAT args to build on instead of `runtime_args(device, dtype, ...)` (a finetuning
     run passes its own).
     model_class: the class to build (default: the checkpoint's, for inference). overwrite: config fields to

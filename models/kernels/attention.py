@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from models.cpu import has_amx_bf16, native_bf16
+from models.kernels.cpu import has_amx_bf16, native_bf16
 
 # The scores of one block of queries, (batch, heads, block, keys), counted at 4 bytes each, are kept near this
 # size (at least MIN_QUERY_BLOCK queries): config M's 283-token prompt fits in one block (blocks of 32 / 64 /
@@ -63,29 +63,34 @@ def prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return output
 
 
-# (mask, its version, its kind) of the last call: every layer of a forward passes the same mask tensor
-_last_mask = (None, -1, "all")
-
-
 def mask_kind(mask) -> str:
     """What a SAT mask (B or 1, 1, q, k; 1 = attend, 0 = not) or None asks for: "all" (every query sees every key),
-    "causal" (q == k, one mask for the batch, the lower triangle) or "mask". Decided once per mask tensor, not in
-    each layer (four small ops each)."""
-    global _last_mask
-    if mask is None:
+    "causal" (q == k, one mask for the batch, the lower triangle) or "mask". Four small ops per mask tensor:
+    `MaskKinds` decides once for every layer of a forward."""
+    if mask is None or bool(mask.all()):
         return "all"
-    last, version, kind = _last_mask
-    if last is mask and version == mask._version:
+    if (mask.shape[0] == 1 and mask.shape[-1] == mask.shape[-2]
+            and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all())):
+        return "causal"
+    return "mask"
+
+
+class MaskKinds:
+    """`mask_kind`, remembered for the last mask tensor seen (until it changes in place): every layer of a forward
+    passes the same mask. Held by the attention mixin that asks (one per model), not by the process."""
+
+    def __init__(self):
+        self._last = (None, -1, "all")  # (mask, its version, its kind); holding the mask keeps its identity unique
+
+    def __call__(self, mask) -> str:
+        if mask is None:
+            return "all"
+        last, version, kind = self._last
+        if last is mask and version == mask._version:
+            return kind
+        kind = mask_kind(mask)
+        self._last = (mask, mask._version, kind)
         return kind
-    if bool(mask.all()):
-        kind = "all"
-    elif (mask.shape[0] == 1 and mask.shape[-1] == mask.shape[-2]
-          and bool((mask[0, 0] == torch.ones_like(mask[0, 0]).tril()).all())):
-        kind = "causal"
-    else:
-        kind = "mask"
-    _last_mask = (mask, mask._version, kind)  # holding the mask keeps its identity unique
-    return kind
 
 
 @functools.lru_cache(maxsize=4)

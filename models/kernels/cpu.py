@@ -1,4 +1,4 @@
-"""What this CPU can run natively, which decides the kernels of models.quantization and models.packed.
+"""What this CPU can run natively, which decides the kernels of models.kernels.quantization and models.kernels.packed.
 
 The project runs on more than one kind of x86 machine: with AVX-512, VNNI and AMX (bf16 and int8 products in
 hardware) and AVX2-only (e.g. AMD EPYC before Zen 4), where torch emulates bf16 GEMMs and fbgemm's int8 sums

@@ -1,10 +1,11 @@
-"""CPU weight formats for inference: int8 and int4 (`--quant 8 | 4`); the base of the packed float layers.
+"""CPU weight formats for inference: int8 and int4 (`--quant 8 | 4`).
 
 CPU: every linear layer (language model, visual expert, ViT, adapter, LM head) is replaced by one that
 keeps its weight in a kernel's own form. Decoding on a CPU is bound by reading weights, so smaller weights,
 read by kernels that stream them near the memory bandwidth, are what speed it up.
 The kernels are torch's own (bench/linear.py times them against torchao, oneDNN and inductor):
-  - fp32 / bf16 without --quant: models.packed (the float weight in the kernel's layout, same base class).
+  - fp32 / bf16 without --quant: models.kernels.packed (the float weight in the kernel's layout; the same base
+    class, models.kernels.linear.KernelLinear, but not a QuantizedLinear).
   - int8 (`Int8DynamicLinear`, x86 with VNNI): fbgemm's `quantized.linear_dynamic`: int8 weights with one
     scale per output channel; each call quantizes its activations to int8 (per tensor) and runs an int8
     GEMM. Streams its weights near the memory bandwidth for 1-16 rows and is the fastest prefill product.
@@ -14,10 +15,10 @@ The kernels are torch's own (bench/linear.py times them against torchao, oneDNN 
     `group_size` inputs, multiplied by `_weight_int4pack_mm_for_cpu` with bf16 activations for up to
     INT4_KERNEL_MAX_ROWS rows; longer inputs (prefill) dequantize the layer for the call and use the
     bf16 GEMM (AMX where the CPU has it; fp32 on CPUs without bf16 instructions), which is faster there
-    than the int4 kernel. The dequantization is our C loop (models.native) into a buffer kept per thread:
+    than the int4 kernel. The dequantization is our C loop (models.kernels.native) into a buffer kept per thread:
     torch's elementwise ops took 5-10x the GEMM's own time for a prompt (bench/RESULTS.md, issue 30).
 Every such layer can be built empty and convert the float tensors `load_state_dict` hands it, so loading a
-checkpoint with `quantize_model(model, bits, weights_loaded=False)` (or models.packed) never holds the
+checkpoint with `quantize_model(model, bits, weights_loaded=False)` (or models.kernels.packed) never holds the
 float weights of more than the layers being read. These layers are for inference: they have no float
 `weight` in their state dict.
 GPU: SAT's cpm_kernels quantization, as upstream (`sat.quantization.kernels.quantize`).
@@ -30,109 +31,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sat.mpu import ColumnParallelLinear, RowParallelLinear, get_model_parallel_world_size
+from sat.mpu import get_model_parallel_world_size
 
-from models import native
-from models.cpu import has_vnni, is_x86, native_bf16
 from models.errors import CogVLMError
+from models.kernels import native
+from models.kernels.cpu import has_vnni, is_x86, native_bf16
+from models.kernels.linear import KernelLinear, replace_linears
 
 logger = logging.getLogger(__name__)
 
-_LINEAR_TYPES = (nn.Linear, ColumnParallelLinear, RowParallelLinear)
 
-
-class QuantizedLinear(nn.Module):
-    """A linear layer (..., in) -> (..., out) whose weight (out, in) is kept quantized, plus an optional
-    float bias; outputs are in the input's dtype.
-
-    Built either from a loaded float linear (`from_linear`) or empty (`like`) and filled when the
-    checkpoint loads: `load_state_dict` hands it the float `weight` (and `bias`) of the layer it
-    replaces, and it keeps only the quantized form.
-    """
-
-    low_bit = False  # whether the kept weight has fewer bits than the model's float dtype (int8, int4)
-
-    def __init__(self, in_features: int, out_features: int, has_bias: bool, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.in_features, self.out_features, self.has_bias, self.dtype = in_features, out_features, has_bias, dtype
-        self.loaded = False
-        self.register_buffer("bias", None)
-
-    @classmethod
-    def like(cls, linear: nn.Module) -> "QuantizedLinear":
-        """An empty quantized layer of `linear`'s shape, bias and dtype (its weights are not read)."""
-        out_features, in_features = linear.weight.shape
-        return cls(in_features, out_features, getattr(linear, "bias", None) is not None, linear.weight.dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Module) -> "QuantizedLinear":
-        layer = cls.like(linear)
-        layer.quantize_(linear.weight.detach(), getattr(linear, "bias", None))
-        return layer
-
-    @torch.no_grad()
-    def quantize_(self, weight: torch.Tensor, bias: torch.Tensor = None) -> None:
-        """Store `weight` (out, in), any float dtype, quantized, and `bias` (out,) as it is."""
-        self._store(weight)
-        self.loaded = True
-        if bias is not None:
-            self.set_bias_(bias)
-
-    @torch.no_grad()
-    def set_bias_(self, bias: torch.Tensor) -> None:
-        self.register_buffer("bias", bias.detach().to(self.dtype).clone())
-
-    def _store(self, weight: torch.Tensor) -> None:
-        """Keep the quantized form of the float `weight` (out, in)."""
-        raise NotImplementedError
-
-    def weight_bytes(self) -> int:
-        """Bytes of the quantized weight (what one product reads), scales included."""
-        raise NotImplementedError
-
-    def _finish(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(rows, out) product -> the input's dtype and shape, bias added."""
-        out = out.to(x.dtype)
-        bias = self._buffers["bias"]  # see `forward`s: a buffer through nn.Module's attribute fallback is slow
-        if bias is not None:
-            out = out + bias.to(out.dtype)
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # The checkpoint holds the float layer this one replaced: quantize its tensors as they arrive.
-        # Weight and bias may come in different calls (HF checkpoints load in groups of tensors).
-        weight, bias = state_dict.get(prefix + "weight"), state_dict.get(prefix + "bias")
-        if weight is None:
-            missing_keys.append(prefix + "weight")
-        elif tuple(weight.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"size mismatch for {prefix}weight: checkpoint {tuple(weight.shape)}, "
-                              f"model {(self.out_features, self.in_features)}")
-        else:
-            self.quantize_(weight)
-        if not self.has_bias:
-            if bias is not None:
-                unexpected_keys.append(prefix + "bias")
-        elif bias is None:
-            missing_keys.append(prefix + "bias")
-        elif tuple(bias.shape) != (self.out_features,):
-            error_msgs.append(f"size mismatch for {prefix}bias: checkpoint {tuple(bias.shape)}, "
-                              f"model {(self.out_features,)}")
-        else:
-            self.set_bias_(bias)
-
-    def _check_loaded(self):
-        if not self.loaded:
-            raise RuntimeError(f"{type(self).__name__} used before its weights were loaded")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
+class QuantizedLinear(KernelLinear):
+    """A replacement linear layer whose weight has fewer bits than the model's float dtype (int8, int4): what
+    `has_low_bit_weights` looks for. Built and loaded as every KernelLinear is."""
 
 
 class Int8Linear(QuantizedLinear):
     """int8 weights with one scale per output channel (symmetric, absmax/127)."""
-
-    low_bit = True
 
     def _store(self, weight):
         weight = weight.float()
@@ -248,7 +163,6 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     """
 
     group_size = INT4_GROUP_SIZE
-    low_bit = True
 
     def __init__(self, in_features, out_features, has_bias, dtype=torch.float32):
         super().__init__(in_features, out_features, has_bias, dtype)
@@ -345,24 +259,16 @@ def _int8_linear_class():
 
 
 def quantize_linears(model: nn.Module, layer_class, weights_loaded: bool = True) -> int:
-    """Replace every linear layer of `model` in place by a `layer_class` one; returns how many.
-
-    weights_loaded False: `model` was built but not loaded yet; its linear weights are never read
-    and the quantized layers quantize the checkpoint's tensors as `load_state_dict` passes them.
-    """
+    """`replace_linears(model, layer_class, weights_loaded)` for a quantized `layer_class`, on one
+    model-parallel partition only."""
     if get_model_parallel_world_size() > 1:
         raise CogVLMError("--quant on CPU needs model_parallel_size 1; merge the checkpoint first (merge_model.py)")
-    targets = [(name, module) for name, module in model.named_modules() if type(module) in _LINEAR_TYPES]
-    for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer_class.from_linear(module) if weights_loaded else layer_class.like(module))
-    return len(targets)
+    return replace_linears(model, layer_class, weights_loaded)
 
 
 def has_low_bit_weights(model: nn.Module) -> bool:
     """Whether `model` runs int8 or int4 CPU layers (`quantize_model`)."""
-    return any(isinstance(module, QuantizedLinear) and module.low_bit for module in model.modules())
+    return any(isinstance(module, QuantizedLinear) for module in model.modules())
 
 
 def quantize_int8(model: nn.Module, weights_loaded: bool = True) -> int:
@@ -374,7 +280,7 @@ def quantize_model(model: nn.Module, bits: int, weights_loaded: bool = True) -> 
     """Quantize for inference: int8 or int4 weights on CPU; SAT's 4/8-bit kernels on CUDA.
 
     weights_loaded False (CPU only): prepare a freshly built model so that loading its checkpoint
-    quantizes layer by layer (see `QuantizedLinear`).
+    quantizes layer by layer (see `KernelLinear`).
     """
     if bits not in (4, 8):
         raise CogVLMError(f"--quant {bits} is not supported; use --quant 8 or --quant 4")

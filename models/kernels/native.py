@@ -1,6 +1,6 @@
-"""Our own CPU kernels (models/csrc/cpu_kernels.c), for x86 CPUs with AVX-512 or AVX2 + FMA: attention of one
+"""Our own CPU kernels (models/kernels/csrc/cpu_kernels.c), for x86 CPUs with AVX-512 or AVX2 + FMA: attention of one
 query per row over an fp32 or bf16 KV cache (decoding), and the dequantization of an int4 layer to bf16 (a
-prompt's products, models.quantization.Int4WeightOnlyLinear).
+prompt's products, models.kernels.quantization.Int4WeightOnlyLinear).
 
 The C file is compiled on first use with the system's C compiler (`cc`, or $CC) for this CPU
 (`-march=native`) into ~/.cache/cogvlm/kernels (or $COGVLM_KERNEL_CACHE), keyed by the source, the flags
@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from models.cpu import cpu_flags, is_x86
+from models.kernels.cpu import cpu_flags, is_x86
 
 logger = logging.getLogger(__name__)
 

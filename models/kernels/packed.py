@@ -2,7 +2,7 @@
 
 `pack_linears` (called by `models.checkpoint.load_model(..., pack=True)`, i.e. every front end on CPU) swaps
 each linear layer of an inference model for a `packed_layer_class(dtype)` one before the checkpoint loads;
-each packs its weight as `load_state_dict` hands it over (models.quantization.QuantizedLinear):
+each packs its weight as `load_state_dict` hands it over (models.kernels.linear.KernelLinear):
   - `PackedLinear`: the weight reordered into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`)
     and multiplied by oneDNN's `_linear_pointwise`, the pair torch's inductor uses for CPU linears. Faster at
     every row count than plain `F.linear` (MKL for fp32, oneDNN without prepacking for bf16), which reorders
@@ -18,9 +18,9 @@ import torch.nn as nn
 
 from sat.mpu import get_model_parallel_world_size
 
-from models.cpu import is_x86, native_bf16
 from models.errors import CogVLMError
-from models.quantization import QuantizedLinear, quantize_linears
+from models.kernels.cpu import is_x86, native_bf16
+from models.kernels.linear import KernelLinear, replace_linears
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 PACK_ROWS_HINT = 1
 
 
-class PackedLinear(QuantizedLinear):
+class PackedLinear(KernelLinear):
     """An fp32 or bf16 weight (not quantized) in oneDNN's blocked layout; products in the weight's dtype."""
 
     def _store(self, weight):
@@ -48,7 +48,7 @@ class PackedLinear(QuantizedLinear):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class Fp16PackedLinear(QuantizedLinear):
+class Fp16PackedLinear(KernelLinear):
     """A bf16 weight held as fp16 in fbgemm's packed layout, products in fp32, outputs in the input's dtype.
 
     For CPUs without bf16 instructions, where torch emulates bf16 GEMMs (a 283-row product took 9x fp32's
@@ -89,12 +89,13 @@ def packed_layer_class(dtype: torch.dtype):
 
 def pack_linears(model: nn.Module, weights_loaded: bool = True) -> int:
     """Replace the fp32/bf16 linear layers of a CPU inference model by `packed_layer_class` ones (see
-    `quantize_linears` for weights_loaded); returns how many, 0 where there is none for its dtype."""
+    `replace_linears` for weights_loaded); returns how many, 0 where there is none for its dtype or the model
+    is split (model parallelism)."""
     dtype = next(model.parameters()).dtype
     layer_class = packed_layer_class(dtype)
     if layer_class is None or get_model_parallel_world_size() > 1:
         return 0
-    count = quantize_linears(model, layer_class, weights_loaded)
+    count = replace_linears(model, layer_class, weights_loaded)
     logger.info("%s %d linear layers as %s (%s)", "packed" if weights_loaded else "prepared", count,
                 layer_class.__name__, str(dtype).replace("torch.", ""))
     return count

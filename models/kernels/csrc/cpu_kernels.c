@@ -1,4 +1,4 @@
-/* Decode attention for x86 CPUs with AVX-512 or AVX2 + FMA, called from models/native.py (which compiles this
+/* Decode attention for x86 CPUs with AVX-512 or AVX2 + FMA, called from models/kernels/native.py (which compiles this
  * file on first use for the CPU it runs on).
  *
  * Why our own: a decode step attends one query per (row, head) over the whole KV cache, which should stream
