@@ -1,7 +1,7 @@
 """Finetune CogVLM on your own data with SAT's training_main and DeepSpeed.
 
     bash scripts/finetune_224_lora.sh          # the upstream recipe (LoRA on cogvlm-base-224, captchas)
-    bash scripts/train_tiny_captcha.sh         # a tiny CogVLM from scratch on CPU, captchas (see README)
+    bash scripts/train_tiny_captcha.sh         # a tiny CogVLM from scratch on CPU, captchas (docs/finetuning.md)
     bash scripts/train_tiny_scenes.sh          # a tiny CogVLM from scratch on CPU, JSONL scene conversations
 
 Data (`--train_data` / `--valid_data`, or SAT's `--train-data` / `--valid-data`): a JSONL file of
@@ -23,6 +23,9 @@ Starting the same command again resumes from the newest checkpoint of that exper
 optimizer state and step count); `--no_resume` starts over. At the end LoRA is merged into the
 base weights and a plain SAT checkpoint is written to `--final_save`; its model_config.json names
 the template it was trained with (`template_version`) and, when the answers had boxes, `grounding`.
+
+The flags it shares with the inference scripts (--from_pretrained, --local_tokenizer, --version,
+--max_length, --fp16 / --bf16) are utils/cli.py's; the others are SAT's and FineTuneTrainCogVLMModel's.
 """
 import argparse
 import json
@@ -41,9 +44,14 @@ from sat.training import deepspeed_training as sat_training
 from models import sat_compat
 from models.cogvlm_model import FineTuneTrainCogVLMModel
 from models.errors import CogVLMError
+from models.releases import DEFAULT_FINETUNE_CHECKPOINT
+from models.templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, get_template
+from utils.cli import (add_checkpoint_arg, add_max_length_arg, add_precision_args, add_template_arg, add_tokenizer_arg,
+                       resolve_max_length)
 from utils.dataset import CaptchaDataset, ConversationDataset, TrainingSampleBuilder, collate_samples, load_records
 from utils.grounding import parse_boxes
-from utils.language import llama2_text_processor_inference, llama2_tokenizer
+from utils.language import DEFAULT_TOKENIZER, llama2_text_processor_inference, llama2_tokenizer
+from utils.pipeline import dtype_from_args
 from utils.training import (FINETUNE_FLAGS, ensure_answer_logits, find_resume_dir, forward_step, forward_step_eval,
                             init_from_scratch_, peak_memory, resume_iteration, save_final,
                             select_trainable_parameters)
@@ -53,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 # our spelling -> SAT's (both are accepted)
 FLAG_ALIASES = {"--train_data": "--train-data", "--valid_data": "--valid-data"}
+# SAT's own parser declares these too (they set DeepSpeed's precision): parsed here, then handed on to it
+SAT_PRECISION_FLAGS = ("fp16", "bf16")
 
 
 def _sat_spelling(argv):
@@ -65,11 +75,11 @@ def _sat_spelling(argv):
 
 def parse_args(argv=None) -> argparse.Namespace:
     py_parser = argparse.ArgumentParser(add_help=False)
-    py_parser.add_argument("--max_length", type=int, default=2048, help="max tokens of a sample (image included)")
-    py_parser.add_argument("--version", type=str, default="chat", help="prompt template: base, chat or vqa")
-    py_parser.add_argument("--from_pretrained", type=str, default="cogvlm-base-490",
-                           help="checkpoint directory or name under $SAT_HOME")
-    py_parser.add_argument("--local_tokenizer", type=str, default="lmsys/vicuna-7b-v1.5", help="tokenizer path")
+    add_max_length_arg(py_parser, "max length of a training sample")
+    add_template_arg(py_parser, "prompt template of the training samples", default=DEFAULT_TEMPLATE)
+    add_checkpoint_arg(py_parser, default=DEFAULT_FINETUNE_CHECKPOINT)
+    add_tokenizer_arg(py_parser, default=DEFAULT_TOKENIZER)
+    add_precision_args(py_parser)
     py_parser.add_argument("--from_scratch", action="store_true",
                            help="only read model_config.json from --from_pretrained and initialise the weights")
     py_parser.add_argument("--vit_positions", choices=("random", "sincos"), default="random",
@@ -89,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "with --num-workers 0")
     py_parser = FineTuneTrainCogVLMModel.add_model_specific_args(py_parser)
     known, sat_argv = py_parser.parse_known_args(_sat_spelling(sys.argv[1:] if argv is None else argv))
+    get_template(known.version)
+    dtype_from_args(known)  # refuses --fp16 with --bf16
+    sat_argv += [f"--{name}" for name in SAT_PRECISION_FLAGS if vars(known).pop(name)]
     if known.use_qlora and not torch.cuda.is_available():
         raise CogVLMError("--use_qlora needs a CUDA GPU (bitsandbytes 4-bit layers); on CPU use --use_lora")
     sat_compat.skip_deepspeed_shm_op()
@@ -117,7 +130,7 @@ def describe_final_checkpoint(path: str, template: str, grounding: bool) -> None
     config_path = os.path.join(path, "model_config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config["template_version"] = template
+    config[TEMPLATE_KEY] = template
     if grounding:
         config["grounding"] = True
     with open(config_path, "w") as f:
@@ -126,6 +139,7 @@ def describe_final_checkpoint(path: str, template: str, grounding: bool) -> None
 
 def run(args):
     model, args = build_model(args)
+    args.max_length = resolve_max_length(args.max_length, args.max_sequence_length)
     tokenizer = llama2_tokenizer(args.local_tokenizer, signal_type=args.version)
     if len(tokenizer) > args.vocab_size:
         raise CogVLMError(f"tokenizer {args.local_tokenizer} has {len(tokenizer)} tokens but the model's vocabulary "
@@ -167,7 +181,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not torch.cuda.is_available():
         # Late in training many gradients and activations are denormal floats, which x86 CPUs
-        # process slowly (README, "A tiny CogVLM trained on CPU"). Set before torch starts its
+        # process slowly (docs/finetuning.md; bench/RESULTS.md). Set before torch starts its
         # OpenMP threads, which inherit the flag from this thread.
         torch.set_flush_denormal(True)
     logging.getLogger("sat").propagate = False  # SAT logs through its own handler already

@@ -14,25 +14,22 @@ import argparse
 import logging
 import os
 
-from utils.cli import add_precision_args, add_verbose_arg, run_main, setup_logging
+from utils.cli import add_checkpoint_arg, add_precision_args, add_template_arg, add_verbose_arg, run_main, setup_logging
 
 logger = logging.getLogger("merge_model")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Merge (or split) a model-parallel / LoRA CogVLM SAT checkpoint")
-    parser.add_argument("--from_pretrained", type=str, default="checkpoints/merged_lora",
-                        help="checkpoint directory, name under $SAT_HOME (a released one is downloaded when "
-                             "missing) or hub repo id in HF format")
+    add_checkpoint_arg(parser, default="checkpoints/merged_lora", formats="SAT format")
     parser.add_argument("--local_files_only", action="store_true",
                         help="never download the checkpoint: use only what is on disk and in the HF cache")
     parser.add_argument("--save", type=str, default="checkpoints/merged_model", help="output checkpoint directory")
     parser.add_argument("--model_parallel_size", type=int, default=1,
                         help="shards to write: 1 merges (default), N splits for N processes")
     add_precision_args(parser)  # here: the dtype float tensors are written in (neither: as stored)
-    parser.add_argument("--version", type=str, default=None,
-                        help="the prompt template the merged model names as its default, which the front ends then "
-                             "use (base, chat or vqa; default: the source's)")
+    add_template_arg(parser, "the prompt template the merged model names as its default, which the front ends then "
+                             "use", default_text="the source's")
     add_verbose_arg(parser)
     return parser.parse_args(argv)
 
@@ -41,7 +38,7 @@ def convert(args) -> list:
     # the checkpoint layer loads here, after the flags: it imports SAT, which takes seconds (utils/cli.py)
     from models.checkpoint import open_checkpoint, reshard_checkpoint
     from models.errors import CogVLMError
-    from utils.language import get_template
+    from models.templates import get_template
     from utils.pipeline import dtype_from_args
 
     dtype = dtype_from_args(args) if args.fp16 or args.bf16 else None
@@ -52,7 +49,7 @@ def convert(args) -> list:
     checkpoint = open_checkpoint(args.from_pretrained, local_files_only=args.local_files_only)
     if os.path.abspath(args.save) == os.path.abspath(checkpoint.path):
         raise CogVLMError("--save must differ from --from_pretrained (the input is read while the output is written)")
-    return reshard_checkpoint(checkpoint, args.save, args.model_parallel_size, dtype, template_version=args.version)
+    return reshard_checkpoint(checkpoint, args.save, args.model_parallel_size, dtype, template=args.version)
 
 
 def merge(args) -> int:

@@ -50,7 +50,7 @@ def big_config(name: str = "17B"):
     from models.config import CogVLMConfig, VisionConfig
 
     shape = SHAPES[name]
-    return CogVLMConfig(**{**shape, "vision": VisionConfig(**shape["vision"])}, template_version="base")
+    return CogVLMConfig(**{**shape, "vision": VisionConfig(**shape["vision"])}, template="base")
 
 
 def checkpoint_bytes(config) -> int:

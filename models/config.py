@@ -14,9 +14,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from models.errors import ConfigError
-# the prompt templates a checkpoint may name as its default (`--version`): their text lives with the HF code,
-# which must stand alone in a converted checkpoint
-from models.hf_cogvlm.configuration_cogvlm import DEFAULT_TEMPLATE, TEMPLATE_VERSIONS
+from models.templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, TEMPLATE_NAMES
 # Vicuna tokenizer ids (SAT's model_config.json bos/eos/pad fields are unused defaults, not these).
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 ROTARY_BASE = 10000  # fixed by the architecture; HF configs of CogVLM do not carry it
@@ -134,8 +132,14 @@ class VisionConfig:
 class CogVLMConfig:
     """The LLM with its visual expert, the ViT, and what the checkpoint says about its use.
 
+    max_sequence_length: the positions the model was built for (SAT's name; `max_position_embeddings` in HF
+        config.json, `context_length` in GGUF). Lengths elsewhere have their own names: a request's or a
+        training sample's total tokens, prompt (image included) plus answer, are `max_length` (`--max_length`,
+        GenerationConfig; upstream's text processor calls it `max_target_length`), at most these positions;
+        the tokens of a prompt before the answer are `prompt_length`.
     model_class: the SAT class name the checkpoint was saved from (see models.cogvlm_model.MODEL_CLASSES).
-    template_version: the prompt template the checkpoint answers best with (None: the caller's default).
+    template: the prompt template the checkpoint answers best with (None: the caller's default); the files
+        spell it `template_version` (models.templates).
     grounding: the checkpoint answers with [[x0,y0,x1,y1]] boxes (front ends then draw them).
     finetune: SAT finetuning flags (use_lora, lora_rank, ...) of a finetuned checkpoint.
     """
@@ -149,7 +153,7 @@ class CogVLMConfig:
     layernorm_epsilon: float = 1e-5
     model_parallel_size: int = 1
     model_class: str = "CogVLMModel"
-    template_version: Optional[str] = None
+    template: Optional[str] = None
     grounding: bool = False
     finetune: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -158,8 +162,8 @@ class CogVLMConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} "
                               "attention heads")
-        if self.template_version is not None and self.template_version not in TEMPLATE_VERSIONS:
-            raise ConfigError(f"template_version {self.template_version!r} is not one of {', '.join(TEMPLATE_VERSIONS)}")
+        if self.template is not None and self.template not in TEMPLATE_NAMES:
+            raise ConfigError(f"{TEMPLATE_KEY} {self.template!r} is not one of {', '.join(TEMPLATE_NAMES)}")
 
     @property
     def image_length(self) -> int:
@@ -196,7 +200,7 @@ class CogVLMConfig:
                               f"patch {vision.patch_size} has {vision.num_patches} patches")
         known = {"num_layers", "hidden_size", "num_attention_heads", "vocab_size", "inner_hidden_size", "eva_args",
                  "image_length", "max_sequence_length", "layernorm_epsilon", "model_parallel_size", "model_class",
-                 "template_version", "grounding", *_FINETUNE_FIELDS, *_LLM_FIXED}
+                 TEMPLATE_KEY, "grounding", *_FINETUNE_FIELDS, *_LLM_FIXED}
         grounding = data.get("grounding", False)
         if not isinstance(grounding, bool):
             raise ConfigError(f"{source}: field 'grounding' must be true or false, got {grounding!r}")
@@ -207,7 +211,7 @@ class CogVLMConfig:
                    max_sequence_length=_integer(data, "max_sequence_length", source, default=4096),
                    layernorm_epsilon=_number(data, "layernorm_epsilon", 1e-5, source),
                    model_parallel_size=_integer(data, "model_parallel_size", source, default=1),
-                   model_class=model_class, template_version=data.get("template_version"), grounding=grounding,
+                   model_class=model_class, template=data.get(TEMPLATE_KEY), grounding=grounding,
                    finetune={k: data[k] for k in _FINETUNE_FIELDS if k in data},
                    extra={k: v for k, v in data.items() if k not in known})
 
@@ -220,8 +224,8 @@ class CogVLMConfig:
                 "eva_args": self.vision.to_sat_dict()}
         if self.layernorm_epsilon != 1e-5:  # SAT's default; keep model_config.json minimal when it is the default
             data["layernorm_epsilon"] = self.layernorm_epsilon
-        if self.template_version is not None:
-            data["template_version"] = self.template_version
+        if self.template is not None:
+            data[TEMPLATE_KEY] = self.template
         if self.grounding:
             data["grounding"] = True
         return {**data, **self.extra}
@@ -264,11 +268,12 @@ class CogVLMConfig:
                    layernorm_epsilon=_number(data, "rms_norm_eps", 1e-5, source),
                    # cogvlm-chat-hf configs always name a template; the default one says nothing the front ends
                    # would not do anyway, and reading it as None keeps SAT -> HF -> SAT the identity
-                   template_version=None if data.get("template_version") == DEFAULT_TEMPLATE
-                   else data.get("template_version"), grounding=bool(data.get("grounding", False)))
+                   template=None if data.get(TEMPLATE_KEY) == DEFAULT_TEMPLATE else data.get(TEMPLATE_KEY),
+                   grounding=bool(data.get("grounding", False)))
 
-    def to_hf_dict(self, torch_dtype: torch.dtype = torch.float32, template_version: Optional[str] = None) -> dict:
-        """The `cogvlm-chat-hf` style config.json (template_version: this config's, else "chat")."""
+    def to_hf_dict(self, torch_dtype: torch.dtype = torch.float32, template: Optional[str] = None) -> dict:
+        """The `cogvlm-chat-hf` style config.json (template: the given one, else this config's, else the
+        default)."""
         vision = self.vision
         return {
             "architectures": ["CogVLMForCausalLM"], "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
@@ -276,7 +281,7 @@ class CogVLMConfig:
             "intermediate_size": self.inner_hidden_size, "max_position_embeddings": self.max_sequence_length,
             "model_type": "cogvlm", "num_attention_heads": self.num_attention_heads,
             "num_hidden_layers": self.num_layers, "pad_token_id": PAD_ID, "rms_norm_eps": self.layernorm_epsilon,
-            "template_version": template_version or self.template_version or DEFAULT_TEMPLATE,
+            TEMPLATE_KEY: template or self.template or DEFAULT_TEMPLATE,
             "tie_word_embeddings": False,
             "torch_dtype": str(torch_dtype).replace("torch.", ""), "use_cache": True,
             "vision_config": {

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from scripts.make_captcha_dataset import STYLES, make_dataset  # noqa: E402
+from utils.cli import add_checkpoint_arg, add_tokenizer_arg  # noqa: E402
 from utils.dataset import CAPTCHA_QUERY, label_of  # noqa: E402
 from utils.evaluation import exact_match  # noqa: E402
 
@@ -46,8 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--style", choices=STYLES, default="clean")
     parser.add_argument("--seed", type=int, default=2024, help="render seed (the training data uses seed 0)")
-    parser.add_argument("--from_pretrained", default=SHIPPED)
-    parser.add_argument("--local_tokenizer", default=None, help="default: the checkpoint's tokenizer/ folder")
+    add_checkpoint_arg(parser, default=SHIPPED)
+    add_tokenizer_arg(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         paths = make_dataset(folder, args.count, args.style, args.seed)

@@ -15,7 +15,7 @@ the checkpoint's own `tokenizer/` folder), so `AutoModelForCausalLM.from_pretrai
 trust_remote_code=True)` works with transformers alone.
 
 --to gguf (SAT or HF source) writes llama.cpp's CogVLM: OUT.gguf (language model, visual expert, tokenizer of
---tokenizer, and a chat template of --template_version) and mmproj-OUT.gguf (ViT + adapter) beside it.
+--tokenizer, and a chat template of --version) and mmproj-OUT.gguf (ViT + adapter) beside it.
 --outtype: f32, f16, bf16, q8_0, or q4_0 / q4_k (Q4_K_M) through llama.cpp's quantizer (llama-cpp-python).
 """
 import argparse
@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.errors import CogVLMError  # noqa: E402
+from models.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES, get_template  # noqa: E402
 from utils.cli import add_verbose_arg, run_main, setup_logging  # noqa: E402
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -34,13 +35,11 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 def to_gguf(source, args) -> str:
     from models.checkpoint.convert import GGUF_OUTTYPES, convert_to_gguf
     from models.checkpoint.gguf_format import chat_template
-    from models.config import DEFAULT_TEMPLATE
-    from utils.language import get_template
     from utils.vision import CLIP_MEAN, CLIP_STD
 
     if args.outtype is not None and args.outtype not in GGUF_OUTTYPES:
         raise CogVLMError(f"--outtype {args.outtype} is not one of {', '.join(GGUF_OUTTYPES)}")
-    template = get_template(args.template_version or source.template_version or DEFAULT_TEMPLATE)
+    template = get_template(args.version or source.template or DEFAULT_TEMPLATE)
     model_path, mmproj_path = convert_to_gguf(source, args.output, args.outtype or "f32", image_mean=CLIP_MEAN,
                                               image_std=CLIP_STD, tokenizer_dir=args.tokenizer,
                                               chat_template=chat_template(template.query, template.turn))
@@ -50,10 +49,9 @@ def to_gguf(source, args) -> str:
 def between_sat_and_hf(source, args) -> str:
     from models.checkpoint import convert_hf_to_sat, convert_sat_to_hf, parse_size
     from models.hf_cogvlm import add_remote_code, tokenizer_files_of
-    from utils.language import get_template
 
-    if args.template_version is not None:
-        get_template(args.template_version)
+    if args.version is not None:
+        get_template(args.version)
     if args.outtype is not None:
         raise CogVLMError("--outtype applies to --to gguf only")
     if source.format == "hf":
@@ -68,10 +66,10 @@ def between_sat_and_hf(source, args) -> str:
         tokenizer_files_of(tokenizer)  # a bad directory fails before the long conversion
 
     def remote_code(directory):
-        add_remote_code(directory, template_version=args.template_version, tokenizer_dir=tokenizer)
+        add_remote_code(directory, template=args.version, tokenizer_dir=tokenizer)
 
     files = convert_sat_to_hf(source, args.output, parse_size(args.max_shard_size or DEFAULT_MAX_SHARD_SIZE),
-                              args.template_version, extra_files=remote_code)
+                              args.version, extra_files=remote_code)
     return f"wrote HF checkpoint {args.output} ({len(files)} safetensors file(s))"
 
 
@@ -91,10 +89,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max_shard_size", default=None,
                         help=f"SAT -> HF: largest safetensors file (e.g. 5GB, 500MB; default "
                              f"{DEFAULT_MAX_SHARD_SIZE}); larger models are sharded")
-    parser.add_argument("--template_version", default=None,
-                        help="base, chat or vqa. SAT -> HF: config.json's template_version; --to gguf: the prompt template of the chat "
-                             "template (chat for chat/vqa models, base for base and grounding models; default: the "
-                             "checkpoint's own, else chat)")
+    parser.add_argument("--version", "--template_version", dest="version", default=None,
+                        metavar="{" + ",".join(TEMPLATE_NAMES) + "}",
+                        help="the prompt template. SAT -> HF: config.json's template_version; --to gguf: the template "
+                             "of the chat template (chat for chat/vqa models, base for base and grounding models); "
+                             f"default: the checkpoint's own, else {DEFAULT_TEMPLATE}")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory to copy into an HF output or a GGUF (default: the checkpoint's own "
                              "tokenizer/ folder, if any; a GGUF needs its tokenizer.model)")

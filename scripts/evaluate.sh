@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Captcha accuracy of a finetuned checkpoint on the test split, shared by evaluate_224.sh and
 # evaluate_490.sh. With CUDA GPUs: bf16, split over MP_SIZE GPUs with torchrun; without: CPU fp32.
-# Environment: CHECKPOINT, MP_SIZE, TEST_DATA, OUTPUT. Extra arguments go to evaluate_demo.py.
+# Environment: CHECKPOINT, MP_SIZE, TEST_DATA, OUTPUT, TOKENIZER (default: the checkpoint's tokenizer/ folder,
+# else the released models' tokenizer). Extra arguments go to evaluate_demo.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CHECKPOINT=${CHECKPOINT:?set CHECKPOINT}
@@ -15,4 +16,4 @@ else
     PRECISION=()
 fi
 "${LAUNCH[@]}" evaluate_demo.py --from_pretrained "$CHECKPOINT" --version base --english "${PRECISION[@]:+${PRECISION[@]}}" \
-    --local_tokenizer "${TOKENIZER:-lmsys/vicuna-7b-v1.5}" --data "$TEST_DATA" --output "$OUTPUT" "$@"
+    ${TOKENIZER:+--local_tokenizer "$TOKENIZER"} --data "$TEST_DATA" --output "$OUTPUT" "$@"

@@ -2,7 +2,8 @@
 # LoRA finetuning on the captcha split (the upstream recipe), shared by finetune_224_lora.sh and
 # finetune_490_lora.sh. With CUDA GPUs: every visible GPU through the deepspeed launcher, ZeRO-2 bf16;
 # without: one CPU process, fp32, gloo. Extra arguments are passed on to finetune_demo.py.
-# Environment: MODEL_TYPE, MAX_LENGTH, MP_SIZE (model parallel), NUM_GPUS, TRAIN_DATA, VALID_DATA, SAVE.
+# Environment: MODEL_TYPE, MAX_LENGTH, MP_SIZE (model parallel), NUM_GPUS, TRAIN_DATA, VALID_DATA, SAVE,
+# TOKENIZER (default: finetune_demo.py's, the released models' tokenizer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL_TYPE=${MODEL_TYPE:-cogvlm-base-490}
@@ -26,7 +27,7 @@ fi
 "${LAUNCH[@]:-python}" finetune_demo.py \
     --experiment-name "finetune-$(basename "$MODEL_TYPE")" --model-parallel-size "$MP_SIZE" --mode finetune \
     --from_pretrained "$MODEL_TYPE" --max_length "$MAX_LENGTH" --use_lora --lora_rank 10 \
-    --local_tokenizer "${TOKENIZER:-lmsys/vicuna-7b-v1.5}" --version base \
+    ${TOKENIZER:+--local_tokenizer "$TOKENIZER"} --version base \
     --train-data "$TRAIN_DATA" --valid-data "$VALID_DATA" --split 1. \
     --train-iters 800 --lr-decay-style cosine --warmup .02 --resume-dataloader \
     --save "$SAVE" --save-interval 200 --eval-interval 200 --eval-iters 10 --eval-batch-size 1 \

@@ -21,6 +21,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from models.templates import render  # noqa: E402
+
 SPECIAL_TOKENS = 3  # <unk>, <s>, </s>
 BYTE_PIECES = 256
 
@@ -50,7 +52,7 @@ def make_char_tokenizer(out_dir: str) -> int:
 
     characters = string.ascii_letters + string.digits + string.punctuation
     # a char model's vocabulary is exactly the characters of its corpus, so the corpus lists them all
-    corpus = [characters, " ".join(characters), "CAPTCHA:", "Question: What is in the image? Answer:"]
+    corpus = [characters, " ".join(characters), "CAPTCHA:", render("chat", "What is in the image?", with_image=False)]
     pieces = len(set("".join(corpus)) | {"▁"}) + SPECIAL_TOKENS + BYTE_PIECES
     with tempfile.TemporaryDirectory() as work:
         prefix = os.path.join(work, "tokenizer")

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 
 from scripts.make_char_tokenizer import save_as_llama_tokenizer  # noqa: E402
 from scripts.make_scene_dataset import conversation, render_scene  # noqa: E402
-from utils.language import history_to_prompt  # noqa: E402
+from models.templates import render  # noqa: E402
 
 VOCAB_SIZE = 640
 FIXED_PIECES = ["\n", "[[", "]]"] + [f"{n:02d}" for n in range(100)]
@@ -41,7 +41,7 @@ def scene_corpus(scenes: int = CORPUS_SCENES, seed: int = 12345, version: str = 
         _, shapes = render_scene(rng)
         messages, _ = conversation(shapes, 3, rng)
         turns = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(0, len(messages), 2)]
-        text = history_to_prompt(version, turns[-1][0], turns[:-1], with_image=False) + " " + turns[-1][1]
+        text = render(version, turns[-1][0], turns[:-1], with_image=False) + " " + turns[-1][1]
         lines.append(text)  # whole, so that "\nQuestion:" (no leading space) is learned too
     return lines
 

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from scripts.make_scene_dataset import questions_of_type, render_scene  # noqa: E402
+from utils.cli import add_checkpoint_arg  # noqa: E402
 from utils.evaluation import score_answer  # noqa: E402
 
 SHIPPED = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-scenes")
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=4, help="number of scenes")
     parser.add_argument("--questions", type=int, default=4, help="questions per scene")
     parser.add_argument("--seed", type=int, default=2024, help="scene seed (the shipped model trained on seed 0)")
-    parser.add_argument("--from_pretrained", default=SHIPPED)
+    add_checkpoint_arg(parser, default=SHIPPED)
     parser.add_argument("--grounding_dir", default="grounding_output", help="where the CLI saves grounding pictures")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)

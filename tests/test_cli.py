@@ -13,6 +13,7 @@ import torch
 
 import cli_demo
 from conftest import ROOT
+from models.releases import DEFAULT_CHECKPOINT, RELEASED_TOKENIZER
 
 NEW_TOKENS = 16
 
@@ -157,9 +158,9 @@ def test_unknown_checkpoint_name(golden, monkeypatch, capsys, tmp_path):
 
 def test_released_name_not_downloaded_says_where_it_looked(golden, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("SAT_HOME", str(tmp_path))  # offline: downloading is tests/test_download.py's
-    rc, _, err = run_cli(monkeypatch, capsys, "", "--local_files_only", checkpoint="cogvlm-chat-v1.1", golden=golden)
+    rc, _, err = run_cli(monkeypatch, capsys, "", "--local_files_only", checkpoint=DEFAULT_CHECKPOINT, golden=golden)
     line = one_error_line(err)
-    assert rc == 1 and str(tmp_path / "cogvlm-chat-v1.1") in line and "download" in line
+    assert rc == 1 and str(tmp_path / DEFAULT_CHECKPOINT) in line and "download" in line
 
 
 def test_checkpoint_name_resolves_under_sat_home(golden, monkeypatch, capsys, tmp_path):
@@ -221,5 +222,5 @@ def test_offline_tokenizer_by_hub_name_is_one_error_line(golden, monkeypatch, ca
         raise AssertionError("a connection was attempted")
 
     monkeypatch.setattr(socket, "create_connection", no_network)
-    rc, _, err = run_cli(monkeypatch, capsys, "", "--local_files_only", tokenizer="lmsys/vicuna-7b-v1.5", golden=golden)
+    rc, _, err = run_cli(monkeypatch, capsys, "", "--local_files_only", tokenizer=RELEASED_TOKENIZER, golden=golden)
     assert rc == 1 and "not to be asked (offline)" in one_error_line(err)

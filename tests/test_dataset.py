@@ -18,7 +18,8 @@ from utils.dataset import (CAPTCHA_QUERY, IGNORE_INDEX, CaptchaDataset, Conversa
                            TrainingSampleBuilder, collate_captchas, llama2_text_processor, read_jsonl)
 from utils.evaluation import exact_match
 from models.errors import CogVLMError
-from utils.language import history_to_prompt, llama2_text_processor_inference
+from models.templates import render
+from utils.language import llama2_text_processor_inference
 from utils.vision import get_image_processor
 
 IMAGE_LENGTH = 4  # a 28px image with patch 14
@@ -43,7 +44,7 @@ def test_training_sample_masks_prompt_and_image_and_keeps_inference_layout(proce
     for key in ("input_ids", "position_ids", "image_embed_mask", "vision_expert_mask", "image_rope_mask"):
         assert sample[key][:n_prompt].tolist() == prompt[key][0].tolist(), key
     assert sample["input_ids"][n_prompt:].tolist() == answer
-    assert int(sample["context_length"]) == n_prompt
+    assert int(sample["prompt_length"]) == n_prompt
     # labels: -100 over bos, the image block and "CAPTCHA:"; the answer and eos are learned
     assert (sample["labels"][:n_prompt] == IGNORE_INDEX).all()
     assert sample["labels"][n_prompt:].tolist() == answer
@@ -222,7 +223,7 @@ def test_multi_turn_sample_trains_every_answer_and_only_answers(tokenizers):
 
     # the input up to each answer is what the chat core feeds for that turn (earlier turns as history)
     for k in range(len(turns)):
-        prompt = inference(history_to_prompt("chat", turns[k][0], turns[:k]))
+        prompt = inference(render("chat", turns[k][0], turns[:k]))
         n = prompt["input_ids"].shape[1]
         assert ids[:n] == prompt["input_ids"][0].tolist(), k
         for key in ("position_ids", "image_embed_mask", "vision_expert_mask", "image_rope_mask"):
@@ -237,7 +238,7 @@ def test_multi_turn_sample_trains_every_answer_and_only_answers(tokenizers):
     for _, answer in turns:
         expected += tokenizer.encode(answer, add_special_tokens=False) + [eos]
     assert learned == expected
-    assert int(sample["context_length"]) == len(ids) - len(tokenizer.encode("3", add_special_tokens=False)) - 1
+    assert int(sample["prompt_length"]) == len(ids) - len(tokenizer.encode("3", add_special_tokens=False)) - 1
 
 
 def test_template_without_history_makes_one_sample_per_turn(tokenizers):

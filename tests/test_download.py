@@ -20,10 +20,11 @@ from conftest import ROOT
 from hub_stub import HubStub
 from models.checkpoint.download import check_free_space, is_hub_repo_id, unpack_checkpoint_zip
 from models.errors import CheckpointError
+from models.releases import DEFAULT_CHECKPOINT, RELEASED_CHECKPOINTS, SAT_HUB_REPO
 
-NAME = "cogvlm-chat-v1.1"
-ZIP = "cogvlm-chat-v1.1.zip"
-SAT_REPO = "THUDM/CogVLM"
+NAME = DEFAULT_CHECKPOINT
+ZIP = RELEASED_CHECKPOINTS[NAME].zip_file
+SAT_REPO = SAT_HUB_REPO
 HF_REPO = "tiny/cogvlm-tiny-hf"
 HF_GOLDEN = os.path.join(ROOT, "tests", "golden", "tiny-small-hf")
 CHUNK = 10 * 1024 * 1024  # huggingface_hub's DOWNLOAD_CHUNK_SIZE: what a killed transfer has written
@@ -233,7 +234,7 @@ def test_offline_unreachable_and_corrupt_are_one_fast_error_line(golden, hub, tm
     for case in ("local_files_only", "unreachable"):  # where it looked, and what to fetch by hand
         assert str(tmp_path / case / "sat" / NAME) in lines[case] and f"get {ZIP} from" in lines[case]
     assert bad_hub.full_transfers(ZIP) == 1 and "removed from the HF cache" in lines["corrupt"]
-    assert glob.glob(str(tmp_path / "corrupt" / "hf" / "hub" / "models--THUDM--CogVLM" / "blobs" / "*")) == []
+    assert glob.glob(str(tmp_path / "corrupt" / "hf" / "hub" / ("models--" + SAT_REPO.replace("/", "--")) / "blobs" / "*")) == []
 
 
 # The pieces, in process (no network) -----------------------------------------------------------
@@ -289,6 +290,6 @@ def test_free_space_is_checked_before_writing(tmp_path):
 
 
 def test_repo_ids_and_paths():
-    assert is_hub_repo_id("THUDM/cogvlm-chat-hf") and is_hub_repo_id("tiny/cogvlm-tiny-hf")
-    for text in ("cogvlm-chat-v1.1", "/abs/dir", "./rel", "a/b/c", "a--b/c", "x/..", "~/models", "a/b."):
+    assert is_hub_repo_id(RELEASED_CHECKPOINTS[NAME].hf_repo) and is_hub_repo_id("tiny/cogvlm-tiny-hf")
+    for text in (NAME, "/abs/dir", "./rel", "a/b/c", "a--b/c", "x/..", "~/models", "a/b."):
         assert not is_hub_repo_id(text), text

@@ -30,7 +30,7 @@ from models.checkpoint.gguf_format import (MEDIA_MARKER, chat_template, gguf_ten
                                           mmproj_path_for, mmproj_tensors)
 from models.checkpoint.layout import tensor_table
 from scripts import convert_checkpoint
-from utils.language import IMAGE_MARKER, PROMPT_TEMPLATES, history_to_prompt
+from models.templates import IMAGE_MARKER, TEMPLATES, render as history_to_prompt
 from utils.vision import CLIP_MEAN, CLIP_STD
 
 NEW_TOKENS = 16
@@ -207,7 +207,7 @@ def test_chat_template_lays_out_our_prompts():
     assert MEDIA_MARKER == mtmd_cpp.mtmd_default_marker().decode()
     environment = jinja2.sandbox.ImmutableSandboxedEnvironment()
     history = [("What is it?", "A cat.")]
-    for version, template in PROMPT_TEMPLATES.items():
+    for version, template in TEMPLATES.items():
         render = environment.from_string(chat_template(template.query, template.turn)).render
         messages = [{"role": "user", "content": MEDIA_MARKER + "What is it?"},
                     {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And its color?"}]

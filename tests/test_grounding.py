@@ -13,6 +13,7 @@ import cli_demo
 import utils.pipeline
 import utils.grounding as grounding
 from models.checkpoint import open_checkpoint
+from models.releases import RELEASED_CHECKPOINTS
 from utils.chat import ChatStream
 from utils.grounding import (GroundedBox, attach_phrases, draw_boxes, ground, label_origin, object_phrase,
                              load_noun_chunker, next_output_path, parse_boxes, strip_boxes, to_pixels)
@@ -214,9 +215,9 @@ def test_grounding_checkpoints_and_output_paths(golden, tmp_path, monkeypatch):
     """Grounding mode comes from the checkpoint: its config says so, or it is a grounding release."""
     assert open_checkpoint(str(grounding_copy(golden, tmp_path / "any-name"))).grounding
     monkeypatch.setenv("SAT_HOME", str(tmp_path / "home"))
-    for name, grounds in [("cogvlm-grounding-generalist", True), ("cogvlm-chat-v1.1", False)]:
+    for name, release in RELEASED_CHECKPOINTS.items():
         shutil.copytree(golden.checkpoint, tmp_path / "home" / name)
-        assert open_checkpoint(name).grounding == grounds, name
+        assert open_checkpoint(name).grounding == release.grounding, name
     renamed = tmp_path / "my-grounding-experiment"  # a name is not a config: no grounding mode
     shutil.copytree(golden.checkpoint, renamed)
     assert not open_checkpoint(str(renamed)).grounding and not open_checkpoint(golden.checkpoint).grounding

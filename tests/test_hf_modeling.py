@@ -104,7 +104,7 @@ def hf_dir(golden, tmp_path_factory):
     """tests/golden/tiny-small-hf with the remote code, generation config and tokenizer added."""
     path = str(tmp_path_factory.mktemp("hf") / "cogvlm-tiny-hf")
     shutil.copytree(HF_DIR, path)
-    add_remote_code(path, template_version="chat", tokenizer_dir=golden.tokenizer_dir)
+    add_remote_code(path, template="chat", tokenizer_dir=golden.tokenizer_dir)
     return path
 
 
@@ -166,7 +166,7 @@ def test_add_remote_code_errors(tmp_path, golden):
     with pytest.raises(TokenizerError, match="no tokenizer.model or tokenizer.json"):
         add_remote_code(str(tmp_path), tokenizer_dir=str(tmp_path))
     with pytest.raises(CheckpointError, match="unknown template version"):
-        add_remote_code(str(tmp_path), template_version="caption")
+        add_remote_code(str(tmp_path), template="caption")
 
 
 def test_converter_output_is_the_snippet_directory(golden, hf_dir, tmp_path):

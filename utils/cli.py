@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import models
 from models.errors import CogVLMError
+from models.releases import DEFAULT_CHECKPOINT, RELEASED_CHECKPOINTS, RELEASED_TOKENIZER
+from models.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES
 from utils.generation_config import GenerationConfig
 
 DEFAULTS = GenerationConfig()
@@ -43,11 +45,54 @@ def add_precision_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def add_max_length_arg(parser: argparse.ArgumentParser,
+                       what: str = "max length of the total sequence") -> argparse.ArgumentParser:
+    """--max_length: tokens of a whole sequence, prompt (image included) plus answer; None until
+    `resolve_max_length` knows the model's positions."""
+    parser.add_argument("--max_length", type=int, default=None,
+                        help=f"{what}, prompt (image included) plus answer (default {DEFAULTS.max_length}, or the "
+                             "model's position count if smaller)")
+    return parser
+
+
+def resolve_max_length(max_length: Optional[int], positions: int) -> int:
+    """--max_length for a model built for `positions` positions: its default when not given (capped to the
+    positions); more than the positions is refused."""
+    if max_length is not None and max_length > positions:
+        raise CogVLMError(f"--max_length {max_length} exceeds the {positions} positions the model was built for; "
+                          f"use at most {positions}")
+    return min(DEFAULTS.max_length, positions) if max_length is None else max_length
+
+
+def add_template_arg(parser: argparse.ArgumentParser, what: str = "prompt template", default: Optional[str] = None,
+                     default_text: str = f"the checkpoint's, else {DEFAULT_TEMPLATE}") -> argparse.ArgumentParser:
+    """--version (upstream's name of the prompt template). An unknown name is refused as the other bad inputs
+    are, by models.templates.get_template once the script runs (one `error:` line)."""
+    parser.add_argument("--version", type=str, default=default, metavar="{" + ",".join(TEMPLATE_NAMES) + "}",
+                        help=f"{what}: {', '.join(TEMPLATE_NAMES)} (default: {default or default_text})")
+    return parser
+
+
+def add_checkpoint_arg(parser: argparse.ArgumentParser, default: str = DEFAULT_CHECKPOINT,
+                       formats: str = "SAT or HF format") -> argparse.ArgumentParser:
+    example = RELEASED_CHECKPOINTS[DEFAULT_CHECKPOINT].hf_repo
+    hub = f", or hub repo id in HF format ({example})" if "HF" in formats else ""
+    parser.add_argument("--from_pretrained", type=str, default=default,
+                        help=f"checkpoint directory ({formats}) or name under $SAT_HOME (a released one is downloaded "
+                             f"when missing){hub}; default %(default)s")
+    return parser
+
+
+def add_tokenizer_arg(parser: argparse.ArgumentParser, default: Optional[str] = None) -> argparse.ArgumentParser:
+    parser.add_argument("--local_tokenizer", type=str, default=default,
+                        help="tokenizer directory or hub name (default: " + (default or (
+                            f"the checkpoint's own tokenizer/ folder, else {RELEASED_TOKENIZER}'s from the hub")) + ")")
+    return parser
+
+
 def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The upstream inference flags, declared once for every front end (and --verbose)."""
-    parser.add_argument("--max_length", type=int, default=None,
-                        help=f"max length of the total sequence, prompt (image included) plus answer (default "
-                             f"{DEFAULTS.max_length}, or the model's position count if smaller)")
+    add_max_length_arg(parser)
     parser.add_argument("--top_p", type=float, default=DEFAULTS.top_p, help="top p for nucleus sampling, in (0, 1]")
     parser.add_argument("--top_k", type=int, default=DEFAULTS.top_k,
                         help="top k for top k sampling (1: greedy, 0: no cut)")
@@ -61,18 +106,12 @@ def add_inference_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     language.add_argument("--chinese", dest="language", action="store_const", const="chinese",
                           help="Chinese interface texts")
     parser.set_defaults(language="english")
-    # the template names and the default tokenizer are the model code's facts: checked once it loads
-    parser.add_argument("--version", type=str, default=None,
-                        help="prompt template: base, chat or vqa (default: the checkpoint's)")
-    parser.add_argument("--from_pretrained", type=str, default="cogvlm-chat-v1.1",
-                        help="checkpoint directory (SAT or HF format), name under $SAT_HOME (a released one is "
-                             "downloaded when missing) or hub repo id in HF format (THUDM/cogvlm-chat-hf)")
+    add_template_arg(parser)
+    add_checkpoint_arg(parser)
     parser.add_argument("--local_files_only", action="store_true",
                         help="never download: the checkpoint and a tokenizer given by hub name come only from disk "
                              "and the HF cache")
-    parser.add_argument("--local_tokenizer", type=str, default=None,
-                        help="tokenizer directory or hub name (default: the checkpoint's own tokenizer/ folder, "
-                             "else Vicuna-7B v1.5's from the hub)")
+    add_tokenizer_arg(parser)
     parser.add_argument("--no_prompt", action="store_true",
                         help="send the image alone, without template, history or question (as upstream)")
     add_precision_args(parser)

@@ -8,15 +8,14 @@ from typing import List, Optional, Tuple
 
 from PIL import Image
 
-from models.config import DEFAULT_TEMPLATE
-from utils.language import IMAGE_MARKER, get_template, history_to_prompt
+from models.templates import DEFAULT_TEMPLATE, IMAGE_MARKER, get_template, render
 
 History = List[Tuple[str, str]]
 
 
 @dataclass
 class Conversation:
-    """template: a `--version` name (utils.language.PROMPT_TEMPLATES). image: RGB, or None for text only.
+    """template: a `--version` name (models.templates.TEMPLATES). image: RGB, or None for text only.
     history: earlier (question, answer) turns. no_prompt (`--no_prompt`, as upstream): with an image, the
     prompt is the image alone (no template, history or question)."""
     template: str = DEFAULT_TEMPLATE
@@ -31,7 +30,7 @@ class Conversation:
         """The prompt text for the next question (the image marker first when there is an image)."""
         if self.no_prompt and self.image is not None:
             return IMAGE_MARKER
-        return history_to_prompt(self.template, query, self.history, with_image=self.image is not None)
+        return render(self.template, query, self.history, with_image=self.image is not None)
 
     def add_turn(self, query: str, answer: str) -> None:
         self.history.append((query, answer))

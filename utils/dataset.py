@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from models.errors import CogVLMError
-from utils.language import IMAGE_MARKER, get_template, history_to_prompt, llama2_text_processor_inference
+from models.templates import IMAGE_MARKER, get_template, render
+from utils.language import llama2_text_processor_inference
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,16 @@ class TrainingSampleBuilder:
 
     Composes the inference text processor (same prompt layout, masks and positions as the chat
     core). `samples(turns)` returns one sample, or one per turn for a template without history;
-    `builder(answer, query)` is the one-turn form (None when it does not fit `max_target_length`).
+    `builder(answer, query)` is the one-turn form (None when it does not fit `max_length`, the processor's
+    `max_target_length`). Each sample's `prompt_length` counts the tokens of its last answer's prompt
+    (image and earlier turns included).
     """
 
     def __init__(self, text_processor: llama2_text_processor_inference):
         self.text_processor = text_processor
         self.tokenizer = text_processor.tokenizer
-        self.signal_type = text_processor.signal_type
-        self.max_target_length = text_processor.max_target_length
+        self.template = text_processor.template
+        self.max_length = text_processor.max_target_length
         self.image_length = text_processor.image_length
 
     def __call__(self, answer: str, query: str = CAPTCHA_QUERY) -> Optional[Dict[str, torch.Tensor]]:
@@ -77,24 +80,24 @@ class TrainingSampleBuilder:
             return None
 
     def samples(self, turns: Turns) -> List[Dict[str, torch.Tensor]]:
-        if get_template(self.signal_type).turn is None:
+        if get_template(self.template).turn is None:
             return [self.conversation([turn]) for turn in turns]
         return [self.conversation(turns)]
 
     def conversation(self, turns: Turns) -> Dict[str, torch.Tensor]:
         """One sequence that trains every answer of `turns`; raises SampleError if it cannot."""
         *history, (query, answer) = turns
-        prompt_text = history_to_prompt(self.signal_type, query, history, with_image=True)
+        prompt_text = render(self.template, query, history, with_image=True)
         try:
             prompt = self.text_processor(prompt_text)
         except CogVLMError:
-            raise SampleError("too long", f"the prompt does not fit --max_length {self.max_target_length}") from None
+            raise SampleError("too long", f"the prompt does not fit --max_length {self.max_length}") from None
         answer_ids = self.text_processor.encode(answer) + [self.tokenizer.eos_token_id]
         prompt_length = prompt["input_ids"].shape[1]
         n = len(answer_ids)
-        if prompt_length + n > self.max_target_length:
+        if prompt_length + n > self.max_length:
             raise SampleError("too long", f"prompt and answer ({prompt_length + n} tokens) do not fit --max_length "
-                              f"{self.max_target_length}")
+                              f"{self.max_length}")
         input_ids = torch.cat([prompt["input_ids"][0], torch.tensor(answer_ids)])
         labels = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), torch.tensor(answer_ids)])
         if history:
@@ -105,7 +108,7 @@ class TrainingSampleBuilder:
                                              prompt["position_ids"][0, -1] + torch.arange(1, n + 1)])}
         for mask in ("image_embed_mask", "vision_expert_mask", "image_rope_mask"):
             sample[mask] = torch.cat([prompt[mask][0], zeros])
-        sample["context_length"] = torch.tensor(prompt_length)
+        sample["prompt_length"] = torch.tensor(prompt_length)
         return sample
 
     def _label_history_answers(self, labels: torch.Tensor, prompt_text: str, prompt_ids: torch.Tensor,
@@ -115,7 +118,7 @@ class TrainingSampleBuilder:
         Answer k spans the tokens between the inference prompt of turn k (history < k, query k) and
         the rendered text up to the end of answer k; both must tokenize as prefixes of the whole.
         """
-        template = get_template(self.signal_type)
+        template = get_template(self.template)
         text = prompt_text.partition(IMAGE_MARKER)[2]
         text_ids = self.text_processor.encode(text)
         offset = prompt_ids.shape[0] - len(text_ids)  # bos + image block
@@ -130,7 +133,7 @@ class TrainingSampleBuilder:
             if text_ids[:len(start_ids)] != start_ids or text_ids[:len(end_ids)] != end_ids \
                     or len(end_ids) >= len(text_ids):
                 raise SampleError("tokenization", f"answer {k + 1} does not tokenize apart from the text around it in the "
-                                  f"'{self.signal_type}' template")
+                                  f"'{self.template}' template")
             start, end = offset + len(start_ids), offset + len(end_ids)
             labels[start:end] = prompt_ids[start:end]
             labels[end] = self.tokenizer.eos_token_id
@@ -339,7 +342,7 @@ class CaptchaDataset(ConversationDataset):
 def collate_samples(samples: Sequence[Dict[str, torch.Tensor]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
     """Stack samples into a batch, right-padding to the longest one.
 
-    Returns (B, L) input_ids / labels / position_ids / masks, context_length (B,), record_index (B,)
+    Returns (B, L) input_ids / labels / position_ids / masks, prompt_length (B,), record_index (B,)
     when the samples have it, a shared causal attention_mask (1, 1, L, L) (padding sits after every
     real token, so no real token attends to it, and its labels are -100), and images (B, 3, S, S).
     """
@@ -354,7 +357,7 @@ def collate_samples(samples: Sequence[Dict[str, torch.Tensor]], pad_token_id: in
     batch["position_ids"] = torch.stack([
         torch.cat([s["position_ids"], s["position_ids"][-1] + torch.arange(1, length - s["position_ids"].shape[0] + 1)])
         for s in samples])
-    batch["context_length"] = torch.stack([s["context_length"] for s in samples])
+    batch["prompt_length"] = torch.stack([s["prompt_length"] for s in samples])
     if all("record_index" in s for s in samples):
         batch["record_index"] = torch.stack([s["record_index"] for s in samples])
     batch["attention_mask"] = torch.ones(1, 1, length, length).tril()

@@ -13,12 +13,12 @@ import torch
 from tqdm import tqdm
 
 from models.errors import ImageError
+from models.templates import render
 
 from utils.dataset import CAPTCHA_QUERY, label_of
 from utils.generation import generate_batch
 from utils.generation_config import GenerationConfig
 from utils.grounding import parse_boxes
-from utils.language import history_to_prompt
 from utils.vision import load_image
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def answer_batch(model, text_processor, images: torch.Tensor, queries: Sequence[
     """Greedy answers of the chat core: images (N, 3, S, S) already processed, one query and history
     (earlier (query, answer) turns) per image. Equals answering them one by one."""
     histories = histories or [()] * len(queries)
-    prompts = [text_processor(history_to_prompt(text_processor.signal_type, q, h, with_image=True))
+    prompts = [text_processor(render(text_processor.template, q, h, with_image=True))
                for q, h in zip(queries, histories)]
     longest = max(p["input_ids"].shape[1] for p in prompts)
     tokenizer = text_processor.tokenizer

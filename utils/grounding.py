@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 from PIL import Image, ImageDraw, ImageFont
 
 from models.errors import CogVLMError
+from models.releases import RELEASED_CHECKPOINTS
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ def render_grounding(image: Image.Image, response: str, question: str = "") -> O
 
 def add_grounding_args(parser):
     parser.add_argument("--grounding", action="store_true",
-                        help="draw the answer's [[x0,y0,x1,y1]] boxes on the image (automatic for the "
-                             "cogvlm-grounding-* releases and checkpoints whose config says \"grounding\": true)")
+                        help="draw the answer's [[x0,y0,x1,y1]] boxes on the image (automatic for "
+                             f"{', '.join(name for name, r in RELEASED_CHECKPOINTS.items() if r.grounding)} and "
+                             "checkpoints whose config says \"grounding\": true)")
     return parser

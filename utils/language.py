@@ -1,4 +1,4 @@
-"""Tokenizer, prompt templates and the text processor that lays out CogVLM's inputs.
+"""Tokenizer and the text processor that lays out CogVLM's inputs (the prompt templates: models.templates).
 
 Token layout of an image prompt (image_length = L patches):
 
@@ -13,50 +13,19 @@ import logging
 import os
 import socket
 import urllib.parse
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 from models.checkpoint.download import hub_endpoint, is_offline
 from models.inputs import rope_position_ids
-from models.config import DEFAULT_TEMPLATE
-from models.hf_cogvlm.configuration_cogvlm import PROMPT_TEMPLATES as TEMPLATE_TEXTS
 from models.errors import PromptError, TokenizerError
+from models.releases import RELEASED_TOKENIZER
+from models.templates import DEFAULT_TEMPLATE, IMAGE_MARKER, get_template, render
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MARKER = "<EOI>"  # where the image block goes in a prompt string; never tokenised
-DEFAULT_TOKENIZER = "lmsys/vicuna-7b-v1.5"
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """How a query and earlier turns become a prompt; `answer_separator` ends the prompt."""
-    query: str                      # format with {query}
-    turn: Optional[str] = None      # format with {query} {response}; None = history is not shown
-    answer_separator: Optional[str] = None
-
-
-# The prompt templates of `--version` (their text: models.hf_cogvlm.configuration_cogvlm.PROMPT_TEMPLATES)
-PROMPT_TEMPLATES: Dict[str, PromptTemplate] = {name: PromptTemplate(*parts) for name, parts in TEMPLATE_TEXTS.items()}
-
-
-def get_template(signal_type: str) -> PromptTemplate:
-    if signal_type not in PROMPT_TEMPLATES:
-        raise PromptError(f"unknown --version '{signal_type}'; choose one of {', '.join(PROMPT_TEMPLATES)}")
-    return PROMPT_TEMPLATES[signal_type]
-
-
-def history_to_prompt(signal_type: str, query: str, history: Sequence[Tuple[str, str]] = (),
-                      with_image: bool = True) -> str:
-    """Render `history` [(query, response), ...] and `query` with the template of `signal_type`."""
-    template = get_template(signal_type)
-    prompt = IMAGE_MARKER if with_image else ""
-    if template.turn is not None:
-        for old_query, response in history or ():
-            prompt += template.turn.format(query=old_query, response=response)
-    return prompt + template.query.format(query=query)
+DEFAULT_TOKENIZER = RELEASED_TOKENIZER  # when neither the flags nor the checkpoint give one
 
 
 # Tokenizer ---------------------------------------------------------------------------------
@@ -74,7 +43,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def llama2_tokenizer(tokenizer_path: str = DEFAULT_TOKENIZER, signal_type: str = "base",
                      local_files_only: bool = False):
-    """Load the Vicuna/LLaMA tokenizer from a local directory or a hub name.
+    """Load the Vicuna/LLaMA tokenizer from a local directory or a hub name; `signal_type` (upstream's name)
+    is the prompt template, kept on the tokenizer as `tokenizer.signal_type`.
 
     A hub name is looked up in the local HF cache first; when it is not cached and the hub cannot be
     reached (or `local_files_only` / HF_HUB_OFFLINE forbid asking it), a TokenizerError says to pass
@@ -123,27 +93,37 @@ class llama2_text_processor_inference:  # noqa: N801 (upstream name, kept for po
     `process_response`). A prompt with the image marker `<EOI>` gets the image block there; one without it
     is text only (upstream supported image prompts only).
 
-    max_target_length is the total sequence budget (prompt + generated tokens), as `--max_length`.
+    max_target_length (upstream's name) is the total sequence budget (prompt + generated tokens), `--max_length`.
+    `template` is the prompt template (models.templates), the tokenizer's `signal_type`; `signal_type` is
+    upstream's name for it.
     """
 
     def __init__(self, tokenizer, max_target_length: int = 2048, image_length: int = 256):
         self.tokenizer = tokenizer
         self.max_target_length = max_target_length
         self.image_length = image_length
-        self.signal_type = getattr(tokenizer, "signal_type", DEFAULT_TEMPLATE)
+        self.template = getattr(tokenizer, "signal_type", DEFAULT_TEMPLATE)
         self.invalid_slices: List[slice] = []  # token ranges never sampled: none for these vocabularies
+
+    @property
+    def signal_type(self) -> str:
+        return self.template
+
+    @signal_type.setter
+    def signal_type(self, template: str) -> None:
+        self.template = template
 
     @property
     def sep(self) -> str:
         """What the answer follows in a decoded prompt + answer ('<unk>' for the base template, as upstream)."""
-        return get_template(self.signal_type).answer_separator or "<unk>"
+        return get_template(self.template).answer_separator or "<unk>"
 
     def history_to_prompt(self, history: Sequence[Tuple[str, str]], query: str) -> str:
         """Upstream's argument order: earlier (question, answer) turns first, then the new question."""
         if isinstance(history, str):
             raise PromptError("history_to_prompt takes (history, query), in upstream's order; the history "
                               "is a list of (question, answer) pairs")
-        return history_to_prompt(self.signal_type, query, history, with_image=True)
+        return render(self.template, query, history, with_image=True)
 
     def get_func(self, inputs=None, **kwargs):
         """For SAT's filling_sequence (`get_masks_and_position_ids=`): a function of the whole sequence (n,)

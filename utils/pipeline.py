@@ -19,13 +19,14 @@ import torch
 from PIL import Image
 
 from models.checkpoint import Checkpoint, load_model, open_checkpoint
-from models.config import DEFAULT_TEMPLATE
 from models.errors import CogVLMError
+from models.templates import DEFAULT_TEMPLATE, get_template
 from utils.chat import ChatStream
+from utils.cli import resolve_max_length
 from utils.conversation import Conversation
 from utils.generation import ensure_kv_cache
 from utils.generation_config import MAX_SEED, GenerationConfig
-from utils.language import DEFAULT_TOKENIZER, get_template, llama2_tokenizer
+from utils.language import DEFAULT_TOKENIZER, llama2_tokenizer
 from utils.processor import CogVLMProcessor
 
 logger = logging.getLogger(__name__)
@@ -116,14 +117,10 @@ def load_pipeline(args) -> InferencePipeline:
     if args.version is not None:
         get_template(args.version)
     checkpoint = open_checkpoint(args.from_pretrained, local_files_only=args.local_files_only)
-    positions = checkpoint.config.max_sequence_length
-    if args.max_length is not None and args.max_length > positions:
-        raise CogVLMError(f"--max_length {args.max_length} exceeds the {positions} positions the model was built "
-                          f"for; use at most {positions}")
-    max_length = min(DEFAULTS.max_length, positions) if args.max_length is None else args.max_length
+    max_length = resolve_max_length(args.max_length, checkpoint.config.max_sequence_length)
     # top_k is checked against the vocabulary now that it is known
     defaults = defaults.replace(max_length=max_length).validate(checkpoint.config.vocab_size)
-    template = args.version or checkpoint.template_version or DEFAULT_TEMPLATE
+    template = args.version or checkpoint.template or DEFAULT_TEMPLATE
     tokenizer_path = args.local_tokenizer or checkpoint.tokenizer_dir or DEFAULT_TOKENIZER
     tokenizer = llama2_tokenizer(tokenizer_path, signal_type=template, local_files_only=args.local_files_only)
     vocab_size = checkpoint.config.vocab_size

@@ -160,8 +160,8 @@ def answer_loss(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The collated batch without what the model does not take (labels, context_length, record_index)."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "context_length", "record_index")}
+    """The collated batch without what the model does not take (labels, prompt_length, record_index)."""
+    return {k: v for k, v in batch.items() if k not in ("labels", "prompt_length", "record_index")}
 
 
 def forward_step(data_iterator, model, args, timers):
@@ -174,24 +174,24 @@ def forward_step(data_iterator, model, args, timers):
 
 def greedy_answers(model, batch: Dict[str, torch.Tensor], tokenizer, max_new_tokens: int) -> List[str]:
     """Greedy answer of every row to its last question: each row's prompt is its first
-    `context_length` tokens (the inference layout, earlier turns included)."""
+    `prompt_length` tokens (the inference layout, earlier turns included)."""
     prompts = []
-    for row, length in enumerate(batch["context_length"].tolist()):
+    for row, length in enumerate(batch["prompt_length"].tolist()):
         prompt = {key: batch[key][row:row + 1, :length].cpu() for key in
                   ("input_ids", "position_ids", "image_embed_mask", "vision_expert_mask", "image_rope_mask")}
         prompt["attention_mask"] = torch.ones(1, 1, length, length).tril()
         prompt["images"] = batch["images"][row:row + 1]
         prompts.append(prompt)
-    config = GenerationConfig(max_length=int(batch["context_length"].max()) + max_new_tokens, top_k=1)
+    config = GenerationConfig(max_length=int(batch["prompt_length"].max()) + max_new_tokens, top_k=1)
     eos = tokenizer.eos_token_id
     outputs = generate_batch(model, prompts, config, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True).strip() for ids in outputs]
 
 
 def reference_answers(batch: Dict[str, torch.Tensor], tokenizer) -> List[str]:
-    """The last answer of every row: its labels after `context_length`, without eos."""
+    """The last answer of every row: its labels after `prompt_length`, without eos."""
     answers = []
-    for row, length in enumerate(batch["context_length"].tolist()):
+    for row, length in enumerate(batch["prompt_length"].tolist()):
         ids = [t for t in batch["labels"][row, length:].tolist() if t not in (IGNORE_INDEX, tokenizer.eos_token_id)]
         answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return answers

@@ -21,8 +21,8 @@ from models.checkpoint.directory import Checkpoint, open_checkpoint
 from models.checkpoint.hf_format import DEFAULT_MAX_SHARD_BYTES, write_hf_checkpoint
 from models.checkpoint.layout import LORA_MARKERS, PTUNING_PREFIX, ROTARY_KEY, check_divisible, summarise, tensor_table
 from models.checkpoint.sat_format import write_sat_checkpoint
-from models.config import TEMPLATE_VERSIONS
 from models.errors import CheckpointError
+from models.templates import TEMPLATE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +54,17 @@ def _refuse_finetuning_state(keys, source: str, target: str = "the HF layout") -
 
 
 def convert_sat_to_hf(source: Union[str, Checkpoint], out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      template_version: Optional[str] = None, extra_files=None) -> List[str]:
+                      template: Optional[str] = None, extra_files=None) -> List[str]:
     """SAT checkpoint (any model-parallel size, LoRA merged) -> new HF-format directory. Returns the weight files.
 
-    template_version: config.json's (default: the checkpoint's, else chat). extra_files(dir): adds files
+    template: config.json's `template_version` (default: the checkpoint's, else chat). extra_files(dir): adds files
     (modeling code, tokenizer) before the output appears."""
     check_new_output_dir(out_dir)
     checkpoint = _opened(source)
     if checkpoint.format != "sat":
         raise CheckpointError(f"{checkpoint.path} is already in HF format")
-    if template_version is not None and template_version not in TEMPLATE_VERSIONS:
-        raise CheckpointError(f"unknown template version '{template_version}'; choose one of "
-                              f"{', '.join(TEMPLATE_VERSIONS)}")
+    if template is not None and template not in TEMPLATE_NAMES:
+        raise CheckpointError(f"unknown template version '{template}'; choose one of {', '.join(TEMPLATE_NAMES)}")
     reader = checkpoint.reader()
     _refuse_finetuning_state(reader.stored_keys, f"checkpoint {checkpoint.path}")
     reader.check_against_config()
@@ -85,7 +84,7 @@ def convert_sat_to_hf(source: Union[str, Checkpoint], out_dir: str, max_shard_by
 
     def config_json():
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        return checkpoint.config.to_hf_dict(dtype, template_version)
+        return checkpoint.config.to_hf_dict(dtype, template)
 
     files = write_hf_checkpoint(out_dir, config_json, hf_tensors(), max_shard_bytes, extra_files=extra_files)
     logger.info("wrote %s (%d weight file(s)) from %s", out_dir, len(files), checkpoint.path)
@@ -106,9 +105,9 @@ def convert_hf_to_sat(source: Union[str, Checkpoint], out_dir: str) -> str:
 
 
 def reshard_checkpoint(source: Union[str, Checkpoint], out_dir: str, model_parallel_size: int = 1,
-                       dtype: Optional[torch.dtype] = None, template_version: Optional[str] = None) -> List[str]:
+                       dtype: Optional[torch.dtype] = None, template: Optional[str] = None) -> List[str]:
     """Write the SAT checkpoint `source` to `out_dir` split `model_parallel_size` ways (1: merged), with any LoRA
-    folded into the base weights. dtype: cast floating-point tensors (None keeps them). template_version: the
+    folded into the base weights. dtype: cast floating-point tensors (None keeps them). template: the
     prompt template the output names as its default (None keeps the source's). Returns the files."""
     check_new_output_dir(out_dir)
     checkpoint = _opened(source)
@@ -126,8 +125,8 @@ def reshard_checkpoint(source: Union[str, Checkpoint], out_dir: str, model_paral
         if model_parallel_size != reader.mp_size:
             reader.split_of(key)
     out_config = config.replace(model_parallel_size=model_parallel_size)
-    if template_version is not None:
-        out_config = out_config.replace(template_version=template_version)
+    if template is not None:
+        out_config = out_config.replace(template=template)
     if reader.has_lora:
         out_config = out_config.without_lora()
 

@@ -14,37 +14,11 @@ from typing import Optional
 from models.checkpoint import download, hf_format, sat_format
 from models.config import CogVLMConfig
 from models.errors import CheckpointError
+from models.releases import RELEASED_CHECKPOINTS, SAT_HUB_REPO, ReleasedCheckpoint
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_DIR = "tokenizer"  # a checkpoint may carry its tokenizer in this folder
-
-
-@dataclass(frozen=True)
-class ReleasedCheckpoint:
-    description: str
-    template_version: str
-    zip_file: str  # its file in the hub repo HUB_REPO
-    grounding: bool = False
-
-
-# The released SAT checkpoints: one zip per name in the hub repo THUDM/CogVLM (file names as listed at
-# https://huggingface.co/THUDM/CogVLM/tree/main, commit b9ccd2d "grounding v1.1", each about 28 GB; the names
-# as upstream CogVLM registers them with SAT, utils/models/cogvlm_model.py of github.com/THUDM/CogVLM:
-# MODEL_URLS["cogvlm-chat-v1.1"] = "r2://cogvlm-chat-v1.1.zip", ...). cogvlm-grounding-generalist's zip is
-# v1.1 (the earlier cogvlm-grounding-generalist.zip of commit ed628a8 was replaced on main). SAT's zips hold
-# one top folder named after the checkpoint (sat/resources/download.py asserts it); the unpacker also takes
-# the files at the top.
-HUB_REPO = "THUDM/CogVLM"
-RELEASED_CHECKPOINTS = {
-    "cogvlm-base-224": ReleasedCheckpoint("text-image pretrained, 224px", "base", "cogvlm-base-224.zip"),
-    "cogvlm-base-490": ReleasedCheckpoint("text-image pretrained, 490px", "base", "cogvlm-base-490.zip"),
-    "cogvlm-chat-v1.1": ReleasedCheckpoint("multi-turn chat and VQA, 490px", "chat", "cogvlm-chat-v1.1.zip"),
-    "cogvlm-grounding-base": ReleasedCheckpoint("grounding (REC, grounded captioning), 490px", "base",
-                                                "cogvlm-grounding-base.zip", grounding=True),
-    "cogvlm-grounding-generalist": ReleasedCheckpoint("grounding generalist, 490px", "base",
-                                                      "cogvlm-grounding-generalist-v1.1.zip", grounding=True),
-}
 
 
 def sat_home() -> str:
@@ -69,11 +43,11 @@ class Checkpoint:
         return os.path.basename(os.path.normpath(self.path))
 
     @property
-    def template_version(self) -> Optional[str]:
+    def template(self) -> Optional[str]:
         """The prompt template the checkpoint names (its config, or its release), else None."""
-        if self.config.template_version is not None:
-            return self.config.template_version
-        return self.released.template_version if self.released else None
+        if self.config.template is not None:
+            return self.config.template
+        return self.released.template if self.released else None
 
     @property
     def grounding(self) -> bool:
@@ -99,8 +73,8 @@ def find_checkpoint_dir(name_or_dir: str, local_files_only: bool = False, home: 
     if not looks_like_path and os.path.isdir(candidate):
         return candidate
     if name_or_dir in RELEASED_CHECKPOINTS:
-        return download.download_released(name_or_dir, HUB_REPO, RELEASED_CHECKPOINTS[name_or_dir].zip_file, candidate,
-                                          local_files_only)
+        return download.download_released(name_or_dir, SAT_HUB_REPO, RELEASED_CHECKPOINTS[name_or_dir].zip_file,
+                                          candidate, local_files_only)
     if download.is_hub_repo_id(name_or_dir):
         return download.download_hub_repo(name_or_dir, local_files_only)
     released = ", ".join(RELEASED_CHECKPOINTS)

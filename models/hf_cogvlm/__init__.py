@@ -15,7 +15,9 @@ from typing import List, Optional
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor, GenerationConfig
 
 from models.errors import CheckpointError, TokenizerError
-from models.hf_cogvlm.configuration_cogvlm import DEFAULT_TEMPLATE, TEMPLATE_VERSIONS, CogVLMConfig
+from models.releases import RELEASED_TOKENIZER
+from models.templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, TEMPLATE_NAMES
+from models.hf_cogvlm.configuration_cogvlm import CogVLMConfig
 from models.hf_cogvlm.modeling_cogvlm import CogVLMForCausalLM, CogVLMModel
 from models.hf_cogvlm.processing_cogvlm import CogVLMProcessor
 
@@ -78,16 +80,17 @@ def tokenizer_files_of(tokenizer_dir: str) -> List[str]:
     files = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, name))]
     if not {"tokenizer.model", "tokenizer.json"} & set(files):
         raise TokenizerError(f"'{tokenizer_dir}' has no tokenizer.model or tokenizer.json; give the directory "
-                             "of the Vicuna tokenizer (e.g. a download of lmsys/vicuna-7b-v1.5)")
+                             f"of the Vicuna tokenizer (e.g. a download of {RELEASED_TOKENIZER})")
     return files
 
 
-def add_remote_code(hf_dir: str, template_version: Optional[str] = None,
+def add_remote_code(hf_dir: str, template: Optional[str] = None,
                     tokenizer_dir: Optional[str] = None) -> List[str]:
     """Make an HF-format CogVLM directory (config.json + safetensors) loadable with transformers alone.
 
     Copies the remote-code files, adds `auto_map` (and `model_type` / `architectures` when
-    missing) to config.json and sets its `template_version` (None: keep config.json's, else the default),
+    missing) to config.json and sets its `template_version` to `template` (None: keep config.json's, else the
+    default),
     writes generation_config.json and, when `tokenizer_dir` is given, copies its tokenizer files.
     Each file is written under a temporary name and renamed into place. Returns the names of the
     files written.
@@ -95,9 +98,8 @@ def add_remote_code(hf_dir: str, template_version: Optional[str] = None,
     config_path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise CheckpointError(f"'{hf_dir}' has no {CONFIG_FILE}; convert the checkpoint to HF format first")
-    if template_version is not None and template_version not in TEMPLATE_VERSIONS:
-        raise CheckpointError(f"unknown template version '{template_version}'; choose one of "
-                              f"{', '.join(TEMPLATE_VERSIONS)}")
+    if template is not None and template not in TEMPLATE_NAMES:
+        raise CheckpointError(f"unknown template version '{template}'; choose one of {', '.join(TEMPLATE_NAMES)}")
     tokenizer_files = tokenizer_files_of(tokenizer_dir) if tokenizer_dir is not None else []
     try:
         with open(config_path) as f:
@@ -107,7 +109,7 @@ def add_remote_code(hf_dir: str, template_version: Optional[str] = None,
     config.setdefault("model_type", CogVLMConfig.model_type)
     config.setdefault("architectures", [CogVLMForCausalLM.__name__])
     config["auto_map"] = dict(AUTO_MAP)
-    config["template_version"] = template_version or config.get("template_version", DEFAULT_TEMPLATE)
+    config[TEMPLATE_KEY] = template or config.get(TEMPLATE_KEY, DEFAULT_TEMPLATE)
     try:
         model_config = CogVLMConfig.from_dict(config)
     except (TypeError, ValueError) as e:

@@ -7,18 +7,16 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
-# The prompt templates, the one source of their text (utils.language and models.config read them here, since
-# this file must stand alone in a converted checkpoint). Upstream names the choice three ways: the
-# `--version` flag, the tokenizer's `signal_type` and the HF config's `template_version`; our code says
-# `template`. Each: (the new query, one earlier turn or None when history is not shown, the text the answer
-# follows or None).
+# The prompt templates for `template_version`, a copy of models.templates.TEMPLATES (the owner): this file
+# travels alone in converted checkpoints, without the project; tests/test_one_source.py keeps the two equal.
+# Each: (the new query, one earlier turn or None when history is not shown, the text the answer follows or None).
 PROMPT_TEMPLATES = {
     "base": ("{query}", None, None),
     "chat": ("Question: {query} Answer:", "Question: {query} Answer: {response}\n", "Answer:"),
     "vqa": ("Question: {query} Short answer:", "Question: {query} Short answer: {response}\n", "Short answer:"),
 }
 TEMPLATE_VERSIONS = tuple(PROMPT_TEMPLATES)
-DEFAULT_TEMPLATE = "chat"  # what front ends use when neither the flags nor the checkpoint name one
+DEFAULT_TEMPLATE = "chat"  # when a config.json names none (models.templates.DEFAULT_TEMPLATE)
 
 # The EVA2-CLIP-E of the released 490 px models; a config.json's `vision_config` overrides these key by key.
 DEFAULT_VISION_CONFIG = {

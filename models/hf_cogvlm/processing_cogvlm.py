@@ -36,12 +36,12 @@ PROCESSOR_CONFIG = "processor_config.json"
 History = Sequence[Tuple[str, str]]
 
 
-def history_to_prompt(template_version: str, query: str, history: Optional[History] = None) -> str:
-    """The prompt text of `query` after the earlier turns `history` [(query, response), ...]."""
-    if template_version not in PROMPT_TEMPLATES:
-        raise ValueError(f"unknown template_version {template_version!r}; choose one of "
-                         f"{', '.join(PROMPT_TEMPLATES)}")
-    query_template, turn_template, _ = PROMPT_TEMPLATES[template_version]
+def history_to_prompt(template: str, query: str, history: Optional[History] = None) -> str:
+    """The prompt text of `query` after the earlier turns `history` [(query, response), ...] in `template` (a
+    `template_version` name)."""
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown template_version {template!r}; choose one of {', '.join(PROMPT_TEMPLATES)}")
+    query_template, turn_template, _ = PROMPT_TEMPLATES[template]
     prompt = ""
     if turn_template is not None:
         for old_query, response in history or ():
