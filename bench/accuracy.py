@@ -17,18 +17,17 @@ import os
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
+from safetensors.torch import load_file
 
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-import evaluate_demo  # noqa: E402
-from models.checkpoint import load_model  # noqa: E402
-from scripts.make_captcha_dataset import make_dataset  # noqa: E402
-from scripts.make_scene_dataset import make_scene_dataset  # noqa: E402
-from utils.generation import generate_stream  # noqa: E402
+import evaluate_demo
+from models.checkpoint import load_model
+from scripts.make_captcha_dataset import make_dataset
+from scripts.make_scene_dataset import make_scene_dataset
+from utils.generation import generate_stream
 from utils.generation_config import GenerationConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "tiny-small")
 CHECKPOINTS = os.path.join(ROOT, "checkpoints")

@@ -11,11 +11,9 @@ which models.kv_cache.cached_attention takes for one-query steps where it is bui
 import argparse
 import os
 import statistics
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def main():

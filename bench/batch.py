@@ -23,12 +23,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-from serve import make_random_checkpoint  # noqa: E402
+from bench.serve import make_random_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCENES = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-scenes")
 PICTURES = ["scene_1", "scene_2", "shapes", "house"]

@@ -19,15 +19,14 @@ import sys
 import tempfile
 import time
 
+import torch
+
+from evaluate_demo import evaluate
+from scripts.make_captcha_dataset import make_dataset
+from utils.cli import add_inference_args
+from utils.pipeline import load_pipeline
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-from evaluate_demo import evaluate  # noqa: E402
-from scripts.make_captcha_dataset import make_dataset  # noqa: E402
-from utils.cli import add_inference_args  # noqa: E402
-from utils.pipeline import load_pipeline  # noqa: E402
 
 CHECKPOINTS = os.path.join(ROOT, "checkpoints")
 TOKENIZER = os.path.join(CHECKPOINTS, "cogvlm-tiny-captcha", "tokenizer")

@@ -18,7 +18,6 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 GB = 1e9
 
@@ -32,10 +31,10 @@ def candidates(options):
     from models.kernels.linear import onednn_disabled
 
     f32, bf16 = torch.float32, torch.bfloat16
+
     def aten_gemv(x, w):
         with onednn_disabled():
             return F.linear(x, w)
-
 
     def plain(dtype, product):
         def build(weights, rows):

@@ -40,8 +40,6 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 GOLDEN_TOKENIZER = os.path.join(ROOT, "tests", "golden", "tiny-small", "tokenizer")
 IMAGE = os.path.join(ROOT, "assets", "shapes.png")
@@ -55,7 +53,7 @@ def make_random_checkpoint(out_dir: str, name: str = "M") -> str:
     (see the docstring)."""
     import torch
 
-    from generate import CONFIGS, build_model
+    from bench.generate import CONFIGS, build_model
     from models.checkpoint.sat_format import write_sat_checkpoint
     from models.config import CogVLMConfig
     from utils.language import llama2_tokenizer

@@ -16,16 +16,10 @@ import argparse
 import ipaddress
 import logging
 import os
-import sys
 
-# `python openai_demo/openai_api.py` puts openai_demo/ on sys.path, not the repository root
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from utils.cli import add_inference_args, run_main, setup_logging, single_process  # noqa: E402
-from utils.engine_args import EngineArgs  # noqa: E402
-from utils.media import add_media_args, media_policy  # noqa: E402
+from utils.cli import add_inference_args, run_main, setup_logging, single_process
+from utils.engine_args import EngineArgs
+from utils.media import add_media_args, media_policy
 
 logger = logging.getLogger("openai_api")
 

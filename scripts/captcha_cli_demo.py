@@ -13,13 +13,12 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from scripts.make_captcha_dataset import STYLES, make_dataset
+from utils.cli import add_checkpoint_arg, add_tokenizer_arg
+from utils.dataset import CAPTCHA_QUERY, label_of
+from utils.evaluation import exact_match
 
-from scripts.make_captcha_dataset import STYLES, make_dataset  # noqa: E402
-from utils.cli import add_checkpoint_arg, add_tokenizer_arg  # noqa: E402
-from utils.dataset import CAPTCHA_QUERY, label_of  # noqa: E402
-from utils.evaluation import exact_match  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHIPPED = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-captcha")
 ANSWER_PREFIX = "Model: "

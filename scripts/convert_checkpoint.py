@@ -20,14 +20,10 @@ trust_remote_code=True)` works with transformers alone.
 """
 import argparse
 import os
-import sys
 
-# run as `python scripts/convert_checkpoint.py` from anywhere: the library lives one level up
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models.errors import CogVLMError  # noqa: E402
-from models.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES, get_template  # noqa: E402
-from utils.cli import add_verbose_arg, run_main, setup_logging  # noqa: E402
+from models.errors import CogVLMError
+from models.templates import DEFAULT_TEMPLATE, TEMPLATE_NAMES, get_template
+from utils.cli import add_verbose_arg, run_main, setup_logging
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 

@@ -8,20 +8,19 @@ LlamaTokenizer so that `--local_tokenizer` loads it like Vicuna's. Why not a sub
 with pieces such as `ti` or `▁a`, the k-th answer token is no longer the k-th glyph in the image,
 and a tiny model trained from scratch has to learn that mapping too; with single characters (and
 std-1 ViT position embeddings) it left the "ignore the image" plateau after 550-1000 steps, where the
-subword vocabulary was still on it at step 600 (README, "A tiny CogVLM trained on CPU").
+subword vocabulary was still on it at step 600 (bench/RESULTS.md, "Tiny captcha reader"; the model:
+docs/finetuning.md).
 """
 import argparse
 import json
 import os
 import shutil
 import string
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from models.templates import render
 
-from models.templates import render  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SPECIAL_TOKENS = 3  # <unk>, <s>, </s>
 BYTE_PIECES = 256

@@ -7,8 +7,8 @@ the chat template, so that each word of that vocabulary ("circle", "Question", "
 piece. Numbers are split into fixed two-digit pieces `00`..`99` and single digits: a box coordinate
 such as 268 is written as `26` `8`, its first piece alone placing the edge to 1/100 of the image
 (about one pixel of a 112-px scene), one class among 100 neighbouring positions rather than a
-hundreds digit, then a tens digit that jumps from 9 to 0 between neighbouring places (README, "A tiny
-CogVLM that chats about scenes", has what the model reaches with it). Every printable ASCII character is a
+hundreds digit, then a tens digit that jumps from 9 to 0 between neighbouring places (docs/finetuning.md
+describes the model; bench/RESULTS.md has what it reaches with it). Every printable ASCII character is a
 piece too, and byte fallback covers any other text, so a user may type anything. `\\n` (the
 template's turn separator), `[[` and `]]` are fixed pieces, so an answer never merges with what
 follows it in a rendered history. LLaMA's special ids (<unk>=0,
@@ -18,15 +18,13 @@ import argparse
 import os
 import random
 import string
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from scripts.make_char_tokenizer import save_as_llama_tokenizer
+from scripts.make_scene_dataset import conversation, render_scene
+from models.templates import render
 
-from scripts.make_char_tokenizer import save_as_llama_tokenizer  # noqa: E402
-from scripts.make_scene_dataset import conversation, render_scene  # noqa: E402
-from models.templates import render  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VOCAB_SIZE = 640
 FIXED_PIECES = ["\n", "[[", "]]"] + [f"{n:02d}" for n in range(100)]

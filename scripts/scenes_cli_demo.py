@@ -17,12 +17,11 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from scripts.make_scene_dataset import questions_of_type, render_scene
+from utils.cli import add_checkpoint_arg
+from utils.evaluation import score_answer
 
-from scripts.make_scene_dataset import questions_of_type, render_scene  # noqa: E402
-from utils.cli import add_checkpoint_arg  # noqa: E402
-from utils.evaluation import score_answer  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHIPPED = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-scenes")
 ANSWER_PREFIX = "Model: "

@@ -3,14 +3,11 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 GOLDEN_DIR = os.path.join(ROOT, "tests", "golden", "tiny-small")
 IMAGE_CASES = ["base", "chat", "chat_hist", "vqa"]
