@@ -20,13 +20,10 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 IMAGE = os.path.join(ROOT, "assets", "shapes.png")
 WARM_UP_IMAGE = os.path.join(ROOT, "assets", "house.png")
@@ -42,15 +39,12 @@ def chat(pipeline, engine, image, max_new_tokens: int):
     conversation = pipeline.conversation(image)
     turns = []
     for question in QUESTIONS:
-        start = time.perf_counter()
-        turn = pipeline.chat(conversation, question, config)
-        request = engine.submit(turn.inputs, turn.generation_config, turn.generator)
-        first = None
-        for token in request:
-            first = first or time.perf_counter()
-            turn.add_token(token)
-        turn.finish()
-        turns.append((first - start, turn.token_ids, turn.prompt_length, request.cached_positions))
+        start = time.monotonic()  # the engine's request times are time.monotonic()
+        turn = pipeline.chat(conversation, question, config, engine)
+        for _ in turn:
+            pass
+        turns.append((turn.request.first_token_time - start, turn.token_ids, turn.prompt_length,
+                      turn.request.cached_positions))
     return turns
 
 
@@ -118,7 +112,7 @@ def main():
     parser.add_argument("--json", default=None, help="also write the results here")
     options = parser.parse_args()
 
-    from serve import make_random_checkpoint
+    from bench.serve import make_random_checkpoint
 
     work = tempfile.mkdtemp(prefix="cogvlm-chat-turns-")
     try:

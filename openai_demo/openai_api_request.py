@@ -1,9 +1,12 @@
 """Example client for openai_api.py, with the official `openai` package: a two-turn chat about an image.
 
     python openai_demo/openai_api.py --from_pretrained cogvlm-chat-v1.1 --bf16      # in one shell
-    python openai_demo/openai_api_request.py --image photo.jpg --stream             # in another
+    python openai_demo/openai_api_request.py                                        # in another
+    python openai_demo/openai_api_request.py --image photo.jpg --stream
 
-The image is a local file (sent inline as a base64 data URI) or an http(s) URL (the server fetches it).
+The image is a local file (sent inline as a base64 data URI) or an http(s) URL (the server fetches it);
+without --image, a picture that ships with the toolkit. The server's address is --base_url, else
+$OPENAI_BASE_URL (the openai package's variable), else this machine's port 8000 (openai_api.py's default).
 """
 import argparse
 import base64
@@ -14,6 +17,9 @@ import sys
 import openai
 
 DEFAULT_QUESTIONS = ["What's in this image?", "Describe it in more detail."]
+DEFAULT_IMAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "house.png")
+DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+DEFAULT_MAX_TOKENS = 512
 
 
 def image_url_for(image: str) -> str:
@@ -28,7 +34,7 @@ def image_url_for(image: str) -> str:
 def ask(client: openai.OpenAI, model: str, messages: list, args) -> str:
     """Send the conversation; print the answer (as it arrives with --stream) and return it."""
     settings = dict(model=model, messages=messages, temperature=args.temperature)
-    if args.max_tokens is not None:  # left out, the server answers up to what its context allows
+    if args.max_tokens:  # left out, the server answers up to what its context allows
         settings["max_tokens"] = args.max_tokens
     print("Assistant: ", end="", flush=True)
     if not args.stream:
@@ -46,14 +52,17 @@ def ask(client: openai.OpenAI, model: str, messages: list, args) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Chat with a CogVLM OpenAI-compatible server")
-    parser.add_argument("--base_url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--base_url", default=os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL),
+                        help=f"the server's /v1 address (default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
     parser.add_argument("--api_key", default=os.environ.get("COGVLM_API_KEY", "none"),
                         help="the server's --api-key (default: $COGVLM_API_KEY)")
     parser.add_argument("--model", default=None, help="model id (default: the first one the server lists)")
-    parser.add_argument("--image", required=True, help="image file or http(s) URL")
+    parser.add_argument("--image", default=DEFAULT_IMAGE,
+                        help="image file or http(s) URL (default: assets/house.png of the toolkit)")
     parser.add_argument("--question", action="append", help="a question (repeat for more turns)")
-    parser.add_argument("--max_tokens", type=int, default=None,
-                        help="answer length cap (default: as long as the server's context allows)")
+    parser.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"answer length cap (default {DEFAULT_MAX_TOKENS}, so that a second turn has room; "
+                             "0: as long as the server's context allows)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     args = parser.parse_args(argv)

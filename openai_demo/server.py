@@ -28,7 +28,7 @@ from openai_demo.schemas import (AssistantMessage, ChatCompletion, ChatCompletio
                                  ModelCard, ModelList, PUBLIC_ROUTES, completion_id, install_openapi, now)
 from models.errors import CogVLMError, ImageError, PromptError, SamplingError
 from utils.chat import ChatStream
-from utils.engine import Engine, QueueFull, Request as EngineRequest
+from utils.engine import Engine, QueueFull, engine_for
 from utils.generation_config import GenerationConfig
 from utils.engine_args import EngineArgs
 from utils.pipeline import InferencePipeline
@@ -40,18 +40,18 @@ logger = logging.getLogger("openai_api")
 # Serving ------------------------------------------------------------------------------------
 
 class ClosingStreamingResponse(StreamingResponse):
-    """Closes its body generator however the response ends, and cancels its engine request, so that a
-    client who goes away (even before the body started) frees its batch row at the next step."""
+    """Closes its body generator however the response ends, and cancels its chat turn, so that a client
+    who goes away (even before the body started) frees its batch row at the next step."""
 
-    def __init__(self, content, handle: EngineRequest, **kwargs):
+    def __init__(self, content, turn: ChatStream, **kwargs):
         super().__init__(content, **kwargs)
-        self.handle = handle
+        self.turn = turn
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.handle.cancel()
+            self.turn.cancel()
             await self.body_iterator.aclose()
 
 
@@ -94,46 +94,47 @@ class CogVLMServer:
         conversation.history = messages.history
         max_new = body.max_completion_tokens or body.max_tokens
         try:
-            turn = self.pipeline.chat(conversation, messages.query, config.replace(max_new_tokens=max_new))
+            turn = self.pipeline.chat(conversation, messages.query, config.replace(max_new_tokens=max_new),
+                                      self.engine)
         except PromptError:  # its message speaks to CLI users; say it in API terms
             raise APIError(400, f"the conversation (image included) fills the model's context of "
                            f"{self.max_length} tokens and leaves no room to answer; shorten the messages or "
                            "drop earlier turns", param="messages", code="context_length_exceeded") from None
-        room = self.max_length - turn.prompt_length
+        # OpenAI's contract: a max_tokens the context cannot hold is refused, not cut short
+        room = turn.answer_room
         if max_new is not None and max_new > room:
             raise APIError(400, f"max_tokens is {max_new} but the prompt is {turn.prompt_length} tokens (image "
                            f"included) of a {self.max_length}-token context; ask for at most {room}",
                            param="max_tokens", code="context_length_exceeded")
         return turn
 
-    def submit(self, turn: ChatStream) -> EngineRequest:
+    def submit(self, turn: ChatStream) -> ChatStream:
         try:
-            return self.engine.submit(turn.inputs, turn.generation_config, turn.generator, self.request_timeout)
+            return turn.submit(self.request_timeout)
         except QueueFull as e:
             raise APIError(429, str(e), type="server_busy", code="queue_full") from None
 
-    async def run(self, turn: ChatStream, handle: EngineRequest, request: Request) -> AsyncIterator[str]:
-        """The text deltas of the turn as the engine generates it; the turn is finished at the end. Stops
-        early (the engine frees the row at its next step) when the client has disconnected."""
+    async def run(self, turn: ChatStream, request: Request) -> AsyncIterator[str]:
+        """The text deltas of the submitted turn as the engine generates it; the turn is finished at the end.
+        Stops early (the engine frees the row at its next step) when the client has disconnected."""
         try:
             while True:
                 try:
-                    token = await handle.get(timeout=DISCONNECT_POLL_S)
+                    delta = await turn.next_delta(timeout=DISCONNECT_POLL_S)
                 except (TimeoutError, asyncio.TimeoutError):
                     if await request.is_disconnected():
                         return
                     continue
-                if token is None:
+                if delta is None:
                     break
-                delta = turn.add_token(token)
                 if delta:
                     yield delta
                 if await request.is_disconnected():
                     logger.info("client went away; generation stopped after %d tokens", len(turn.token_ids))
                     return
         finally:
-            handle.cancel()
-        if handle.finish_reason == "timeout" and not turn.token_ids:
+            turn.cancel()
+        if turn.timed_out and not turn.token_ids:
             raise APIError(503, f"the request waited longer than the server's --request_timeout of "
                            f"{self.request_timeout:g} s; retry later", type="server_busy", code="timeout")
         turn.finish()  # a deadline mid-answer ends it as "length"
@@ -146,13 +147,13 @@ class CogVLMServer:
         # through the image gate (openai_demo/limits.py), before the request queues
         image = None if messages.image_url is None else await self.images.load(messages.image_url)
         turn = await anyio.to_thread.run_sync(self.prepare, body, messages, config, image)
-        handle = self.submit(turn)
+        self.submit(turn)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return ClosingStreamingResponse(self.sse(turn, handle, request, include_usage), handle,
+            return ClosingStreamingResponse(self.sse(turn, request, include_usage), turn,
                                             media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async with aclosing(self.run(turn, handle, request)) as deltas:
+        async with aclosing(self.run(turn, request)) as deltas:
             async for _ in deltas:
                 pass
         if turn.response is None:  # the client disconnected: nobody reads this
@@ -161,8 +162,7 @@ class CogVLMServer:
                               choices=[Choice(message=AssistantMessage(content=turn.response),
                                               finish_reason=turn.finish_reason)])
 
-    async def sse(self, turn: ChatStream, handle: EngineRequest, request: Request,
-                  include_usage: bool) -> AsyncIterator[str]:
+    async def sse(self, turn: ChatStream, request: Request, include_usage: bool) -> AsyncIterator[str]:
         cid, created = completion_id(), now()
 
         def chunk(delta: Delta, reason=None, choices=True, usage=None) -> str:
@@ -177,7 +177,7 @@ class CogVLMServer:
         text = StrippedDeltas()
         try:
             # aclosing: when this generator is closed mid-stream, the run cancels its engine request at once
-            async with aclosing(self.run(turn, handle, request)) as deltas:
+            async with aclosing(self.run(turn, request)) as deltas:
                 async for delta in deltas:
                     delta = text.feed(delta)
                     if delta:
@@ -245,8 +245,7 @@ def create_app(pipeline: InferencePipeline, model_name: str, defaults: Optional[
     """The FastAPI app serving `pipeline` under `model_name`, on `engine` (default: a new one sized by
     `engine_args`, whose request_timeout applies either way), fetching image URLs under `media_policy`."""
     request_timeout = engine_args.request_timeout
-    engine = engine or Engine(pipeline.model, pipeline.processor.max_length, eos_token_id=pipeline.processor.eos_token_id,
-                              **engine_args.engine_kwargs())
+    engine = engine or engine_for(pipeline, engine_args)
     server = CogVLMServer(pipeline, model_name, defaults or pipeline.defaults, engine, request_timeout,
                           media_policy)
     app = FastAPI(title="CogVLM OpenAI-compatible API")

@@ -23,15 +23,11 @@ image at once. Takes the CLI's flags (--temperature, --top_k, --max_length, --bf
 """
 import argparse
 import logging
-import os
 import sys
 
-# run as `python scripts/batch_infer.py` from anywhere: the library lives one level up
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models.errors import CogVLMError  # noqa: E402
-from utils.batch import LOCAL  # noqa: E402
-from utils.cli import Interrupted, add_inference_args, setup_logging, single_process, stop_on_signals  # noqa: E402
+from models.errors import CogVLMError
+from utils.batch import LOCAL
+from utils.cli import Interrupted, add_inference_args, run_main, setup_logging, single_process, stop_on_signals
 
 logger = logging.getLogger("batch_infer")
 
@@ -117,37 +113,37 @@ def caption_here(args, config, inputs, queries, output) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    output = None
-    try:
-        with stop_on_signals() as take_signals:
-            # the model layers load here, after the flags: SAT and Ray take seconds to import (utils/cli.py)
-            from utils.batch.inputs import read_queries, resolve_inputs
-            from utils.batch.outputs import open_output
-            from utils.batch.ray_job import caption_on_ray, default_gpus_per_worker, ray_cluster
-            from utils.pipeline import generation_config
+    opened = []  # the output once it is open: an interrupt says how many rows it holds
 
-            check_flags(args)
-            config = generation_config(args, max_new_tokens=args.max_new_tokens)
-            queries = read_queries(args.query, args.queries_file, args.no_prompt)
-            inputs = resolve_inputs(args.images, args.image_column, args.key_column)
-            with open_output(args.output, inputs.format.key_name, queries) as output:
-                if args.ray is None:
-                    caption_here(args, config, inputs, queries, output)
-                else:
-                    with ray_cluster(args.ray):
-                        take_signals()  # ray.init sets its own SIGTERM handler
-                        gpus = args.gpus_per_worker
-                        caption_on_ray(args, config, inputs, queries, output, workers=args.workers or 1,
-                                       gpus_per_worker=default_gpus_per_worker(args.device) if gpus is None else gpus,
-                                       threads_per_worker=args.threads_per_worker or 1)
-    except CogVLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as stop:
-        written = output.rows_written if output is not None else 0
-        print(f"interrupted ({stop}): {written} rows written to {args.output} this run; run the same command again "
-              "to resume", file=sys.stderr)
-        return stop.exit_code
+    def interrupted(stop: Interrupted) -> str:
+        written = opened[0].rows_written if opened else 0
+        return (f"interrupted ({stop}): {written} rows written to {args.output} this run; run the same command "
+                "again to resume")
+
+    return run_main(lambda: caption(args, opened), interrupted)
+
+
+def caption(args, opened: list) -> int:
+    # the model layers load here, after the flags: SAT and Ray take seconds to import (utils/cli.py)
+    from utils.batch.inputs import read_queries, resolve_inputs
+    from utils.batch.outputs import open_output
+    from utils.batch.ray_job import caption_on_ray, default_gpus_per_worker, ray_cluster
+    from utils.pipeline import generation_config
+
+    check_flags(args)
+    config = generation_config(args, max_new_tokens=args.max_new_tokens)
+    queries = read_queries(args.query, args.queries_file, args.no_prompt)
+    inputs = resolve_inputs(args.images, args.image_column, args.key_column)
+    with open_output(args.output, inputs.format.key_name, queries) as output:
+        opened.append(output)
+        if args.ray is None:
+            caption_here(args, config, inputs, queries, output)
+        else:
+            with ray_cluster(args.ray), stop_on_signals():  # ray.init sets its own SIGTERM handler: take it back
+                gpus = args.gpus_per_worker
+                caption_on_ray(args, config, inputs, queries, output, workers=args.workers or 1,
+                               gpus_per_worker=default_gpus_per_worker(args.device) if gpus is None else gpus,
+                               threads_per_worker=args.threads_per_worker or 1)
     print(output.summary())
     return 0
 

@@ -2,6 +2,7 @@
 under concurrency equal lone runs token for token; seeded sampling is independent of the batch; queue
 limits, deadlines, cancellation and row reuse; the API server on the engine (429, queued clients)."""
 import argparse
+import asyncio
 import contextlib
 import threading
 import time
@@ -214,6 +215,46 @@ def test_group_prefill_and_rows_reused(golden, pipeline, image):
     for (query, img, n), tokens in zip(specs, answers):
         assert tokens == lone_tokens(pipeline, query, img, max_new=n), query
     assert engine.running == 0 and engine.cache.lengths == [0, 0]
+    engine.close()
+
+
+def test_a_chat_turn_owns_its_engine_request(pipeline, image):
+    """The three ways the front ends run a turn on the engine (iterate, `await next_delta`, `wait` + `finish`)
+    give the lone answer, text included; a turn is submitted once, and only to an engine; cancel frees its row."""
+    engine = Engine(pipeline.model, pipeline.defaults.max_length, max_batch_size=2,
+                    eos_token_id=pipeline.processor.eos_token_id)
+    question = "What is in the image?"
+    expected_tokens, expected_text = lone_run(pipeline, question, image, max_new=10)
+
+    iterated = turn(pipeline, question, image, max_new=10, engine=engine)
+    assert "".join(iterated) == expected_text and iterated.token_ids == expected_tokens
+    assert iterated.request.finish_reason == iterated.finish_reason and iterated.response == expected_text.strip()
+
+    async def stream(chat_turn):
+        deltas = []
+        while (delta := await chat_turn.next_delta(timeout=30)) is not None:
+            deltas.append(delta)
+        chat_turn.finish()
+        return "".join(deltas)
+
+    streamed = turn(pipeline, question, image, max_new=10, engine=engine).submit(timeout=60)
+    assert asyncio.run(stream(streamed)) == expected_text and streamed.token_ids == expected_tokens
+    assert not streamed.timed_out and streamed.conversation.history[-1] == (question, streamed.response)
+
+    waited = turn(pipeline, question, image, max_new=10, engine=engine).submit()
+    with pytest.raises(ValueError, match="already submitted"):
+        waited.submit()
+    waited.wait().finish()
+    assert waited.token_ids == expected_tokens and waited.response == expected_text.strip()
+
+    with pytest.raises(ValueError, match="no engine"):
+        turn(pipeline, question).submit()
+
+    long_turn = turn(pipeline, "Talk", max_new=1000, engine=engine).submit()
+    wait_until(lambda: engine.running == 1, what="a running row")
+    long_turn.cancel()
+    wait_until(lambda: engine.running == 0, what="the cancelled turn's row freed")
+    assert long_turn.request.finish_reason == "cancelled"
     engine.close()
 
 

@@ -186,6 +186,42 @@ def test_no_source_file_over_the_limit():
     assert not long, f"over {MAX_LINES} lines: {long}"
 
 
+def test_one_way_to_import_the_project():
+    """No file edits sys.path (`pip install -e .` from requirements.txt, and pytest's pythonpath, give the
+    packages), and bench/'s modules import each other as `bench.<name>` only, not by the bare name that
+    `python bench/<name>.py`'s own folder on sys.path would also allow."""
+    bench = os.path.join(ROOT, "bench")
+    bench_names = {name[:-3] for name in os.listdir(bench) if name.endswith(".py")} - {"__init__"}
+    files = list(MODULES.values()) + [os.path.join(folder, name) for folder in (bench, os.path.join(ROOT, "tests"))
+                                      for name in os.listdir(folder) if name.endswith(".py")]
+    found = []
+    for path in files:
+        tree = ast.parse(open(path).read(), path)
+        for node in ast.walk(tree):
+            where = f"{os.path.relpath(path, ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute) and ast.unparse(node) in ("sys.path.insert", "sys.path.append"):
+                found.append(f"{where} edits sys.path")
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            found.extend(f"{where} imports {name}" for name in names if name.split(".")[0] in bench_names)
+    assert not found, found
+
+
+def test_front_ends_run_turns_through_the_chat_turn():
+    """A front end hands a utils.chat.ChatStream to the engine (`turn.submit()`, iteration), never a turn's
+    unpacked `inputs` with its tokens fed back by hand: only utils/chat.py submits a processor output."""
+    found = []
+    bench = os.path.join(ROOT, "bench")
+    paths = [path for module, path in MODULES.items() if module != "utils.chat"]
+    for path in paths + [os.path.join(bench, name) for name in os.listdir(bench) if name.endswith(".py")]:
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("submit", "submit_many") and node.args
+                    and ".inputs" in ast.unparse(node.args[0])):
+                found.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {ast.unparse(node)[:80]}")
+    assert not found, found
+
+
 def test_the_test_catches_what_it_forbids(tmp_path):
     """The checker itself: an upward and a function-level import in a scratch file are found."""
     scratch = tmp_path / "scratch.py"

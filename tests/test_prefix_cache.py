@@ -74,16 +74,9 @@ def chat(pipeline, engine, image, questions=QUESTIONS, max_new=12):
     conversation = pipeline.conversation(image)
     turns = []
     for question in questions:
-        turn = pipeline.chat(conversation, question, GREEDY.replace(max_new_tokens=max_new))
-        if engine is None:
-            "".join(turn)
-            reused = None
-        else:
-            request = engine.submit(turn.inputs, turn.generation_config, turn.generator)
-            for token in request:
-                turn.add_token(token)
-            turn.finish()
-            reused = request.cached_positions
+        turn = pipeline.chat(conversation, question, GREEDY.replace(max_new_tokens=max_new), engine)
+        "".join(turn)
+        reused = None if engine is None else turn.request.cached_positions
         turns.append((turn.token_ids, reused, turn.prompt_length))
     return turns
 

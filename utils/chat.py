@@ -4,6 +4,11 @@
     for delta in turn:          # text as it is generated
         print(delta, end="")
     turn.response, turn.token_ids, turn.finish_reason   # conversation now holds the turn too
+
+    turn = ChatStream(..., engine=engine).submit(timeout=30)   # on the serving engine, batched with others
+    while (delta := await turn.next_delta()) is not None:      # asyncio (the API server)
+        ...
+    turn.finish()
 """
 from contextlib import closing
 from typing import Callable, Iterator, List, Optional, Sequence
@@ -13,7 +18,8 @@ from PIL import Image
 
 from utils.conversation import Conversation, History
 from utils.generation import generate_stream
-from utils.generation_config import GenerationConfig
+from utils.engine_request import Request
+from utils.generation_config import GenerationConfig, answer_budget
 from utils.processor import CogVLMProcessor, TextDeltas
 from models.errors import ImageError
 from utils.vision import load_image
@@ -27,6 +33,9 @@ class ChatStream:
     Input errors (prompt length, settings) raise in the constructor, before any compute. generator: the
     random generator of sampled tokens (None: one seeded by config.seed, else by torch's global generator).
     engine: a utils.engine.Engine to generate on (batched with other requests); None: generate here.
+
+    On an engine the turn owns its engine request: `submit()` queues it (iteration does so when nobody has),
+    then iterate, or `await next_delta()` (asyncio) / `wait()` and then `finish()`; `cancel()` frees its row.
     """
 
     def __init__(self, model, processor: CogVLMProcessor, conversation: Conversation, query: str,
@@ -39,6 +48,7 @@ class ChatStream:
         self.end_token_ids = self.config.end_tokens(processor.eos_token_id)
         self.generator = generator
         self.engine = engine
+        self.request: Optional[Request] = None  # the engine request, once submitted
         self.token_ids: List[int] = []
         self.response: Optional[str] = None
         self._deltas = TextDeltas(processor, self.end_token_ids)
@@ -48,18 +58,44 @@ class ChatStream:
         return self.inputs["input_ids"].shape[1]
 
     @property
+    def answer_room(self) -> int:
+        """The most tokens the answer could have: the room the prompt leaves under max_length, the turn's or
+        the processor's (max_new_tokens aside; at least 1, the constructor checks)."""
+        return answer_budget(self.prompt_length, min(self.config.max_length, self.processor.max_length))
+
+    @property
     def finish_reason(self) -> str:
         return "stop" if self.token_ids and self.token_ids[-1] in self.end_token_ids else "length"
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether the engine dropped the turn at its deadline (submit's timeout)."""
+        return self.request is not None and self.request.finish_reason == "timeout"
 
     @property
     def generation_config(self) -> GenerationConfig:
         """The turn's settings with its end tokens spelled out."""
         return self.config.replace(end_token_ids=self.end_token_ids)
 
+    def submit(self, timeout: Optional[float] = None) -> "ChatStream":
+        """Queue the turn on its engine; after `timeout` seconds the engine drops it, waiting or running.
+        Raises utils.engine_request.QueueFull when the engine's waiting queue is full."""
+        if self.engine is None:
+            raise ValueError("this turn has no engine to submit to; pass engine= to ChatStream / pipeline.chat")
+        if self.request is not None:
+            raise ValueError("this turn is already submitted")
+        self.request = self.engine.submit(self.inputs, self.generation_config, self.generator, timeout)
+        return self
+
+    def cancel(self) -> None:
+        """Stop generating (from any thread): the engine frees the turn's row at its next step."""
+        if self.request is not None:
+            self.request.cancel()
+
     def __iter__(self) -> Iterator[str]:
         with closing(self._tokens()) as tokens:  # closed at once when the consumer stops early
             for token in tokens:
-                delta = self.add_token(token)
+                delta = self._add_token(token)
                 if delta:
                     yield delta
         self.finish()
@@ -68,14 +104,31 @@ class ChatStream:
         if self.engine is None:
             yield from generate_stream(self.model, self.inputs, self.generation_config, self.generator)
             return
-        request = self.engine.submit(self.inputs, self.generation_config, self.generator)
+        if self.request is None:
+            self.submit()
         try:
-            yield from request
+            yield from self.request
         finally:  # the consumer stopped early: free the engine's row
-            request.cancel()
+            self.request.cancel()
 
-    def add_token(self, token: int) -> str:
-        """Record one generated token (for callers that generate elsewhere); returns the text it adds."""
+    async def next_delta(self, timeout: Optional[float] = None) -> Optional[str]:
+        """The text the next generated token adds ("" for a token that completes no character yet), or None
+        after the last one (then `finish()` the turn). Raises TimeoutError when no token comes within
+        `timeout` seconds (the turn runs on), utils.engine_request.EngineError when generation failed."""
+        if self.request is None:
+            self.submit()
+        token = await self.request.get(timeout)
+        return None if token is None else self._add_token(token)
+
+    def wait(self) -> "ChatStream":
+        """Block until the engine has generated the whole answer; records its tokens without decoding text
+        (the caller then calls `finish()`, e.g. under its tokenizer lock)."""
+        if self.request is None:
+            self.submit()
+        self.token_ids.extend(self.request)
+        return self
+
+    def _add_token(self, token: int) -> str:
         self.token_ids.append(token)
         return self._deltas.feed(token)
 

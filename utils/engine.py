@@ -40,7 +40,6 @@ from typing import Deque, Dict, List, Optional
 import torch
 
 from models.config import EOS_ID
-from models.errors import PromptError
 from models.kv_cache import SlotKVCache
 from models.kernels.quantization import has_low_bit_weights
 from utils.engine_args import DEFAULT_PREFIX_CACHE_SHARE, EngineArgs
@@ -144,12 +143,7 @@ class Engine:
     def _request(self, inputs, config: GenerationConfig, generator, timeout) -> Request:
         if bool(inputs["image_embed_mask"].any()) != (inputs.get("images") is not None):
             raise ValueError("a prompt with an image block needs its `images` (and one without, none)")
-        length = inputs["input_ids"].shape[1]
-        max_length = min(config.max_length, self.max_length)
-        budget = min(max_length - length, config.max_new_tokens or max_length)
-        if budget < 1:
-            raise PromptError(f"prompt is {length} tokens; with max_length {max_length} that leaves no room to "
-                              "answer: shorten the prompt or raise --max_length")
+        budget = config.answer_budget(inputs["input_ids"].shape[1], self.max_length)
         if generator is None and not config.greedy:
             generator = new_generator(config.seed)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -44,7 +44,7 @@ class Request:
         self.token_ids: List[int] = []
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
-        self.next_position = int(inputs["position_ids"][0, -1]) + 1  # DESIGN.md §3: answers continue the count
+        self.next_position = int(inputs["position_ids"][0, -1]) + 1  # answers continue the prompt's count
         self._cancelled = False
         self._items: "queue.SimpleQueue" = queue.SimpleQueue()
         self._loop: Optional[asyncio.AbstractEventLoop] = None  # the asyncio consumer, woken on new items

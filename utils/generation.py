@@ -45,13 +45,6 @@ class Sampler:
         self.configs = list(configs)
         self.generators = [g if g is not None or c.greedy else new_generator(c.seed) for c, g in zip(configs, generators)]
 
-    def add(self, config: GenerationConfig, generator: Optional[torch.Generator] = None) -> None:
-        self.configs.append(config)
-        self.generators.append(generator if generator is not None or config.greedy else new_generator(config.seed))
-
-    def remove(self, row: int) -> None:
-        del self.configs[row], self.generators[row]
-
     def next_tokens(self, logits: torch.Tensor, generated: Sequence[Sequence[int]]) -> torch.Tensor:
         """logits (B, vocab), float; generated: each row's tokens so far (for the repetition penalty) -> (B,)."""
         if all(c.greedy and c.repetition_penalty == 1.0 and not c.invalid_slices for c in self.configs):
@@ -153,11 +146,7 @@ def generate_batch_stream(model, batch: Dict[str, torch.Tensor], configs, genera
     sampler = Sampler(configs, list(generators) if generators is not None else [None] * batch_size)
     valid = batch.get("valid", torch.ones(batch_size, prompt_length, dtype=torch.bool)).to(device)
     row_lengths = valid.sum(1).tolist()
-    budgets = [min(c.max_length - n, c.max_new_tokens or c.max_length) for c, n in zip(configs, row_lengths)]
-    if min(budgets) < 1:
-        row = budgets.index(min(budgets))
-        raise ValueError(f"prompt of {row_lengths[row]} tokens leaves no room under max_length "
-                         f"{configs[row].max_length}")
+    budgets = [config.answer_budget(length) for config, length in zip(configs, row_lengths)]
     end_tokens = [set(c.end_tokens(eos_token_id)) for c in configs]
     padded = not bool(valid.all())
 

@@ -6,9 +6,21 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-from models.errors import SamplingError
+from models.errors import PromptError, SamplingError
 
 MAX_SEED = 2**63 - 1
+
+
+def answer_budget(prompt_length: int, max_length: int, max_new_tokens: Optional[int] = None) -> int:
+    """The tokens an answer may have after a `prompt_length`-token prompt (image block included) under a total
+    of `max_length` positions, capped by `max_new_tokens`. The one rule of whether a prompt fits: raises
+    PromptError when it leaves no room to answer."""
+    room = max_length - prompt_length
+    if room < 1:
+        raise PromptError(f"prompt is {prompt_length} tokens (image included) but --max_length is {max_length}, "
+                          "which leaves no room to answer; raise --max_length or shorten the prompt, or clear "
+                          "the conversation history")
+    return min(room, max_new_tokens or room)
 
 
 @dataclass
@@ -35,6 +47,11 @@ class GenerationConfig:
 
     def replace(self, **changes) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)
+
+    def answer_budget(self, prompt_length: int, max_length: Optional[int] = None) -> int:
+        """`answer_budget` under these settings, max_length capped to `max_length` (an engine's rows)."""
+        limit = self.max_length if max_length is None else min(self.max_length, max_length)
+        return answer_budget(prompt_length, limit, self.max_new_tokens)
 
     def end_tokens(self, eos_token_id: int) -> List[int]:
         """The ids that end an answer: end_token_ids, or the tokenizer's `eos_token_id`."""

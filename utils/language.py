@@ -22,6 +22,7 @@ from models.inputs import rope_position_ids
 from models.errors import PromptError, TokenizerError
 from models.releases import RELEASED_TOKENIZER
 from models.templates import DEFAULT_TEMPLATE, IMAGE_MARKER, get_template, render
+from utils.generation_config import answer_budget
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +153,7 @@ class llama2_text_processor_inference:  # noqa: N801 (upstream name, kept for po
         prefix = bos + self.encode(before)
         image_block = [0] * (self.image_length + 2) if with_image else []
         input_ids = prefix + image_block + self.encode(after)
-        if len(input_ids) >= self.max_target_length:
-            raise PromptError(f"prompt is {len(input_ids)} tokens (image included) but --max_length is "
-                              f"{self.max_target_length}, which leaves no room to answer; raise --max_length "
-                              "or shorten the prompt, or clear the conversation history")
+        answer_budget(len(input_ids), self.max_target_length)  # raises when the prompt does not fit
         length = len(input_ids)
         image_embed_mask = torch.zeros(1, length, dtype=torch.long)
         vision_expert_mask = torch.zeros(1, length, dtype=torch.long)

@@ -6,7 +6,7 @@
     #  'attention_mask': (1, 1, L, L), 'images': (1, 3, S, S) when the conversation has an image}
 
 The token layout, masks and positions are `utils.language.llama2_text_processor_inference`'s (the upstream
-text processor, kept as the one implementation of DESIGN.md §3); the pixels come from utils.vision.
+text processor, kept as the one implementation of the prompt layout); the pixels come from utils.vision.
 """
 from typing import Dict, Sequence
 

@@ -15,7 +15,9 @@ from PIL import Image
 from models.errors import ImageError, PromptError
 from utils.batch.inputs import Item
 from utils.batch.outputs import result_row
-from utils.engine import Engine, QueueFull
+from utils.chat import ChatStream
+from utils.engine import QueueFull, engine_for
+from utils.engine_args import EngineArgs
 
 QUEUE_FULL_WAIT_S = 0.01
 
@@ -31,8 +33,7 @@ class Captioner:
     def __init__(self, pipeline, queries: Sequence[str], config, batch_size: int, key_name: str, callers: int = 1):
         self.pipeline, self.queries, self.config, self.key_name = pipeline, list(queries), config, key_name
         self.window = 2 * batch_size  # requests queued per caller, so a freed row never waits for decoding
-        self.engine = Engine(pipeline.model, pipeline.defaults.max_length, max_batch_size=batch_size,
-                             max_waiting=callers * self.window, eos_token_id=pipeline.processor.eos_token_id)
+        self.engine = engine_for(pipeline, EngineArgs(max_batch_size=batch_size, max_waiting=callers * self.window))
         self._tokenizer_lock = threading.Lock()
 
     def __enter__(self):
@@ -46,7 +47,7 @@ class Captioner:
 
     def answer(self, items: Iterable[Item]) -> Iterator[dict]:
         """Result rows of `items` x queries, in that order, each as soon as it and those before it are done."""
-        in_flight = collections.deque()  # (key, query, (chat turn, engine request) or None, error or None)
+        in_flight = collections.deque()  # (key, query, submitted chat turn or None, error or None)
         several = len(self.queries) > 1
         try:
             for item in items:
@@ -60,7 +61,7 @@ class Captioner:
                         turn, error = self._prompt(image, query)
                         while error is None and job is None:
                             try:
-                                job = (turn, self.engine.submit(turn.inputs, turn.generation_config, turn.generator))
+                                job = turn.submit()
                             except QueueFull:  # other callers' requests fill the queue: finish ours first
                                 if in_flight:
                                     yield self._result(*in_flight.popleft())
@@ -74,21 +75,20 @@ class Captioner:
         finally:  # stopped early (an interrupt): free the engine's rows
             for _, _, job, _ in in_flight:
                 if job is not None:
-                    job[1].cancel()
+                    job.cancel()
 
     def _prompt(self, image: Image.Image, query: str):
         """(the chat turn, None), or (None, why the prompt does not fit)."""
         try:
             with self._tokenizer_lock:
-                return self.pipeline.chat(self.pipeline.conversation(image), query, self.config), None
+                return self.pipeline.chat(self.pipeline.conversation(image), query, self.config, self.engine), None
         except PromptError as e:
             return None, str(e)
 
-    def _result(self, key: str, query: Optional[str], job, error: Optional[str]) -> dict:
-        if job is None:
+    def _result(self, key: str, query: Optional[str], turn: Optional[ChatStream], error: Optional[str]) -> dict:
+        if turn is None:
             return result_row(self.key_name, key, query, error=error)
-        turn, request = job
-        turn.token_ids.extend(request)  # waits for the engine
+        turn.wait()
         with self._tokenizer_lock:
             turn.finish()
         return result_row(self.key_name, key, query, answer=turn.response, tokens=len(turn.token_ids),
