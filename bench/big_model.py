@@ -3,7 +3,7 @@
     python bench/big_model.py --dir /work/tmp-cogvlm17b          # write the checkpoint, run int8 and int4, delete it
     python bench/big_model.py --dir DIR --keep --quant 4         # keep the checkpoint for another run
 
-1. Writes a random-weight HF-format checkpoint of the released CogVLM-17B shape (DESIGN.md section 2: LLM 32
+1. Writes a random-weight HF-format checkpoint of the released CogVLM-17B shape (LLM 32
    layers x 4096, 32 heads, MLP 11008, vocab 32000, a visual expert in every layer; EVA2-CLIP-E 63 layers x
    1792, 16 heads, MLP 15360; 224 px here) in bf16, one safetensors shard at a time (~35 GB on disk; only
    one shard is ever in memory). Checks free disk and memory first.
@@ -28,10 +28,9 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench.generate import copy_bandwidth_gbs, proc_status_bytes, run_ours, weight_bytes
 
-from bench.generate import copy_bandwidth_gbs, proc_status_bytes, run_ours, weight_bytes  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {
     "17B": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, vocab_size=32000, inner_hidden_size=11008,

@@ -14,7 +14,7 @@ defaults (F16 KV cache, flash attention where it chooses) in the bench and an F3
 attention as the oracle. Every row runs in a fresh process, rows interleaved round by round (as
 bench/generate.py). The last line is `ours/llama.cpp decode: fp32 A.AAx bf16 B.BBx int8 C.CCx int4 D.DDx`.
 
-How llama.cpp lays out an image prompt (libmtmd + src/models/cogvlm.cpp), unlike CogVLM (DESIGN.md §3):
+How llama.cpp lays out an image prompt (libmtmd + src/models/cogvlm.cpp), unlike CogVLM (utils/language.py):
 positions run on through the image block (boi 1, patches 2..L+1, eoi L+2, text from L+3; CogVLM: patches
 share position 2, text from 4), and the visual expert takes every position of the image block, eoi
 included (CogVLM: boi and patches only). `llamacpp_layout` builds our inputs that way; `--check` measures
@@ -33,12 +33,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import llama_cpp
+from llama_cpp import _logger as llama_logger
+from llama_cpp import mtmd_cpp
 
-import llama_cpp  # noqa: E402
-from llama_cpp import _logger as llama_logger  # noqa: E402
-from llama_cpp import mtmd_cpp  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRECISIONS = {  # ours (dtype, --quant) and the llama.cpp export of the same precision
     "fp32": (("fp32", 0), "f32"), "bf16": (("bf16", 0), "bf16"), "int8": (("fp32", 8), "q8_0"),

@@ -201,7 +201,7 @@ class CogVLMModel(LLaMAModel):
 
         The same operations as `forward` (SAT's layer_forward_default with this model's mixins, bit for bit:
         tests/test_decode.py) without SAT's per-layer plumbing (three module calls, hook lookups and keyword
-        dictionaries per layer): 1-2.5 ms of a 12 ms int8 step of config M on a CPU (bench/RESULTS.md).
+        dictionaries per layer), which cost a noticeable share of a one-token step on a CPU.
         """
         attention_mixin, mlp_mixin = self.get_mixin("rotary"), self.get_mixin("mlp")
         mask_kinds = self.get_mixin("kv-cache").mask_kinds

@@ -5,7 +5,8 @@
 - Upstream's spelling of the pixels: the image processor's outputs under a `vision_` prefix (`vision_image`,
   and the ViT's fixed token inputs beside it).
 - The image block: pixels, `image_embed_mask`, `vision_expert_mask`, `image_rope_mask` and `position_ids`
-  must agree (DESIGN.md §3), or the forward would silently compute something else.
+  must agree (the layout utils.language.llama2_text_processor_inference builds), or the forward would
+  silently compute something else.
 """
 from typing import Iterable, Optional
 

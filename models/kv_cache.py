@@ -35,9 +35,9 @@ def cache_dtype(dtype: torch.dtype, device, low_bit_weights: bool = False) -> to
     numbers, and the keys are rounded after their rotation; with int8 weights both are rounded, as llama.cpp's
     default f16 cache does with every weight type (what it costs: bench/RESULTS.md, accuracy). Elsewhere on a
     CPU, 16-bit models get an fp32 cache: torch's CPU kernels for 16-bit attention (SDPA's flash and math
-    kernels, bmm through oneDNN) stream the cache at 4-6 GB/s against 12-15 GB/s for fp32 (bench/RESULTS.md,
-    issue 18's second pass). The values are the model's own (16-bit numbers are exact in fp32); only the
-    memory of the cache doubles. Elsewhere (CUDA) the model's dtype.
+    kernels, bmm through oneDNN) stream the cache at a fraction of fp32's rate (bench/attention.py measures
+    both). The values are the model's own (16-bit numbers are exact in fp32); only the memory of the cache
+    doubles. Elsewhere (CUDA) the model's dtype.
     """
     if torch.device(device).type != "cpu":
         return dtype

@@ -15,7 +15,7 @@ from conftest import ROOT
 from scripts.make_captcha_dataset import CHARSET, make_dataset, render_captcha
 from scripts.split_dataset import SplitError, split_dataset
 from utils.dataset import (CAPTCHA_QUERY, IGNORE_INDEX, CaptchaDataset, ConversationDataset, DatasetError, Record,
-                           TrainingSampleBuilder, collate_captchas, llama2_text_processor, read_jsonl)
+                           TrainingSampleBuilder, collate_samples, llama2_text_processor, read_jsonl)
 from utils.evaluation import exact_match
 from models.errors import CogVLMError
 from models.templates import render
@@ -65,7 +65,7 @@ def test_collate_pads_with_ignored_labels(processors):
         sample = train(label, CAPTCHA_QUERY)
         sample["image"] = image_processor.to_tensor(Image.new("RGB", (40, 20), "white"))
         samples.append(sample)
-    batch = collate_captchas(samples, pad_token_id=0)
+    batch = collate_samples(samples, pad_token_id=0)
     length = batch["input_ids"].shape[1]
     short = samples[0]["input_ids"].shape[0]
     assert length == samples[1]["input_ids"].shape[0] > short

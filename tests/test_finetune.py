@@ -14,7 +14,7 @@ import torch
 from conftest import GOLDEN_DIR, ROOT, assert_close_rel, randomize_, tiny_args
 from models.cogvlm_model import FineTuneTrainCogVLMModel
 from scripts.make_captcha_dataset import make_dataset
-from utils.dataset import (CaptchaDataset, ConversationDataset, collate_captchas, collate_samples,
+from utils.dataset import (CaptchaDataset, ConversationDataset, collate_samples,
                            llama2_text_processor, read_jsonl)
 from utils import training
 from utils.vision import get_image_processor
@@ -38,7 +38,7 @@ def captcha_batch(tmp_path_factory, tokenizers):
     make_dataset(str(folder), 8, "clean", seed=11)
     processor = llama2_text_processor(tokenizers["base"], 64, image_length=9)
     dataset = CaptchaDataset(str(folder), get_image_processor(42), processor)
-    return collate_captchas([dataset[i] for i in range(len(dataset))])
+    return collate_samples([dataset[i] for i in range(len(dataset))])
 
 
 def loss_of(model, batch):

@@ -364,5 +364,3 @@ def collate_samples(samples: Sequence[Dict[str, torch.Tensor]], pad_token_id: in
     batch["images"] = torch.stack([s["image"] for s in samples])
     return batch
 
-
-collate_captchas = collate_samples  # the earlier name

@@ -50,8 +50,8 @@ def init_from_scratch_(model: torch.nn.Module, seed: int, vit_positions: str = "
 
     SAT's default std 0.02 leaves a small model on the "ignore the image" plateau for thousands of
     steps; fan-in scaling shortens it. The position embeddings get std 1 because all patches share
-    one rotary position in the LLM (/work/shared/DESIGN.md §3, "Inputs": the image block's patches
-    have one position id): where a patch is reaches the LLM only through them, and at fan-in scale
+    one rotary position in the LLM (utils.language.llama2_text_processor_inference: the image block's
+    patches have one position id): where a patch is reaches the LLM only through them, and at fan-in scale
     they are a few percent of the patch embedding's magnitude. Sine-cosine codes make a patch's row
     and column linear functions of its embedding from the first step, which answers that name
     places (boxes, left/right) need; random codes must first be told apart one by one.

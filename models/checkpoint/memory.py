@@ -1,7 +1,7 @@
 """Keeping a load's resident memory at the model's size: what a consumed checkpoint tensor leaves behind.
 
 Two things outlive the tensors that `load_state_dict` has copied or quantized, and both count in the
-process's RSS (bench/RESULTS.md, "CogVLM-17B on this 24 GiB CPU box", measured them):
+process's RSS (bench/big_model.py measures the peak of a 17B load):
   - the file pages read through a memory map (safetensors and `torch.load(mmap=True)` map whole files):
     resident until the whole mapping goes, i.e. up to a shard (safetensors) or the whole 35 GB
     `mp_rank_00_model_states.pt` (SAT);

@@ -1,12 +1,11 @@
 """Attention of many queries at once (a prompt's prefill, the ViT), and the one place that picks its kernel.
 
 On a CPU with bf16 vector instructions but no AMX, torch's SDPA kernel for bf16 (flash attention over blocks
-of queries x 512 keys, small oneDNN calls in between fp32 softmax steps) is no faster than its fp32 kernel:
-2.6 ms for config M's causal 283-token, 16-head prompt, where two oneDNN bf16 matmuls with an fp32 softmax
-between them take 1.4 ms (bench/RESULTS.md, issue 18's fifth pass). There, without autograd, blocks of
-queries are attended that way. The scores leave the first matmul rounded to bf16 (summed in fp32), as in
-transformers' eager attention; the softmax runs in fp32 inside torch's bf16 kernel. Elsewhere (fp32, CUDA,
-AMX, training) torch's SDPA.
+of queries x 512 keys, small oneDNN calls in between fp32 softmax steps) is no faster than its fp32 kernel,
+where two oneDNN bf16 matmuls with an fp32 softmax between them take about half the time (bench/RESULTS.md).
+There, without autograd, blocks of queries are attended that way. The scores leave the first matmul rounded to
+bf16 (summed in fp32), as in transformers' eager attention; the softmax runs in fp32 inside torch's bf16
+kernel. Elsewhere (fp32, CUDA, AMX, training) torch's SDPA.
 """
 import functools
 import math

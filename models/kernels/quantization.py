@@ -16,7 +16,7 @@ The kernels are torch's own (bench/linear.py times them against torchao, oneDNN 
     INT4_KERNEL_MAX_ROWS rows; longer inputs (prefill) dequantize the layer for the call and use the
     bf16 GEMM (AMX where the CPU has it; fp32 on CPUs without bf16 instructions), which is faster there
     than the int4 kernel. The dequantization is our C loop (models.kernels.native) into a buffer kept per thread:
-    torch's elementwise ops took 5-10x the GEMM's own time for a prompt (bench/RESULTS.md, issue 30).
+    torch's elementwise ops for it took several times the GEMM's own time for a prompt (bench/RESULTS.md).
 Every such layer can be built empty and convert the float tensors `load_state_dict` hands it, so loading a
 checkpoint with `quantize_model(model, bits, weights_loaded=False)` (or models.kernels.packed) never holds the
 float weights of more than the layers being read. These layers are for inference: they have no float
@@ -65,7 +65,7 @@ class Int8Linear(QuantizedLinear):
 
 # Up to this many rows Int8WeightOnlyLinear runs `_weight_int8pack_mm`; longer inputs dequantize its weight,
 # a block of INT8_DEQUANTIZE_BLOCK weights at a time (bounded temporaries, the block stays in cache), for
-# MKL's fp32 GEMM (bench/linear.py on an AVX2 CPU: the kernel is faster up to ~64 rows, 1.5x slower at 283).
+# MKL's fp32 GEMM (the crossover bench/linear.py finds on an AVX2 CPU).
 INT8_KERNEL_MAX_ROWS = 64
 INT8_DEQUANTIZE_BLOCK = 2**19
 _INT8_IN_ALIGN = 32  # `_weight_int8pack_mm` crashed on an AVX2 CPU for inputs of other widths (172) and > 1 row
@@ -120,9 +120,8 @@ class Int8DynamicLinear(Int8Linear):
 
 
 # Up to this many rows `_weight_int4pack_mm_for_cpu` is faster than dequantizing the layer to bf16 and a
-# bf16 GEMM: the kernel dequantizes the weight again for every few rows (its time grows with the rows: 0.33 ms
-# at 4 rows, 1.15 at 16, 2.29 at 32, 9.0 at 128 for 1024 x 2816 on one core of the AMX Xeon), the dequantized
-# GEMM pays the dequantization once (1.5-1.7 ms up to 32 rows, 2.3 at 128; bench/RESULTS.md, issue 30).
+# bf16 GEMM: the kernel dequantizes the weight again for every few rows (its time grows with the rows), the
+# dequantized GEMM pays the dequantization once (the crossover: bench/RESULTS.md, "int4 against int8 prompts").
 INT4_KERNEL_MAX_ROWS = 16
 INT4_GROUP_SIZE = 32
 _INT4_ROW_BLOCK = 64  # weights are padded to whole blocks of rows of torch's int4 packing
@@ -208,7 +207,7 @@ class Int4WeightOnlyLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_loaded()
         # The buffers from the module's dict directly: `self.weight_int4` goes through nn.Module.__getattr__,
-        # about 1 us per buffer, a tenth of the overhead of a one-row call; there are 81 such calls per step.
+        # a noticeable share of a one-row call's overhead, and a decode step makes one such call per linear layer.
         buffers = self._buffers
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.padded_in != self.in_features:
