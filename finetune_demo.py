@@ -98,7 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                            help="decode each image once and keep it in memory (3*S*S bytes each); for tiny models, "
                                 "with --num-workers 0")
     py_parser = FineTuneTrainCogVLMModel.add_model_specific_args(py_parser)
-    known, sat_argv = py_parser.parse_known_args(_sat_spelling(sys.argv[1:] if argv is None else argv))
+    argv = _sat_spelling(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:  # SAT's parser answers it with its own flags alone: ours come first
+        print(f"finetune_demo.py's own flags (SAT's training flags follow)\n\n{py_parser.format_help()}")
+    known, sat_argv = py_parser.parse_known_args(argv)
     get_template(known.version)
     dtype_from_args(known)  # refuses --fp16 with --bf16
     sat_argv += [f"--{name}" for name in SAT_PRECISION_FLAGS if vars(known).pop(name)]

@@ -1,6 +1,7 @@
 """What a new user did on a fresh clone, each step as they did it: the fixes for the frictions they hit."""
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -70,6 +71,9 @@ def test_finetune_help_works_and_start_up_is_quiet():
     proc = subprocess.run([sys.executable, "finetune_demo.py", "--help"], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    # our flags and SAT's training flags, each named once
+    for flag in ("--use_lora", "--from_scratch", "--final_save", "--cache_images", "--train-iters", "--deepspeed_config"):
+        assert len(re.findall(rf"^  {flag}\b", proc.stdout, re.MULTILINE)) == 1, flag
     assert not [n for n in NOISE if n in proc.stdout + proc.stderr]
     session = subprocess.run([sys.executable, "cli_demo.py", "--from_pretrained", SCENES], input="stop\n",
                              capture_output=True, text=True, cwd=ROOT, timeout=300)
