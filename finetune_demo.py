@@ -47,7 +47,7 @@ from models.errors import CogVLMError
 from models.releases import DEFAULT_FINETUNE_CHECKPOINT
 from models.templates import DEFAULT_TEMPLATE, TEMPLATE_KEY, get_template
 from utils.cli import (add_checkpoint_arg, add_max_length_arg, add_precision_args, add_template_arg, add_tokenizer_arg,
-                       resolve_max_length)
+                       resolve_max_length, run_main, setup_logging)
 from utils.dataset import CaptchaDataset, ConversationDataset, TrainingSampleBuilder, collate_samples, load_records
 from utils.grounding import parse_boxes
 from utils.language import DEFAULT_TOKENIZER, llama2_text_processor_inference, llama2_tokenizer
@@ -181,19 +181,19 @@ def run(args):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if not torch.cuda.is_available():
         # Late in training many gradients and activations are denormal floats, which x86 CPUs
         # process slowly (docs/finetuning.md; bench/RESULTS.md). Set before torch starts its
         # OpenMP threads, which inherit the flag from this thread.
         torch.set_flush_denormal(True)
-    logging.getLogger("sat").propagate = False  # SAT logs through its own handler already
-    try:
+
+    def train() -> int:
         run(parse_args(argv))
-    except CogVLMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run_main(train, lambda stop: f"interrupted ({stop}): training resumes from its last saved checkpoint "
+                                        "when the same command runs again")
 
 
 if __name__ == "__main__":

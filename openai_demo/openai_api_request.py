@@ -17,9 +17,8 @@ import sys
 import openai
 
 DEFAULT_QUESTIONS = ["What's in this image?", "Describe it in more detail."]
-DEFAULT_IMAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "house.png")
+DEFAULT_IMAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "scene_1.png")
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
-DEFAULT_MAX_TOKENS = 512
 
 
 def image_url_for(image: str) -> str:
@@ -34,7 +33,7 @@ def image_url_for(image: str) -> str:
 def ask(client: openai.OpenAI, model: str, messages: list, args) -> str:
     """Send the conversation; print the answer (as it arrives with --stream) and return it."""
     settings = dict(model=model, messages=messages, temperature=args.temperature)
-    if args.max_tokens:  # left out, the server answers up to what its context allows
+    if args.max_tokens is not None:  # left out, the server answers up to what its context allows
         settings["max_tokens"] = args.max_tokens
     print("Assistant: ", end="", flush=True)
     if not args.stream:
@@ -58,11 +57,10 @@ def main(argv=None) -> int:
                         help="the server's --api-key (default: $COGVLM_API_KEY)")
     parser.add_argument("--model", default=None, help="model id (default: the first one the server lists)")
     parser.add_argument("--image", default=DEFAULT_IMAGE,
-                        help="image file or http(s) URL (default: assets/house.png of the toolkit)")
+                        help="image file or http(s) URL (default: the toolkit's assets/scene_1.png)")
     parser.add_argument("--question", action="append", help="a question (repeat for more turns)")
-    parser.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help=f"answer length cap (default {DEFAULT_MAX_TOKENS}, so that a second turn has room; "
-                             "0: as long as the server's context allows)")
+    parser.add_argument("--max_tokens", type=int, default=None,
+                        help="answer length cap (default: as long as the server's context allows)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     args = parser.parse_args(argv)

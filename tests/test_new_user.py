@@ -13,8 +13,9 @@ SCENES = os.path.join(ROOT, "checkpoints", "cogvlm-tiny-scenes")
 
 
 def test_example_client_against_the_scenes_model_with_the_readme_flags(tmp_path):
-    """`openai_api_request.py --image assets/scene_1.png --stream` on a 512-token model: the client leaves
-    max_tokens to the server instead of asking for more than its context holds."""
+    """`openai_api_request.py --image assets/scene_1.png --stream` on a 512-token model, and the script bare
+    (upstream's form): the client leaves max_tokens to the server instead of asking for more than its context
+    holds."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "openai_demo/openai_api.py", "--from_pretrained", SCENES, "--port", str(port)]
@@ -24,9 +25,13 @@ def test_example_client_against_the_scenes_model_with_the_readme_flags(tmp_path)
         proc = subprocess.run([sys.executable, "openai_demo/openai_api_request.py", "--base_url", url + "/v1",
                                "--image", "assets/scene_1.png", "--stream"],
                               capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    answers = [line.split("Assistant: ", 1)[1] for line in proc.stdout.splitlines() if "Assistant: " in line]
-    assert len(answers) == 2 and all(answers), proc.stdout
+        # upstream's call form, bare: the address from the openai package's variable, the bundled scene
+        bare = subprocess.run([sys.executable, "openai_demo/openai_api_request.py"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300, env={**env, "OPENAI_BASE_URL": url + "/v1"})
+    for run in (proc, bare):
+        assert run.returncode == 0, run.stderr[-2000:]
+        answers = [line.split("Assistant: ", 1)[1] for line in run.stdout.splitlines() if "Assistant: " in line]
+        assert len(answers) == 2 and all(answers), run.stdout
 
 
 def test_evaluate_demo_writes_into_the_working_directory_not_the_checkpoint(tmp_path):
