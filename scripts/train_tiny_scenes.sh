@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the tiny CogVLM shipped in checkpoints/cogvlm-tiny-scenes on CPU, from nothing:
-#   1. render synthetic scenes with conversations about them (scripts/make_scene_dataset.py, seed 0),
-#      each training record filled with questions up to 200 characters (similar lengths: little padding)
+#   1. render synthetic scenes with conversations about them (scripts/make_scene_dataset.py, seed 0:
+#      1-4 shapes on a 3 x 3 grid of 37 px cells, each cell one ViT patch of the model), each training
+#      record filled with questions up to 200 characters (similar lengths: little padding)
 #   2. train the tiny CogVLM of scripts/tiny_scenes/model_config.json from scratch (all weights) on
 #      them with finetune_demo.py, the chat template and the word/two-digit tokenizer of
 #      scripts/tiny_scenes/tokenizer (scripts/make_scene_tokenizer.py)
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/cogvlm-tiny-scenes}
 OUT=${OUT:-checkpoints}
 CONFIG=scripts/tiny_scenes
-SCENES=${SCENES:-28800}
+SCENES=${SCENES:-32000}
 EPOCHS=${EPOCHS:-3}
 
 [[ -f $WORK/train/data.jsonl ]] || python scripts/make_scene_dataset.py --out "$WORK/train" --count "$SCENES" \
@@ -27,7 +28,7 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python finetune_demo.py --from_pretrained 
     --max_length 320 --deepspeed_config $CONFIG/ds_config.json --num-workers 0 --cache_images \
     --epochs "$EPOCHS" --lr 1e-3 --warmup 0.05 --lr-decay-style cosine --split 1. --seed 2023 \
     --train_data "$WORK/train/data.jsonl" --valid_data "$WORK/valid/data.jsonl" \
-    --eval-interval 800 --eval-iters 1 --eval-batch-size 96 --eval_max_new_tokens 96 --log-interval 100 \
-    --save "$WORK/runs" --experiment-name tiny-scenes --save-interval 800 --summary-dir "$WORK/summary" \
+    --eval-interval 1000 --eval-iters 1 --eval-batch-size 96 --eval_max_new_tokens 96 --log-interval 100 \
+    --save "$WORK/runs" --experiment-name tiny-scenes --save-interval 1000 --summary-dir "$WORK/summary" \
     --final_save "$OUT/cogvlm-tiny-scenes"
 mkdir -p "$OUT/cogvlm-tiny-scenes/tokenizer" && cp $CONFIG/tokenizer/* "$OUT/cogvlm-tiny-scenes/tokenizer/"

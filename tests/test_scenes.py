@@ -75,9 +75,9 @@ def test_max_chars_bounds_the_text_of_a_record(tmp_path):
 
 
 def test_shipped_scene_model_answers_unseen_scenes(tmp_path):
-    """The shipped model against its measured level on 200 unseen scenes (64.7% exact match, 29.7% of 64 box
-    answers; 62.6% and 47.3% on the 500 of bench/RESULTS.md's figure): far above chance (about 30% without boxes, 0
-    with), below the issue's targets of 85% / 60% (bench/RESULTS.md, "Tiny scenes model")."""
+    """The shipped model at its measured level on 200 unseen scenes (bench/RESULTS.md, "Tiny scenes model
+    on a grid"), less about one standard error of that many answers: far above chance (about 40% without
+    boxes, 0 with)."""
     data = make_scene_dataset(str(tmp_path / "unseen"), 200, seed=424242, progress=False)  # training: seed 0
     output = tmp_path / "eval.json"
     # no --local_tokenizer / --version: the checkpoint carries both
@@ -85,8 +85,8 @@ def test_shipped_scene_model_answers_unseen_scenes(tmp_path):
                                "--output", str(output)]) == 0
     results = json.loads(output.read_text())
     assert results["count"] == 200
-    assert results["acc"] >= 0.60, results["by_type"]
-    assert results["grounding_iou50"] >= 0.25, results["by_type"]
+    assert results["acc"] >= 0.87, results["by_type"]
+    assert results["grounding_iou50"] >= 0.28, results["by_type"]
 
 
 def test_readme_command_1_answers_unseen_scenes_through_the_cli(tmp_path, capsys):
@@ -150,4 +150,6 @@ def test_sincos_vit_positions_give_every_patch_its_own_unit_code():
                                              bf16=False, use_gpu_initialization=False, deepspeed=None))
     init_from_scratch_(model, seed=0, vit_positions="sincos")
     positions = next(p for n, p in model.named_parameters() if n.endswith(VIT_POSITIONS)).detach()
-    assert torch.equal(positions[1:], codes) and positions[0].std() > 0.5  # the class token's stays random
+    grid = config["eva_args"]["image_size"][0] // config["eva_args"]["patch_size"]
+    assert torch.equal(positions[1:], sincos_positions(grid, 128))
+    assert positions[0].std() > 0.5  # the class token's stays random
