@@ -69,7 +69,7 @@ TEXTS = {
 # and a green star), questions that any CogVLM answers too.
 EXAMPLES = {
     "chat": [["scene_1.png", "How many circles are there?"],
-             ["scene_2.png", "What colour is the star?"],
+             ["scene_2.png", "What colour is the triangle?"],
              ["scene_1.png", "Is the red circle to the left of the yellow triangle?"]],
     "grounding": [["scene_1.png", "Where is the red circle?"],
                   ["scene_2.png", "Describe the image."]],
